@@ -1,0 +1,19 @@
+"""DINOv2 feature pyramids for a folder of images.
+
+Module map, one stage a module:
+
+    paths.py     find images, map each to its output file, refuse clashes, list the work still to do
+    decode.py    open an image by the input rules (EXIF, RGB, 16-bit) and preprocess it in DataLoader workers
+    encoder.py   the DINOv2 model and its image processor: uint8 batch in, patch grid out
+    pool.py      strip CLS/register tokens, 2x2-average the 16x16 grid down to 1x1
+    writer.py    atomic .pt writes on a background thread, failures.jsonl
+    manifest.py  what made the files (manifest.json) and the refusal to mix settings
+    shard.py     split the to-do list across processes
+    progress.py  a tqdm bar on a terminal, plain lines in logs
+    run.py       the run loop: accelerate state, DataLoader, encode, pool, write, summary
+    prepare.py   download / copy an FFHQ or CelebA-HQ subset into data/raw_images/
+    verify.py    check a finished output tree
+    dataset.py   PyramidDataset, the reader for the training phase
+    show.py      PCA->RGB pictures of a pyramid
+    bench.py     decode bound, model bound and end-to-end throughput side by side
+"""
