@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+# Tests import the package from the checkout, with no install step.
+sys.path.insert(0, str(REPO))
 DATA = Path(__file__).resolve().parent / "data"
 KNOWN_IMAGE = DATA / "astronaut.png"
 
