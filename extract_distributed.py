@@ -6,8 +6,10 @@
 
 import argparse
 import sys
+from pathlib import Path
 
-from pyramid.run import EXIT_USAGE, UsageError, check_args, run
+from pyramid import exits
+from pyramid.exits import UsageError
 
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 
@@ -33,15 +35,32 @@ def get_args_parser():
     return parser
 
 
-def main(args):
+def check_args(args):
+    """The checks that need nothing heavy, so a typo fails in a second, not after loading torch."""
     if args.dtype not in DTYPE_CHOICES:
-        print(f"error: unknown --dtype {args.dtype!r}; use one of {', '.join(DTYPE_CHOICES)}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"unknown --dtype {args.dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
+    input_dir = Path(args.input_dir)
+    if not input_dir.is_dir():
+        raise UsageError(f"input directory {input_dir} does not exist; pass --input_dir with your images "
+                         f"(python -m pyramid.prepare puts them in data/raw_images)")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {output_dir} is a file, not a directory")
+    for name in ("batch_size", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UsageError(f"--num_workers must be 0 or more, not {args.num_workers}")
+
+
+def main(args):
     try:
         check_args(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
+    from pyramid.run import run  # torch and transformers load only for a run that can start
+
     return run(args)
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from pyramid import exits
 from pyramid.decode import ImageDataset, Preprocess, collate, worker_init
+from pyramid.exits import UsageError
 from pyramid.encoder import Encoder, ModelError, load_model_info, resolve_dtype
 from pyramid.manifest import build_manifest, manifest_differences, read_manifest, write_manifest
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_images, images_to_do, output_path_for,
@@ -20,17 +22,6 @@ from pyramid.progress import Progress, format_duration
 from pyramid.shard import shard_for_rank
 from pyramid.team import Team
 from pyramid.writer import FAILURES_NAME, Writer, is_abandoned_temporary, record_failure
-
-EXIT_OK = 0
-EXIT_WRITE_ERROR = 1
-EXIT_USAGE = 2
-EXIT_IMAGES_FAILED = 3
-EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-class UsageError(Exception):
-    """A problem with the arguments or the directories; the message says what to do."""
-
 
 @dataclass
 class Plan:
@@ -57,22 +48,6 @@ def default_num_workers(device):
 
 def default_batch_size(device):
     return 64 if torch.device(device).type == "cuda" else 16
-
-
-def check_args(args):
-    """The checks that need nothing heavy; raises UsageError."""
-    input_dir = Path(args.input_dir)
-    if not input_dir.is_dir():
-        raise UsageError(f"input directory {input_dir} does not exist; pass --input_dir with your images "
-                         f"(python -m pyramid.prepare puts them in data/raw_images)")
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output_dir {output_dir} is a file, not a directory")
-    for name in ("batch_size", "num_workers", "limit"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "num_workers" else 1):
-            raise UsageError(f"--{name} must be {'0 or more' if name == 'num_workers' else 'at least 1'}, "
-                             f"not {value}")
 
 
 def prune_failures(output_dir, retried):
@@ -137,7 +112,7 @@ class StopSignals:
         self._previous = {}
 
     def __enter__(self):
-        for signum in EXIT_BY_SIGNAL:
+        for signum in exits.BY_SIGNAL:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -209,7 +184,7 @@ def _run(args, state, team, signals, started):
     if plan.error:
         if team.is_main:
             log(f"error: {plan.error}")
-        return EXIT_USAGE
+        return exits.USAGE
 
     share = shard_for_rank(plan.todo, team.rank, team.world_size)
     batch_size = args.batch_size or default_batch_size(device)
@@ -221,7 +196,7 @@ def _run(args, state, team, signals, started):
 
     progress = Progress(len(plan.todo)) if team.is_main else None
     tally = Tally()
-    status = EXIT_OK
+    status = exits.OK
     team.start_heartbeat(on_beat=lambda: _publish_progress(team, tally, progress))
     try:
         if share:
@@ -234,10 +209,10 @@ def _run(args, state, team, signals, started):
                           progress, batch_size, num_workers)
     except ModelError as error:
         log(f"error: {error}", progress)
-        status = EXIT_USAGE
+        status = exits.USAGE
     except OSError as error:
         log(f"error: {error}", progress)
-        status = EXIT_WRITE_ERROR
+        status = exits.WRITE_ERROR
     finally:
         status = _close_writer(tally.writer, progress, status)
         team.stop_heartbeat()
@@ -253,27 +228,27 @@ def _run(args, state, team, signals, started):
             progress.close()
 
     stopped = signals.signum is not None or tally.peer_stopped or team.stop_requested()
-    if stopped and status == EXIT_OK:
-        status = EXIT_BY_SIGNAL.get(signals.signum, EXIT_BY_SIGNAL[signal.SIGTERM])
+    if stopped and status == exits.OK:
+        status = exits.BY_SIGNAL.get(signals.signum, exits.BY_SIGNAL[signal.SIGTERM])
     failed = team.add("failed", 0) if team.is_main else tally.failed
     if team.is_main:
         _print_summary(team.add("written", 0), plan.skipped, failed, time.monotonic() - started,
                        Path(args.output_dir) / FAILURES_NAME, stopped)
-    if failed and status == EXIT_OK:
-        status = EXIT_IMAGES_FAILED
+    if failed and status == exits.OK:
+        status = exits.IMAGES_FAILED
     return status
 
 
 def _close_writer(writer, progress, status):
-    """Wait for the writer's last files; a write error turns a clean status into EXIT_WRITE_ERROR."""
+    """Wait for the writer's last files; a write error turns a clean status into exits.WRITE_ERROR."""
     if writer is None:
         return status
     try:
         writer.close()
     except OSError as error:
-        if status == EXIT_OK:
+        if status == exits.OK:
             log(f"error: {error}", progress)
-            return EXIT_WRITE_ERROR
+            return exits.WRITE_ERROR
     return status
 
 
