@@ -48,6 +48,12 @@ class PcaColours(NamedTuple):
 # ----------------------------------------------------------------------------- pyramids
 
 
+def first_line(error):
+    """An exception as one line: torch's unpickling errors run to several paragraphs."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def level_side(key):
     """The grid side of a level key: '16x16' -> 16; None for anything else."""
     match = LEVEL_KEY.match(key) if isinstance(key, str) else None
@@ -66,7 +72,7 @@ def load_pyramid(path):
     try:
         pyramid = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ShowError(f"{path}: not a readable torch file ({type(error).__name__}: {error})") from None
+        raise ShowError(f"{path}: not a readable torch file ({first_line(error)})") from None
     if not isinstance(pyramid, dict) or not pyramid:
         raise ShowError(f"{path}: not a pyramid (expected a dict of '16x16'-style keys to tensors, "
                         f"got {type(pyramid).__name__})")
@@ -169,7 +175,7 @@ def model_view(path, resize=RESIZE_SHORTEST_EDGE, crop=CROP_SIZE):
                 image = image.convert("I").point(lambda value: value / 257).convert("L")
             image = image.convert("RGB")
     except Exception as error:
-        raise ShowError(f"{path}: not a readable image ({type(error).__name__}: {error})") from None
+        raise ShowError(f"{path}: not a readable image ({first_line(error)})") from None
     width, height = image.size
     short, long = min(width, height), max(width, height)
     long = int(resize * long / short)
