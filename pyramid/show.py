@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
+
+from pyramid.decode import load_rgb
+from pyramid.paths import IMAGE_SUFFIXES
 
 # The dinov2 image processor's defaults (every DINOv2 on the hub ships them): resize the shortest
 # edge to 256 bicubic, centre crop 224. The image column shows exactly that crop.
 RESIZE_SHORTEST_EDGE = 256
 CROP_SIZE = 224
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 LEVEL_KEY = re.compile(r"^(\d+)x(\d+)$")
 
 # Layout of the picture: a label strip above every cell, a gap around every cell.
@@ -169,11 +171,7 @@ def model_view(path, resize=RESIZE_SHORTEST_EDGE, crop=CROP_SIZE):
     """The image as the model saw it: EXIF orientation applied, RGB, shortest edge resized to
     `resize` (bicubic), centre crop `crop` x `crop`; the same arithmetic as the dinov2 processor."""
     try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            if image.mode.startswith("I"):  # 16-bit grey: scale to 8 bits as the extractor does, not clip
-                image = image.convert("I").point(lambda value: value / 257).convert("L")
-            image = image.convert("RGB")
+        image = load_rgb(path)  # the extractor's own input rules
     except Exception as error:
         raise ShowError(f"{path}: not a readable image ({first_line(error)})") from None
     width, height = image.size
