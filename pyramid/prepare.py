@@ -69,50 +69,44 @@ def refuse_clashes(relatives: list[str]) -> None:
         seen[name] = relative
 
 
-class FolderSource:
-    """Image files below a folder (any depth, sorted by relative path); each keeps its own name as .png."""
+class FileSource:
+    """Image files of a folder or image members of a .zip, sorted by relative name; each keeps its own name as .png."""
 
     complete = True
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.relatives = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        refuse_clashes(self.relatives)
-        self.identity = {"kind": "folder", "path": str(root.resolve())}
+    def __init__(self, relatives: list[str], read: Callable[[str], bytes], identity: dict):
+        refuse_clashes(relatives)
+        self.relatives = relatives
+        self.read = read
+        self.identity = identity
 
     def count(self) -> int:
         return len(self.relatives)
 
     def entries(self) -> Iterator[Entry]:
         for row, relative in enumerate(self.relatives):
-            yield Entry(row, output_name(relative), relative, (self.root / relative).read_bytes)
+            yield Entry(row, output_name(relative), relative, lambda relative=relative: self.read(relative))
 
 
-class ZipSource:
-    """Image members of a .zip (sorted by member name); each keeps its relative name as .png, like a folder."""
+def folder_source(root: Path) -> FileSource:
+    """The image files below a folder, at any depth."""
+    relatives = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return FileSource(relatives, lambda relative: (root / relative).read_bytes(),
+                      {"kind": "folder", "path": str(root.resolve())})
 
-    complete = True
 
-    def __init__(self, path: Path):
-        try:
-            self.archive = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as error:
-            raise PrepareError(f"--source {path} is not a readable zip file ({error})") from None
-        # macOS archivers add __MACOSX/ resource forks that look like images but are not.
-        self.members = sorted(m for m in self.archive.namelist()
-                              if not m.endswith("/") and not m.startswith("__MACOSX/")
-                              and Path(m).suffix.lower() in IMAGE_SUFFIXES)
-        refuse_clashes(self.members)
-        self.identity = {"kind": "zip", "path": str(path.resolve())}
-
-    def count(self) -> int:
-        return len(self.members)
-
-    def entries(self) -> Iterator[Entry]:
-        for row, member in enumerate(self.members):
-            yield Entry(row, output_name(member), member,
-                        lambda member=member: self.archive.read(member))
+def zip_source(path: Path) -> FileSource:
+    """The image members of a .zip, named by their paths inside it."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise PrepareError(f"--source {path} is not a readable zip file ({error})") from None
+    # macOS archivers add __MACOSX/ resource forks that look like images but are not.
+    members = sorted(m for m in archive.namelist()
+                     if not m.endswith("/") and not m.startswith("__MACOSX/")
+                     and Path(m).suffix.lower() in IMAGE_SUFFIXES)
+    return FileSource(members, archive.read, {"kind": "zip", "path": str(path.resolve())})
 
 
 class ParquetSource:
@@ -235,9 +229,9 @@ def open_source(specs: list[str], revision: str | None):
         return ParquetSource(shards, {"kind": "parquet", "paths": [str(p) for p in resolved]}), None
     path = paths[0]
     if path.is_dir():
-        return FolderSource(path), None
+        return folder_source(path), None
     if path.is_file() and path.suffix.lower() == ".zip":
-        return ZipSource(path), None
+        return zip_source(path), None
     if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", specs[0]):
         return hub_source(specs[0], revision)
     raise PrepareError(f"--source {specs[0]} is neither a folder, a .zip, .parquet files, nor a hub dataset id (owner/name)")
@@ -355,6 +349,7 @@ def prepare_entry(entry: Entry, output_dir: Path, resolution: int | None) -> str
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m pyramid.prepare",
         description="Put an FFHQ or CelebA-HQ subset into a folder as lossless PNGs, ready for extract_distributed.py.")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="ffhq",
                         help="picks the default hub source: " + ", ".join(f"{k} = {v}" for k, v in DATASETS.items()))
@@ -385,8 +380,8 @@ def main(args) -> int:
         # A rerun reads the hub commit the folder was started from, even if the dataset changed since.
         same_repo = previous.get("source", {}).get("id") == specs[0]
         source, revision = open_source(specs, previous.get("revision") if same_repo else None)
-        if isinstance(source, FolderSource) and output_dir.resolve().is_relative_to(source.root.resolve()):
-            raise PrepareError(f"--output_dir {output_dir} lies inside --source {source.root}; "
+        if source.identity["kind"] == "folder" and output_dir.resolve().is_relative_to(source.identity["path"]):
+            raise PrepareError(f"--output_dir {output_dir} lies inside --source {specs[0]}; "
                                f"put the output elsewhere so a rerun sees the same source")
         record = {"source": source.identity, "seed": args.seed, "resolution": args.resolution}
         check_record(output_dir, record)

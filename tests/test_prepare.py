@@ -297,3 +297,11 @@ def test_hub_offline_with_part_of_the_shards_says_so(tmp_path):
     assert listing(tmp_path / "out") == ["00000.png", "00001.png"]
     seeded = run_cli("--source", "acme/faces", "--seed", 0, "--output_dir", tmp_path / "seeded", env=env)
     assert seeded.returncode == 2 and "every shard" in seeded.stderr
+
+
+def test_output_inside_the_source_folder_is_refused(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_images(src, 2)
+    assert run("--source", src, "--output_dir", src / "out") == 2
+    assert "lies inside --source" in capsys.readouterr().err
+    assert not (src / "out").exists()
