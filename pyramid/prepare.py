@@ -178,10 +178,15 @@ def hub_source(repo_id: str, revision: str | None) -> tuple[ParquetSource, str]:
     except (OfflineModeIsEnabled, HTTPError):
         info = None
     if info is not None:
+        def download(path: str) -> str:
+            try:
+                return hf_hub_download(repo_id, path, repo_type="dataset", revision=info.sha)
+            except (OfflineModeIsEnabled, HTTPError) as error:
+                raise PrepareError(f"lost the Hugging Face hub while fetching {repo_id}/{path} ({error}); "
+                                   f"rerun to resume, or pass --source with a local copy") from None
+
         paths = split_shards([sibling.rfilename for sibling in info.siblings])
-        shards = [Shard(f"{repo_id}/{path}",
-                        lambda path=path: hf_hub_download(repo_id, path, repo_type="dataset", revision=info.sha))
-                  for path in paths]
+        shards = [Shard(f"{repo_id}/{path}", lambda path=path: download(path)) for path in paths]
         if not shards:
             raise PrepareError(f"{repo_id} has no parquet files; pass --source with a local copy of its images")
         return ParquetSource(shards, identity), info.sha
