@@ -18,12 +18,14 @@ from typing import Callable, Iterator
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from pyramid.paths import (IMAGE_SUFFIXES, is_temporary_name, remove_abandoned_temporaries, temporary_name,
+                           writer_tag)
+
 # Public parquet mirrors in the hub's image-dataset layout (an `image` column of {bytes, path}).
 DATASETS = {
     "ffhq": "merkol/ffhq-256",        # 70,000 PNG, 256x256, 15 shards of ~4,700 rows
     "celebahq": "bitmind/celeb-a-hq",  # 30,000 JPEG, 1024x1024, one train split
 }
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 RECORD = "prepare.json"
 SPLIT = "train"
 # Modes a PNG can hold as they are; anything else (CMYK, YCbCr, ...) is converted to RGB.
@@ -294,36 +296,16 @@ def to_png(data: bytes | None, resolution: int | None) -> bytes:
     return buffer.getvalue()
 
 
-def temporary_path(path: Path) -> Path:
-    """The hidden name a file is written under before it is renamed into place."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary name in the same folder, so that a file that exists is complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(path)
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
-def remove_stale_temporaries(output_dir: Path) -> None:
-    """Delete temporary files left by killed runs; those of a process still running are kept."""
-    for temporary in output_dir.rglob(".*.tmp-*"):
-        pid = temporary.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not process_alive(int(pid)):
-            temporary.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
+    temporary = temporary_name(path, writer_tag())
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but owned by another user
-        pass
-    return True
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def check_record(output_dir: Path, record: dict) -> None:
@@ -392,7 +374,7 @@ def main(args) -> int:
         check_record(output_dir, record)
         record.update(revision=revision, num_images=args.num_images)
         write_atomic(output_dir / RECORD, (json.dumps(record, indent=2) + "\n").encode())
-        remove_stale_temporaries(output_dir)
+        remove_abandoned_temporaries(p for p in output_dir.rglob(".*") if is_temporary_name(p.name))
 
         counts = {"written": 0, "skipped": 0, "failed": 0}
         found = 0

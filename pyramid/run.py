@@ -16,12 +16,12 @@ from pyramid.exits import UsageError
 from pyramid.encoder import Encoder, ModelError, load_model_info, resolve_dtype
 from pyramid.manifest import build_manifest, manifest_differences, read_manifest, write_manifest
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_images, images_to_do, output_path_for,
-                           scan_outputs)
+                           remove_abandoned_temporaries, scan_outputs)
 from pyramid.pool import build_pyramid, level_key, pyramid_sizes
 from pyramid.progress import Progress, format_duration
 from pyramid.shard import shard_for_rank
 from pyramid.team import Team
-from pyramid.writer import FAILURES_NAME, Writer, is_abandoned_temporary, record_failure
+from pyramid.writer import FAILURES_NAME, Writer, record_failure
 
 @dataclass
 class Plan:
@@ -95,9 +95,7 @@ def plan_run(args, info, dtype):
                              f"use another --output_dir, or --overwrite to recompute them all")
 
     finished, temporaries = scan_outputs(output_dir)
-    for temporary in temporaries:
-        if is_abandoned_temporary(temporary):
-            Path(temporary).unlink(missing_ok=True)
+    remove_abandoned_temporaries(temporaries)
     todo = list(images) if args.overwrite else images_to_do(images, finished)
     prune_failures(output_dir, set(todo))
     write_manifest(output_dir, manifest)

@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import zipfile
@@ -17,6 +18,7 @@ from PIL import Image
 
 from conftest import REPO, write_images
 from pyramid import prepare
+from pyramid.paths import temporary_name, writer_tag
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -190,8 +192,8 @@ def test_stale_temporaries_of_dead_runs_are_removed(tmp_path, shards):
     assert run("--source", *paths, "--num_images", 1, "--output_dir", out) == 0
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
-    dead = out / f".00001.png.tmp-{finished.pid}"
-    running = out / f".00002.png.tmp-{os.getpid()}"
+    dead = temporary_name(out / "00001.png", f"{socket.gethostname()}@{finished.pid}.1")
+    running = temporary_name(out / "00002.png", writer_tag())
     dead.write_bytes(b"half a png")
     running.write_bytes(b"being written")
     assert run("--source", *paths, "--num_images", 1, "--output_dir", out) == 0
