@@ -17,3 +17,7 @@ Module map, one stage a module:
     show.py      PCA->RGB pictures of a pyramid
     bench.py     decode bound, model bound and end-to-end throughput side by side
 """
+
+from pyramid.dataset import PyramidDataset
+
+__all__ = ["PyramidDataset"]
