@@ -1,0 +1,102 @@
+"""The DINOv2 model and its image processor: uint8 pixels in, the patch grid out."""
+
+from dataclasses import dataclass
+
+import torch
+
+from pyramid.pool import strip_special_tokens
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SUPPORTED_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+
+
+class ModelError(Exception):
+    """The model or its processor cannot be used; the message says why in one line."""
+
+
+def resolve_dtype(name, device):
+    """'auto' -> 'fp16' on CUDA, 'fp32' elsewhere; any other name is returned as it is."""
+    if name != "auto":
+        return name
+    return "fp16" if torch.device(device).type == "cuda" else "fp32"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the manifest and the pooling need to know of a model, read without loading its weights."""
+
+    name: str
+    revision: str | None
+    crop_size: int
+    patch_size: int
+    hidden_size: int
+    num_register_tokens: int
+
+    @property
+    def grid_size(self):
+        return self.crop_size // self.patch_size
+
+
+def _crop_size(processor):
+    """The square side of the processor's output: its centre crop, or its fixed resize."""
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+    height, width = (getattr(size, "height", None), getattr(size, "width", None)) if not isinstance(size, dict) \
+        else (size.get("height"), size.get("width"))
+    if not height or height != width:
+        raise ModelError(f"the image processor makes {height}x{width} images; a square crop is needed "
+                         f"for a square patch grid")
+    return int(height)
+
+
+def load_model_info(name):
+    """Config and image processor of `name` (hub id or save_pretrained dir), checked, without weights.
+
+    Returns (ModelInfo, processor). Raises ModelError with one clear line.
+    """
+    from transformers import AutoConfig, AutoImageProcessor
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+        processor = AutoImageProcessor.from_pretrained(name)
+    except Exception as error:  # hub, network, missing file and JSON errors all mean "cannot load"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"cannot load model {name!r}: {first_line}") from error
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(f"model {name!r} is a {config.model_type!r}; this tool extracts DINOv2 "
+                         f"(with or without registers)")
+    crop_size = _crop_size(processor)
+    if crop_size % config.patch_size:
+        raise ModelError(f"crop size {crop_size} is not a multiple of patch size {config.patch_size}")
+    info = ModelInfo(name=str(name), revision=getattr(config, "_commit_hash", None), crop_size=crop_size,
+                     patch_size=config.patch_size, hidden_size=config.hidden_size,
+                     num_register_tokens=getattr(config, "num_register_tokens", 0))
+    return info, processor
+
+
+class Encoder:
+    """A frozen DINOv2 on `device` computing in `dtype`: uint8 pixels (B, 3, H, W) -> patches (B, G*G, D) fp32.
+
+    `normalise` turns the uint8 crops into the processor's float pixels on the device, so the
+    host-to-device copy is uint8 and the model sees exactly the processor's values.
+    """
+
+    def __init__(self, info, normalise, device, dtype):
+        from transformers import AutoModel
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # one bar per run is ours; N loading bars are noise
+        try:
+            model = AutoModel.from_pretrained(info.name, dtype=DTYPES[dtype])
+        except Exception as error:
+            raise ModelError(f"cannot load the weights of {info.name!r}: {error}") from error
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.info = info
+        self.normalise = normalise
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+
+    @torch.inference_mode()
+    def __call__(self, pixels):
+        pixels = self.normalise(pixels.to(self.device, non_blocking=True))  # (B, 3, H, W) fp32
+        hidden = self.model(pixel_values=pixels.to(self.dtype)).last_hidden_state  # (B, 1+R+G*G, D)
+        return strip_special_tokens(hidden, self.info.num_register_tokens).to(torch.float32)  # (B, G*G, D)

@@ -1,0 +1,79 @@
+"""Find the images, map each to its output file, refuse clashes, and list the work still to do."""
+
+import os
+from collections import defaultdict
+from pathlib import Path, PurePosixPath
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+OUTPUT_SUFFIX = ".pt"
+TEMPORARY_MARK = ".tmp."
+
+
+def is_image_name(name):
+    """True for a file name with an image suffix, in any letter case: 'A.JPG' -> True, 'a.txt' -> False."""
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def find_images(input_dir):
+    """Relative POSIX paths of every image under `input_dir`, recursively, sorted by that path.
+
+    Sorting the relative path string gives every process, run and machine the same order.
+    """
+    root = os.fspath(input_dir)
+    found = []
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        subdirs.sort()
+        relative_dir = os.path.relpath(directory, root)
+        for name in files:
+            if is_image_name(name):
+                found.append(name if relative_dir == "." else f"{relative_dir}/{name}".replace(os.sep, "/"))
+    return sorted(found)
+
+
+def output_path_for(relative_image_path):
+    """The relative output file of an image: 'a/b/c.jpg' -> 'a/b/c.pt'."""
+    return str(PurePosixPath(relative_image_path).with_suffix(OUTPUT_SUFFIX))
+
+
+def find_clashes(relative_image_paths):
+    """Groups of images that would write the same output file, e.g. [['a.jpg', 'a.png']]."""
+    by_output = defaultdict(list)
+    for path in relative_image_paths:
+        by_output[output_path_for(path)].append(path)
+    return [sorted(group) for _, group in sorted(by_output.items()) if len(group) > 1]
+
+
+def temporary_name(final_path, tag):
+    """The hidden temporary beside `final_path` that a writer renames into place: 'd/a.pt' -> 'd/.a.pt.tmp.<tag>'.
+
+    Hidden and without the .pt suffix, so no reader that globs '*.pt' ever sees a half file.
+    """
+    final_path = Path(final_path)
+    return final_path.with_name(f".{final_path.name}{TEMPORARY_MARK}{tag}")
+
+
+def is_temporary_name(name):
+    """True for a writer's temporary file name (see `temporary_name`)."""
+    return name.startswith(".") and TEMPORARY_MARK in name
+
+
+def scan_outputs(output_dir):
+    """(finished, temporaries): relative POSIX paths of the .pt files under `output_dir`, and the
+    paths of leftover temporaries from interrupted writers."""
+    root = os.fspath(output_dir)
+    finished, temporaries = set(), []
+    if not os.path.isdir(root):
+        return finished, temporaries
+    for directory, _, files in os.walk(root):
+        relative_dir = os.path.relpath(directory, root)
+        for name in files:
+            if is_temporary_name(name):
+                temporaries.append(os.path.join(directory, name))
+            elif name.endswith(OUTPUT_SUFFIX):
+                finished.add(name if relative_dir == "." else f"{relative_dir}/{name}".replace(os.sep, "/"))
+    return finished, temporaries
+
+
+def images_to_do(relative_image_paths, finished_outputs):
+    """The images whose output file does not exist yet, in the given order."""
+    return [path for path in relative_image_paths if output_path_for(path) not in finished_outputs]

@@ -1,0 +1,65 @@
+"""Strip the CLS and register tokens and build the 2x2-averaged feature pyramid."""
+
+import torch
+
+
+def strip_special_tokens(hidden_states, num_register_tokens=0):
+    """Return the patch tokens of a DINOv2 `last_hidden_state`.
+
+    DINOv2 puts the CLS token first and, with registers, `num_register_tokens` register tokens
+    after it; the patch tokens follow in row-major order.
+    (B, 1 + R + G*G, D) -> (B, G*G, D)
+    """
+    return hidden_states[:, 1 + num_register_tokens:, :]
+
+
+def pyramid_sizes(grid_size):
+    """Side lengths of the pyramid levels: G, G/2, G/4, ... while the side is even, then that side.
+
+    16 -> [16, 8, 4, 2, 1]; 14 -> [14, 7]; 37 -> [37].
+    """
+    sizes = [grid_size]
+    while sizes[-1] % 2 == 0:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def level_key(size):
+    """The file key of a level: 16 -> '16x16'."""
+    return f"{size}x{size}"
+
+
+def average_2x2(patches, size):
+    """Mean of each 2x2 block of a row-major grid of patch vectors.
+
+    (B, S*S, D) -> (B, S/2*S/2, D), row-major again.
+    """
+    batch, _, dim = patches.shape
+    half = size // 2
+    grid = patches.reshape(batch, half, 2, half, 2, dim)  # (B, row, dy, col, dx, D)
+    return grid.mean(dim=(2, 4)).reshape(batch, half * half, dim)
+
+
+def build_pyramid(patches, grid_size):
+    """All levels of the pyramid for a batch of patch grids, finest first.
+
+    patches: (B, G*G, D) float. Returns {"GxG": (B, G*G, D), "G/2xG/2": ..., ...}.
+    """
+    levels = {}
+    level = patches
+    sizes = pyramid_sizes(grid_size)
+    for size in sizes:
+        levels[level_key(size)] = level
+        if size != sizes[-1]:
+            level = average_2x2(level, size)
+    return levels
+
+
+def split_pyramids(levels):
+    """Split a batched pyramid into one dict per image, each value (1, S*S, D) float32.
+
+    Each tensor is cloned so a saved file holds only its own storage, not the whole batch.
+    """
+    batch = next(iter(levels.values())).shape[0]
+    return [{key: value[i:i + 1].to(torch.float32).clone().contiguous() for key, value in levels.items()}
+            for i in range(batch)]

@@ -1,0 +1,62 @@
+"""Progress for people: a tqdm bar on a terminal, plain lines where no terminal is attached (logs)."""
+
+import sys
+import time
+
+
+def format_duration(seconds):
+    """Seconds as H:MM:SS: 3725 -> '1:02:05'."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Counts images done out of `total`. `update(done)` takes the running total of all processes.
+
+    On a terminal it is a tqdm bar. Elsewhere (SLURM logs, nohup, CI) it prints one plain line
+    every `every_percent` percent or `every_seconds` seconds, whichever comes first, so a log
+    never fills with carriage-return updates.
+    """
+
+    def __init__(self, total, stream=None, interactive=None, every_percent=5, every_seconds=30, desc="images"):
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty() if interactive is None else interactive
+        self.every_percent = every_percent
+        self.every_seconds = every_seconds
+        self.desc = desc
+        self.done = 0
+        self.start = time.monotonic()
+        self._last_line_time = self.start
+        self._last_line_done = 0
+        self._bar = None
+        if self.interactive:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="img", file=self.stream, dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, done):
+        if done == self.done:
+            return
+        self.done = done
+        if self._bar is not None:
+            self._bar.update(done - self._bar.n)
+            return
+        now = time.monotonic()
+        step = max(1, self.total * self.every_percent // 100)
+        if done >= self._last_line_done + step or now - self._last_line_time >= self.every_seconds \
+                or done == self.total:
+            self._print_line(now)
+
+    def _print_line(self, now):
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        left = format_duration((self.total - self.done) / rate) if rate > 0 else "?"
+        percent = 100 * self.done // self.total if self.total else 100
+        print(f"progress: {self.done}/{self.total} {self.desc} ({percent}%), {rate:.1f} {self.desc}/s, "
+              f"{format_duration(elapsed)} elapsed, {left} left", file=self.stream, flush=True)
+        self._last_line_time, self._last_line_done = now, self.done
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,301 @@
+"""The run loop: plan once, split the work, decode in workers, encode, pool, write, report."""
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pyramid import exits
+from pyramid.decode import ImageDataset, Preprocess, collate, worker_init
+from pyramid.exits import UsageError
+from pyramid.encoder import Encoder, ModelError, load_model_info, resolve_dtype
+from pyramid.manifest import build_manifest, manifest_differences, read_manifest, write_manifest
+from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_images, images_to_do, output_path_for,
+                           scan_outputs)
+from pyramid.pool import build_pyramid, level_key, pyramid_sizes
+from pyramid.progress import Progress, format_duration
+from pyramid.shard import shard_for_rank
+from pyramid.team import Team
+from pyramid.writer import FAILURES_NAME, Writer, is_abandoned_temporary, record_failure
+
+@dataclass
+class Plan:
+    """What the main process decided for the whole team, before anyone writes."""
+
+    todo: list = field(default_factory=list)
+    found: int = 0
+    skipped: int = 0
+    error: str | None = None
+
+
+def default_num_workers(device):
+    """Decode workers per process: the CPUs this process may use, shared among the node's processes.
+
+    On a GPU the cores are for decoding (one stays with the main process); on a CPU the model needs
+    them too, so decoding gets half.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if torch.device(device).type == "cuda":
+        return max(1, min(16, per_process - 1))
+    return max(1, per_process // 2)
+
+
+def default_batch_size(device):
+    return 64 if torch.device(device).type == "cuda" else 16
+
+
+def prune_failures(output_dir, retried):
+    """Drop the failures.jsonl lines of images this run tries again; they are re-recorded if still broken."""
+    path = Path(output_dir) / FAILURES_NAME
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("path") not in retried]
+    if kept:
+        path.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    else:
+        path.unlink()
+
+
+def plan_run(args, info, dtype):
+    """Find the images, refuse clashes and foreign manifests, and list the work left. Main process only."""
+    images = find_images(args.input_dir)
+    if args.limit:
+        images = images[:args.limit]
+    if not images:
+        suffixes = " ".join(sorted(IMAGE_SUFFIXES))
+        raise UsageError(f"no images ({suffixes}, any letter case) under {args.input_dir}")
+    clashes = find_clashes(images)
+    if clashes:
+        named = "; ".join(" and ".join(group) + f" -> {output_path_for(group[0])}" for group in clashes)
+        raise UsageError(f"these images would write the same file: {named}; rename or remove one of each")
+
+    output_dir = Path(args.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create --output_dir {output_dir}: {error.strerror}") from error
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {output_dir} is not writable")
+
+    levels = [level_key(size) for size in pyramid_sizes(info.grid_size)]
+    manifest = build_manifest(info.name, info.revision, dtype, info.crop_size, info.patch_size, levels,
+                              info.hidden_size, info.num_register_tokens)
+    existing = read_manifest(output_dir)
+    if existing is not None and not args.overwrite:
+        differences = manifest_differences(existing, manifest)
+        if differences:
+            raise UsageError(f"{output_dir} holds files made with other settings ({'; '.join(differences)}); "
+                             f"use another --output_dir, or --overwrite to recompute them all")
+
+    finished, temporaries = scan_outputs(output_dir)
+    for temporary in temporaries:
+        if is_abandoned_temporary(temporary):
+            Path(temporary).unlink(missing_ok=True)
+    todo = list(images) if args.overwrite else images_to_do(images, finished)
+    prune_failures(output_dir, set(todo))
+    write_manifest(output_dir, manifest)
+    return Plan(todo=todo, found=len(images), skipped=len(images) - len(todo))
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask for a clean stop after the files in flight; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in exits.BY_SIGNAL:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, _frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def log(message, progress=None):
+    """One line to stderr, above the progress bar where there is one."""
+    if progress is not None and progress.interactive:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def run(args):
+    """The whole job in this process, as one of a team of 1..N. Returns the exit status."""
+    from accelerate import PartialState
+
+    started = time.monotonic()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    team = Team.from_state(state)
+    try:
+        with StopSignals() as signals:
+            return _run(args, state, team, signals, started)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class Tally:
+    """This process's counts, read by the heartbeat thread to publish progress."""
+
+    def __init__(self):
+        self.writer = None
+        self.failed = 0
+        self.published = 0
+        self.peer_stopped = False
+
+    @property
+    def written(self):
+        return self.writer.written if self.writer is not None else 0
+
+    @property
+    def done(self):
+        return self.written + self.failed
+
+
+def _run(args, state, team, signals, started):
+    device = state.device
+    dtype = resolve_dtype(args.dtype, device)
+    plan = Plan()
+    info = processor = None
+    if team.is_main:
+        try:
+            info, processor = load_model_info(args.model)
+            plan = plan_run(args, info, dtype)
+        except (UsageError, ModelError) as error:
+            plan = Plan(error=str(error))
+    plan = team.share("plan", plan)
+    if plan.error:
+        if team.is_main:
+            log(f"error: {plan.error}")
+        return exits.USAGE
+
+    share = shard_for_rank(plan.todo, team.rank, team.world_size)
+    batch_size = args.batch_size or default_batch_size(device)
+    num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
+    if team.is_main:
+        log(f"{plan.found} images in {args.input_dir}: {plan.skipped} done already, {len(plan.todo)} to do "
+            f"on {team.world_size} process(es); {args.model} in {dtype} on {device.type}, "
+            f"batch {batch_size}, {num_workers} decode workers per process")
+
+    progress = Progress(len(plan.todo)) if team.is_main else None
+    tally = Tally()
+    status = exits.OK
+    team.start_heartbeat(on_beat=lambda: _publish_progress(team, tally, progress))
+    try:
+        if share:
+            if info is None:
+                info, processor = load_model_info(args.model)
+            preprocess = Preprocess(processor)
+            encoder = Encoder(info, preprocess.normaliser(device), device, dtype)
+            tally.writer = Writer(args.output_dir)
+            _encode_share(args.input_dir, args.output_dir, share, preprocess, encoder, tally, team, signals,
+                          progress, batch_size, num_workers)
+    except ModelError as error:
+        log(f"error: {error}", progress)
+        status = exits.USAGE
+    except OSError as error:
+        log(f"error: {error}", progress)
+        status = exits.WRITE_ERROR
+    finally:
+        status = _close_writer(tally.writer, progress, status)
+        team.stop_heartbeat()
+        _publish_progress(team, tally, None)
+        team.add("written", tally.written)
+        team.add("failed", tally.failed)
+        gone = team.finish(on_wait=lambda: _update_bar(team, progress))
+        if gone and team.is_main:
+            log(f"warning: process(es) {gone} stopped answering; their share may be unfinished, "
+                f"rerun to complete it")
+        if progress is not None:
+            _update_bar(team, progress)
+            progress.close()
+
+    stopped = signals.signum is not None or tally.peer_stopped or team.stop_requested()
+    if stopped and status == exits.OK:
+        status = exits.BY_SIGNAL.get(signals.signum, exits.BY_SIGNAL[signal.SIGTERM])
+    failed = team.add("failed", 0) if team.is_main else tally.failed
+    if team.is_main:
+        _print_summary(team.add("written", 0), plan.skipped, failed, time.monotonic() - started,
+                       Path(args.output_dir) / FAILURES_NAME, stopped)
+    if failed and status == exits.OK:
+        status = exits.IMAGES_FAILED
+    return status
+
+
+def _close_writer(writer, progress, status):
+    """Wait for the writer's last files; a write error turns a clean status into exits.WRITE_ERROR."""
+    if writer is None:
+        return status
+    try:
+        writer.close()
+    except OSError as error:
+        if status == exits.OK:
+            log(f"error: {error}", progress)
+            return exits.WRITE_ERROR
+    return status
+
+
+def _print_summary(written, skipped, failed, seconds, failures_path, stopped):
+    log(f"done: {written} written, {skipped} skipped (already there), {failed} failed "
+        f"in {format_duration(seconds)} ({seconds:.1f} s, {written / max(seconds, 1e-9):.2f} images/s)")
+    if failed:
+        log(f"the failed images are listed in {failures_path}; fix or remove them and rerun")
+    if stopped:
+        log("stopped before the end; rerun the same command to finish")
+
+
+def _publish_progress(team, tally, progress):
+    """Add this process's newly done images to the team's count; redraw the bar on main; see peers' stop."""
+    done = tally.done
+    if done != tally.published:
+        team.add("done", done - tally.published)
+        tally.published = done
+    _update_bar(team, progress)
+    if team.world_size > 1 and team.stop_requested():
+        tally.peer_stopped = True
+
+
+def _update_bar(team, progress):
+    if progress is not None:
+        progress.update(team.add("done", 0))
+
+
+def _encode_share(input_dir, output_dir, share, preprocess, encoder, tally, team, signals, progress,
+                  batch_size, num_workers):
+    """Decode, encode and pool every image of this process's share, handing the pyramids to the writer."""
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(input_dir, share, preprocess), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=collate, worker_init_fn=worker_init if num_workers else None,
+        pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if num_workers else None)
+    grid_size = encoder.info.grid_size
+    for indices, pixels, failures in loader:
+        for index, message in failures:
+            record_failure(output_dir, share[index], message)
+            tally.failed += 1
+            log(f"failed: {share[index]}: {message}", progress)
+        if pixels is not None:
+            levels = build_pyramid(encoder(pixels), grid_size)  # {"16x16": (B, 256, D), ...} fp32
+            tally.writer.submit_batch([output_path_for(share[i]) for i in indices.tolist()],
+                                      {key: value.cpu() for key, value in levels.items()})
+        if signals.signum is not None:
+            team.request_stop()
+            return
+        if tally.peer_stopped:
+            return

@@ -1,0 +1,348 @@
+"""PCA->RGB pictures of a pyramid: the source image beside every level, one row per file.
+
+    python -m pyramid.show data/feature_pyramids/00001.pt --image data/raw_images/00001.png
+    python -m pyramid.show data/feature_pyramids --image data/raw_images --grid 8 -o grid.png
+
+The first three principal components of the patch features, mapped to RGB, are the usual picture
+for DINOv2: parts of a face come out as coherent colours. The basis and the colour scale are fitted
+once, on the finest level (of the file, of the rows drawn, or of `--pca_from`), and applied to every
+level, so a colour means the same thing in every cell of the picture. Projection is linear, so a
+coarse cell's colour (before clipping) is the mean of the four finer cells it was pooled from.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from pyramid.decode import load_rgb
+from pyramid.paths import IMAGE_SUFFIXES
+
+# The dinov2 image processor's defaults (every DINOv2 on the hub ships them): resize the shortest
+# edge to 256 bicubic, centre crop 224. The image column shows exactly that crop.
+RESIZE_SHORTEST_EDGE = 256
+CROP_SIZE = 224
+LEVEL_KEY = re.compile(r"^(\d+)x(\d+)$")
+
+# Layout of the picture: a label strip above every cell, a gap around every cell.
+LABEL_HEIGHT = 14
+GAP = 4
+BACKGROUND = (255, 255, 255)
+TEXT = (0, 0, 0)
+
+
+class ShowError(ValueError):
+    """A bad input, told to the user in one line (exit 2)."""
+
+
+class PcaColours(NamedTuple):
+    """A 3-component PCA basis and the fixed scale that maps its coordinates to [0, 1]."""
+    mean: torch.Tensor        # (D,)
+    components: torch.Tensor  # (D, 3)
+    low: torch.Tensor         # (3,) 1st percentile of the fitting data's coordinates
+    high: torch.Tensor        # (3,) 99th percentile
+
+
+# ----------------------------------------------------------------------------- pyramids
+
+
+def first_line(error):
+    """An exception as one line: torch's unpickling errors run to several paragraphs."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def level_side(key):
+    """The grid side of a level key: '16x16' -> 16; None for anything else."""
+    match = LEVEL_KEY.match(key) if isinstance(key, str) else None
+    if match is None or match.group(1) != match.group(2):
+        return None
+    return int(match.group(1))
+
+
+def levels_finest_first(pyramid):
+    """The pyramid's level keys, finest first: {'1x1', '4x4', '2x2'} -> ['4x4', '2x2', '1x1']."""
+    return sorted(pyramid, key=level_side, reverse=True)
+
+
+def load_pyramid(path):
+    """Load a pyramid file and check it is one: a dict of 'sxs' -> float tensor [1, s*s, D], one D."""
+    try:
+        pyramid = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ShowError(f"{path}: not a readable torch file ({first_line(error)})") from None
+    if not isinstance(pyramid, dict) or not pyramid:
+        raise ShowError(f"{path}: not a pyramid (expected a dict of '16x16'-style keys to tensors, "
+                        f"got {type(pyramid).__name__})")
+    hidden_sizes = set()
+    for key, value in pyramid.items():
+        side = level_side(key)
+        if side is None:
+            raise ShowError(f"{path}: not a pyramid (key {key!r} is not of the form 'sxs')")
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 3
+                and value.shape[0] == 1 and value.shape[1] == side * side):
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ShowError(f"{path}: not a pyramid ({key} holds {shape}, expected a float [1, {side * side}, D])")
+        hidden_sizes.add(value.shape[2])
+    if len(hidden_sizes) > 1:
+        raise ShowError(f"{path}: not a pyramid (levels have different hidden sizes {sorted(hidden_sizes)})")
+    return pyramid
+
+
+def finest_tokens(pyramid):
+    """The finest level's patch features. -> (s*s, D) float32."""
+    return pyramid[levels_finest_first(pyramid)[0]][0].float()
+
+
+def find_pyramids(root):
+    """Every .pt file under a directory, sorted by relative path."""
+    return sorted(root.rglob("*.pt"), key=lambda p: p.relative_to(root).as_posix())
+
+
+def spread_sample(paths, count):
+    """`count` paths evenly spread over a sorted list (all of them if there are fewer): deterministic
+    and representative of the whole tree, not only of its first folder."""
+    if len(paths) <= count:
+        return list(paths)
+    return [paths[i * len(paths) // count] for i in range(count)]
+
+
+# ----------------------------------------------------------------------------- PCA -> RGB
+
+
+def fit_pca(features):
+    """Fit a 3-component PCA and its colour scale to feature rows (N, D).
+
+    Components are the top eigenvectors of the covariance (the right singular vectors of the
+    centred data), each signed so its largest loading is positive, so the same data always gives
+    the same colours. The scale is the per-component 1st/99th percentile of the data's own
+    coordinates, so a few outlier patches do not wash out the rest. Fewer than 3 components
+    (D < 3) leave the missing channels at zero.
+    """
+    features = features.double()                                   # (N, D)
+    mean = features.mean(0)                                        # (D,)
+    centred = features - mean
+    covariance = centred.T @ centred / max(len(features) - 1, 1)  # (D, D)
+    _, eigenvectors = torch.linalg.eigh(covariance)                # ascending eigenvalues
+    top = eigenvectors.flip(1)[:, :3]                              # (D, k), k = min(3, D)
+    largest = top.abs().argmax(0)
+    top = top * torch.sign(top[largest, torch.arange(top.shape[1])])
+    components = torch.zeros(features.shape[1], 3, dtype=torch.float64)
+    components[:, :top.shape[1]] = top                             # (D, 3)
+    coordinates = centred @ components                             # (N, 3)
+    low = torch.quantile(coordinates, 0.01, dim=0)
+    high = torch.quantile(coordinates, 0.99, dim=0)
+    return PcaColours(mean.float(), components.float(), low.float(), high.float())
+
+
+def project(tokens, pca):
+    """PCA coordinates of patch features on the fitted scale, not clipped: (s*s, D) -> (s*s, 3).
+
+    Linear in `tokens`, so the projection of a 2x2 mean is the 2x2 mean of the projections.
+    """
+    span = (pca.high - pca.low).clamp_min(1e-12)  # a constant component would divide by zero
+    return ((tokens.float() - pca.mean) @ pca.components - pca.low) / span
+
+
+def level_rgb(tokens, pca):
+    """A level's colour map: (s*s, D) -> (s, s, 3) uint8, row-major like the patches."""
+    side = int(round(tokens.shape[0] ** 0.5))
+    rgb = (project(tokens, pca).clamp(0, 1) * 255).round().to(torch.uint8)  # (s*s, 3)
+    return rgb.reshape(side, side, 3)
+
+
+def level_picture(tokens, pca, cell):
+    """A level drawn as a `cell` x `cell` picture, each patch a flat square (nearest neighbour)."""
+    rgb = level_rgb(tokens, pca)
+    side = rgb.shape[0]
+    # bytes() keeps this free of numpy: Pillow and torch only.
+    picture = Image.frombytes("RGB", (side, side), bytes(rgb.flatten().tolist()))
+    return picture.resize((cell, cell), Image.Resampling.NEAREST)
+
+
+# ----------------------------------------------------------------------------- the image
+
+
+def model_view(path, resize=RESIZE_SHORTEST_EDGE, crop=CROP_SIZE):
+    """The image as the model saw it: EXIF orientation applied, RGB, shortest edge resized to
+    `resize` (bicubic), centre crop `crop` x `crop`; the same arithmetic as the dinov2 processor."""
+    try:
+        image = load_rgb(path)  # the extractor's own input rules
+    except Exception as error:
+        raise ShowError(f"{path}: not a readable image ({first_line(error)})") from None
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    long = int(resize * long / short)
+    size = (resize, long) if width <= height else (long, resize)
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
+    return image.crop((left, top, left + crop, top + crop))
+
+
+def matching_image(image_root, relative):
+    """The image under `image_root` with the same relative name as a pyramid file (any image
+    suffix, any letter case): 'a/b.pt' -> image_root/a/b.png. None if there is none."""
+    folder = image_root / relative.parent
+    if not folder.is_dir():
+        return None
+    matches = sorted(p for p in folder.iterdir()
+                     if p.stem == relative.stem and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return matches[0] if matches else None
+
+
+# ----------------------------------------------------------------------------- the picture
+
+
+def fit_label(draw, text, width, font):
+    """`text`, shortened from the left with '...' until it fits `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength("..." + text, font=font) > width:
+        text = text[1:]
+    return "..." + text
+
+
+def draw_rows(rows, pca, cell):
+    """Draw rows of (name, pyramid, image or None) into one picture.
+
+    Each row: the image (if any rows have one), then every level finest first, each `cell` pixels
+    square under a label strip. The image cell is labelled with the row's name, or, without an
+    image, the first level is labelled 'name: key'.
+    """
+    with_images = any(image is not None for _, _, image in rows)
+    columns = max(len(pyramid) for _, pyramid, _ in rows) + with_images
+    width = GAP + columns * (cell + GAP)
+    height = GAP + len(rows) * (LABEL_HEIGHT + cell + GAP)
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for row, (name, pyramid, image) in enumerate(rows):
+        top = GAP + row * (LABEL_HEIGHT + cell + GAP)
+        cells = []
+        if with_images:
+            cells.append((name, image.resize((cell, cell), Image.Resampling.LANCZOS) if image else None))
+        for i, key in enumerate(levels_finest_first(pyramid)):
+            label = f"{name}: {key}" if i == 0 and not with_images else key
+            cells.append((label, level_picture(pyramid[key][0], pca, cell)))
+        for column, (label, picture) in enumerate(cells):
+            left = GAP + column * (cell + GAP)
+            draw.text((left, top), fit_label(draw, label, cell, font), fill=TEXT, font=font)
+            if picture is not None:
+                canvas.paste(picture, (left, top + LABEL_HEIGHT))
+    return canvas
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="Draw a feature pyramid as PCA->RGB maps, every level beside the source image.")
+    parser.add_argument("pyramid", type=Path,
+                        help="a .pt pyramid file, or a directory of them (draws --grid files, one row each)")
+    parser.add_argument("--image", type=Path,
+                        help="the source image; for a directory, the image directory: each row's image is the "
+                             "file with the same relative name and any image suffix")
+    parser.add_argument("-o", "--output", type=Path,
+                        help="the PNG to write [next to the input: the input with a .png suffix]")
+    parser.add_argument("--grid", type=int,
+                        help="with a directory: draw its first N files in sorted order, one row each [8]")
+    parser.add_argument("--pca_from", type=Path,
+                        help="fit the PCA on the finest level of files from this directory (or file), so "
+                             "pictures of different runs use the same colours [the files drawn]")
+    parser.add_argument("--pca_files", type=int, default=64,
+                        help="how many files of --pca_from to fit on, evenly spread over the sorted tree [64]")
+    parser.add_argument("--cell", type=int, default=CROP_SIZE, help="side of each drawn cell in pixels [224]")
+    return parser
+
+
+def rows_to_draw(args):
+    """Validate the arguments and return [(name, pyramid path, image path or None)]."""
+    if not args.pyramid.exists():
+        raise ShowError(f"{args.pyramid}: no such file or directory")
+    if args.image is not None and not args.image.exists():
+        raise ShowError(f"--image {args.image}: no such file or directory")
+    if args.pyramid.is_dir():
+        paths = find_pyramids(args.pyramid)
+        if not paths:
+            raise ShowError(f"{args.pyramid}: no .pt files in this directory")
+        if args.image is not None and not args.image.is_dir():
+            raise ShowError("--image must be a directory of images when the pyramid argument is a directory")
+        chosen = paths[:8 if args.grid is None else args.grid]
+        rows = []
+        for path in chosen:
+            relative = path.relative_to(args.pyramid)
+            image = None
+            if args.image is not None:
+                image = matching_image(args.image, relative)
+                if image is None:
+                    raise ShowError(f"no image for {relative} under {args.image} (same relative name, "
+                                    f"any of {', '.join(sorted(IMAGE_SUFFIXES))})")
+            rows.append((relative.as_posix(), path, image))
+        return rows
+    if args.grid is not None:
+        raise ShowError("--grid draws several files: give a directory of pyramids, not one file")
+    image = args.image
+    if image is not None and image.is_dir():
+        image = matching_image(image, Path(args.pyramid.name))
+        if image is None:
+            raise ShowError(f"no image named {args.pyramid.stem}.* under {args.image}")
+    return [(args.pyramid.name, args.pyramid, image)]
+
+
+def pca_fitting_paths(args, drawn):
+    """The files whose finest levels the PCA is fitted on."""
+    if args.pca_from is None:
+        return drawn
+    if not args.pca_from.exists():
+        raise ShowError(f"--pca_from {args.pca_from}: no such file or directory")
+    if args.pca_from.is_file():
+        return [args.pca_from]
+    paths = find_pyramids(args.pca_from)
+    if not paths:
+        raise ShowError(f"--pca_from {args.pca_from}: no .pt files in this directory")
+    return spread_sample(paths, args.pca_files)
+
+
+def output_path(args):
+    """-o, or the input with a .png suffix."""
+    output = args.output or args.pyramid.resolve().with_suffix(".png")
+    if output.suffix.lower() != ".png":
+        raise ShowError(f"-o {output}: the picture is a PNG; give a file name ending in .png")
+    return output
+
+
+def main(args):
+    try:
+        if args.grid is not None and args.grid < 1:
+            raise ShowError(f"--grid {args.grid}: give a positive number of rows")
+        if args.pca_files < 1 or args.cell < 1:
+            raise ShowError("--pca_files and --cell must be positive")
+        output = output_path(args)
+        planned = rows_to_draw(args)
+        pyramids = {path: load_pyramid(path) for _, path, _ in planned}
+        fitting = pca_fitting_paths(args, [path for _, path, _ in planned])
+        features = [finest_tokens(pyramids[p] if p in pyramids else load_pyramid(p)) for p in fitting]
+        hidden_sizes = {f.shape[1] for f in features} | {finest_tokens(p).shape[1] for p in pyramids.values()}
+        if len(hidden_sizes) > 1:
+            raise ShowError(f"the files have different hidden sizes {sorted(hidden_sizes)}: "
+                            f"they come from different models and cannot share one PCA")
+        pca = fit_pca(torch.cat(features))  # (N, D) from every fitting file's finest level
+        rows = [(name, pyramids[path], model_view(image) if image else None) for name, path, image in planned]
+    except ShowError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    picture = draw_rows(rows, pca, args.cell)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(output, format="PNG", optimize=True)
+    print(f"wrote {output} ({picture.width}x{picture.height}, {len(rows)} row(s), "
+          f"PCA fitted on {len(fitting)} file(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

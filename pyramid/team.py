@@ -1,0 +1,128 @@
+"""The processes of one run and what they share, over the process group's key-value store.
+
+No collective ever runs inside the loop: the to-do list is set once by the main process and read
+by the others, counts are added to store counters, and each process beats a heartbeat counter so
+that a process waiting at the end can tell a slow peer from a dead one and never hangs.
+"""
+
+import pickle
+import threading
+import time
+from collections import defaultdict
+
+KEY_PREFIX = "pyramid/"
+HEARTBEAT_SECONDS = 1.0
+# A peer whose heartbeat has not moved for this long is taken for dead and not waited for.
+STALE_AFTER_SECONDS = 120.0
+
+
+class Team:
+    """Rank, world size and shared counters of the run; with no store it is a team of one."""
+
+    def __init__(self, rank=0, world_size=1, store=None):
+        self.rank = rank
+        self.world_size = world_size
+        self.store = store
+        self._lock = threading.Lock()
+        self._local = defaultdict(int)
+        self._beating = None
+
+    @classmethod
+    def from_state(cls, state):
+        """The team of an accelerate PartialState: its store when distributed, else a team of one."""
+        if state.num_processes == 1:
+            return cls()
+        import torch.distributed as dist
+
+        return cls(state.process_index, state.num_processes, dist.distributed_c10d._get_default_store())
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def add(self, key, amount=1):
+        """Add `amount` to the shared counter `key` and return its new value (amount 0 reads it)."""
+        with self._lock:
+            if self.store is None:
+                self._local[key] += amount
+                return self._local[key]
+            return self.store.add(KEY_PREFIX + key, amount)
+
+    def share(self, key, value):
+        """The main process's `value` for `key`, in every process (the others' `value` is ignored)."""
+        if self.store is None:
+            return value
+        if self.is_main:
+            with self._lock:
+                self.store.set(KEY_PREFIX + key, pickle.dumps(value))
+            return value
+        with self._lock:
+            return pickle.loads(self.store.get(KEY_PREFIX + key))
+
+    def start_heartbeat(self, on_beat=None):
+        """Beat every HEARTBEAT_SECONDS on a daemon thread, calling `on_beat()` each time.
+
+        Store errors (the main process is gone) end the beats; they never raise into the run.
+        """
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(HEARTBEAT_SECONDS):
+                try:
+                    self.add(f"beat/{self.rank}")
+                    if on_beat is not None:
+                        on_beat()
+                except Exception:
+                    return
+
+        thread = threading.Thread(target=beat, name="pyramid-heartbeat", daemon=True)
+        thread.start()
+        self._beating = (stop, thread)
+
+    def stop_heartbeat(self):
+        if self._beating is not None:
+            stop, thread = self._beating
+            stop.set()
+            thread.join()
+            self._beating = None
+
+    def request_stop(self):
+        """Ask every process to stop after the batch in flight (a signal reached this one)."""
+        try:
+            self.add("stop")
+        except Exception:
+            pass
+
+    def stop_requested(self):
+        try:
+            return self.add("stop", 0) > 0
+        except Exception:
+            return False
+
+    def finish(self, on_wait=None, stale_after=STALE_AFTER_SECONDS, poll_seconds=0.5):
+        """Say this process is done, then wait until every process is, calling `on_wait()` meanwhile.
+
+        Waiting matters: a launcher that sees one process exit non-zero kills the rest, so nobody
+        leaves early. Returns the ranks given up on (heartbeat stale for `stale_after` seconds, or
+        the store gone); an empty list when all finished.
+        """
+        try:
+            self.add(f"finished/{self.rank}")
+            last_beat, last_change = {}, {}
+            while True:
+                waiting = [r for r in range(self.world_size) if self.add(f"finished/{r}", 0) == 0]
+                if not waiting:
+                    return []
+                now = time.monotonic()
+                for rank in waiting:
+                    beat = self.add(f"beat/{rank}", 0)
+                    if last_beat.get(rank) != beat:
+                        last_beat[rank], last_change[rank] = beat, now
+                stale = [r for r in waiting if now - last_change[r] >= stale_after]
+                if stale:
+                    return stale
+                if on_wait is not None:
+                    on_wait()
+                time.sleep(poll_seconds)
+        except Exception:
+            return [r for r in range(self.world_size) if r != self.rank]

@@ -1,0 +1,116 @@
+"""Atomic .pt writes on a background thread, and the failures.jsonl record."""
+
+import json
+import os
+import queue
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from pyramid.paths import temporary_name
+from pyramid.pool import split_pyramids
+
+FAILURES_NAME = "failures.jsonl"
+# A temporary from another machine is taken as abandoned once it is this old.
+FOREIGN_TEMPORARY_SECONDS = 600
+
+
+def writer_tag():
+    """Who writes a temporary: 'host@pid.thread', so a later run can tell a live writer from a dead one."""
+    return f"{socket.gethostname()}@{os.getpid()}.{threading.get_ident()}"
+
+
+def is_abandoned_temporary(path, now=None):
+    """True for a temporary whose writer is gone: a dead pid on this host, or older than
+    FOREIGN_TEMPORARY_SECONDS when written elsewhere (another node of a cluster, an unknown tag)."""
+    path = Path(path)
+    host, _, rest = path.name.rpartition(".tmp.")[2].partition("@")
+    pid = rest.split(".")[0]
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return (now or time.time()) - path.stat().st_mtime > FOREIGN_TEMPORARY_SECONDS
+
+
+def save_atomic(obj, path):
+    """torch.save `obj` to `path` through a hidden temporary in the same directory and a rename.
+
+    A path that exists is therefore complete; on any error the temporary is removed.
+    """
+    path = Path(path)
+    temporary = temporary_name(path, writer_tag())
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def record_failure(output_dir, relative_path, message):
+    """Append one {"path", "error"} line to failures.jsonl: one write call with O_APPEND, so lines
+    from several processes never interleave."""
+    line = json.dumps({"path": relative_path, "error": message}, ensure_ascii=False) + "\n"
+    fd = os.open(Path(output_dir) / FAILURES_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+class Writer:
+    """Splits batches into per-image pyramids and saves them on a background thread, so neither the
+    clones nor torch.save ever stall the forward pass.
+
+    `submit_batch` blocks only when `max_pending` batches wait. The first write error stops the
+    writer; `check` raises it in the caller's thread. `close` waits for every submitted file.
+    """
+
+    def __init__(self, output_dir, max_pending=4):
+        self.output_dir = Path(output_dir)
+        self.queue = queue.Queue(maxsize=max_pending)
+        self.error = None
+        self.written = 0
+        self._made_dirs = set()
+        self._thread = threading.Thread(target=self._loop, name="pyramid-writer", daemon=True)
+        self._thread.start()
+
+    def submit_batch(self, relative_outputs, levels):
+        """Queue one batch: output paths (B,) and {"16x16": (B, 256, D), ...} CPU fp32 tensors."""
+        self.check()
+        self.queue.put((relative_outputs, levels))
+
+    def check(self):
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self.queue.put(None)
+        self._thread.join()
+        self.check()
+
+    def _loop(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is None:  # after an error, drain so submit_batch never blocks forever
+                self._write_batch(*item)
+
+    def _write_batch(self, relative_outputs, levels):
+        for relative_output, pyramid in zip(relative_outputs, split_pyramids(levels)):
+            path = self.output_dir / relative_output
+            try:
+                if path.parent not in self._made_dirs:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self._made_dirs.add(path.parent)
+                save_atomic(pyramid, path)
+            except Exception as error:
+                self.error = OSError(f"cannot write {path}: {error}")
+                return
+            self.written += 1

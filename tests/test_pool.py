@@ -1,0 +1,69 @@
+"""pyramid/pool.py against hand-written references."""
+
+import torch
+
+from pyramid.pool import average_2x2, build_pyramid, pyramid_sizes, split_pyramids, strip_special_tokens
+
+
+def reference_average_2x2(patches, size):
+    """2x2 block means with plain loops over a row-major grid: (B, S*S, D) -> (B, S/2*S/2, D)."""
+    batch, _, dim = patches.shape
+    half = size // 2
+    out = torch.zeros(batch, half * half, dim, dtype=patches.dtype)
+    for row in range(half):
+        for col in range(half):
+            block = [patches[:, (2 * row + dy) * size + (2 * col + dx)] for dy in (0, 1) for dx in (0, 1)]
+            out[:, row * half + col] = sum(block) / 4
+    return out
+
+
+def test_strip_special_tokens_drops_cls_and_registers():
+    hidden = torch.randn(2, 1 + 4 + 9, 5)
+    assert torch.equal(strip_special_tokens(hidden), hidden[:, 1:])
+    assert torch.equal(strip_special_tokens(hidden, num_register_tokens=4), hidden[:, 5:])
+    assert strip_special_tokens(hidden, 4).shape == (2, 9, 5)
+
+
+def test_pyramid_sizes():
+    assert pyramid_sizes(16) == [16, 8, 4, 2, 1]
+    assert pyramid_sizes(14) == [14, 7]
+    assert pyramid_sizes(37) == [37]
+    assert pyramid_sizes(24) == [24, 12, 6, 3]
+
+
+def test_average_2x2_matches_loop_reference():
+    torch.manual_seed(0)
+    for size in (16, 8, 2, 6):
+        patches = torch.randn(3, size * size, 7)
+        assert torch.allclose(average_2x2(patches, size), reference_average_2x2(patches, size), atol=1e-6)
+
+
+def test_average_2x2_is_not_a_stride_or_column_mix():
+    # Row-major: patch (row, col) = row * 4 + col; the top-left 2x2 block is indices 0, 1, 4, 5.
+    patches = torch.arange(16, dtype=torch.float32).view(1, 16, 1)
+    assert average_2x2(patches, 4).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
+def test_build_pyramid_levels_are_successive_means():
+    torch.manual_seed(1)
+    patches = torch.randn(2, 256, 12)
+    levels = build_pyramid(patches, 16)
+    assert list(levels) == ["16x16", "8x8", "4x4", "2x2", "1x1"]
+    assert torch.equal(levels["16x16"], patches)
+    expected = patches
+    for size, key in [(16, "8x8"), (8, "4x4"), (4, "2x2"), (2, "1x1")]:
+        expected = reference_average_2x2(expected, size)
+        assert torch.allclose(levels[key], expected, atol=1e-5), key
+    assert torch.allclose(levels["1x1"][:, 0], patches.mean(dim=1), atol=1e-5)
+
+
+def test_split_pyramids_owns_its_storage():
+    levels = build_pyramid(torch.randn(4, 16, 3), 4)
+    pyramids = split_pyramids(levels)
+    assert len(pyramids) == 4
+    for i, pyramid in enumerate(pyramids):
+        for key, value in pyramid.items():
+            assert value.shape == (1,) + levels[key].shape[1:]
+            assert value.dtype == torch.float32 and value.is_contiguous()
+            assert value.untyped_storage().nbytes() == value.numel() * 4  # not a view of the batch
+            assert torch.equal(value[0], levels[key][i])
