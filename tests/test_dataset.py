@@ -1,7 +1,11 @@
 """pyramid/dataset.py: PyramidDataset over a synthetic output tree, directly and through DataLoader workers."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import REPO
 from synthetic_trees import HIDDEN, LEVELS, make_pyramid, write_tree
 from torch.utils.data import DataLoader
 
@@ -71,3 +75,11 @@ def test_dataloader_with_two_workers(tree):
     assert all(set(batch) == {"name", "4x4", "1x1"} for batch in batches)
     assert torch.equal(batches[1]["1x1"][1], expected_level("b", "1x1"))
     assert torch.equal(batches[2]["4x4"][0], expected_level("z", "4x4"))
+
+
+def test_importing_the_package_does_not_load_torch():
+    # extract_distributed.py imports pyramid.exits and refuses bad arguments before torch loads.
+    code = "import sys, pyramid.exits; print('torch' in sys.modules); from pyramid import PyramidDataset"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
