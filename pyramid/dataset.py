@@ -1,35 +1,12 @@
 """PyramidDataset, the reader for the training phase."""
 
-import json
-import os
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-
-def is_temporary(name):
-    """True for a file name the writer uses before its rename: hidden and containing ".tmp"."""
-    return name.startswith(".") and ".tmp" in name
-
-
-def walk_output_tree(root):
-    """(pyramid files, leftover temporaries) below `root`, each a sorted list of paths relative to it.
-
-    Pyramid files are the `.pt` files that are not temporaries; every other file (manifest.json,
-    failures.jsonl, notes) is ignored. Sorted by the relative POSIX path string, so the order is the
-    same on every machine and for every run.
-    """
-    root = Path(root)
-    pyramids, temporaries = [], []
-    for directory, _, files in os.walk(root):
-        for name in files:
-            relative = (Path(directory) / name).relative_to(root)
-            if is_temporary(name):
-                temporaries.append(relative)
-            elif relative.suffix == ".pt":
-                pyramids.append(relative)
-    return sorted(pyramids, key=Path.as_posix), sorted(temporaries, key=Path.as_posix)
+from pyramid.manifest import read_manifest
+from pyramid.paths import OUTPUT_SUFFIX, scan_outputs
 
 
 class PyramidDataset(Dataset):
@@ -49,8 +26,8 @@ class PyramidDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root} is not a directory; pass the extractor's --output_dir.")
-        files, _ = walk_output_tree(self.root)
-        self.files = files
+        finished, _ = scan_outputs(self.root)
+        self.files = sorted(finished)  # relative POSIX paths, sorted as strings: the same order everywhere
         available = self._available_levels()
         if levels is None:
             levels = available
@@ -62,9 +39,9 @@ class PyramidDataset(Dataset):
         self.levels = list(levels)
 
     def _available_levels(self):
-        manifest = self.root / "manifest.json"
-        if manifest.is_file():
-            return list(json.loads(manifest.read_text())["levels"])
+        manifest = read_manifest(self.root)
+        if manifest is not None:
+            return list(manifest["levels"])
         if self.files:
             return list(torch.load(self.root / self.files[0], weights_only=True, mmap=True))
         return []
@@ -77,7 +54,7 @@ class PyramidDataset(Dataset):
         path = self.root / relative
         # mmap: only the pages of the levels asked for are read; clone so no item keeps the file mapped.
         pyramid = torch.load(path, weights_only=True, mmap=True)
-        item = {"name": relative.with_suffix("").as_posix()}
+        item = {"name": relative.removesuffix(OUTPUT_SUFFIX)}
         for level in self.levels:
             if level not in pyramid:
                 raise KeyError(f"{path} has no level {level!r}; it has {list(pyramid)}.")

@@ -11,38 +11,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pyramid.dataset import walk_output_tree
+from pyramid.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
+from pyramid.paths import find_images, output_path_for, scan_outputs
+from pyramid.pool import level_key, pyramid_sizes
+from pyramid.writer import FAILURES_NAME
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 # A coarser level must equal the 2x2 mean of the finer one to within float32 rounding of a 4-term sum:
 # |error| <= ATOL + RTOL * mean(|finer block|). Orders of magnitude above rounding, far below a wrong level.
 ATOL, RTOL = 1e-5, 1e-4
-
-
-def find_images(input_dir):
-    """Image files below `input_dir` (suffix .png .jpg .jpeg .webp .bmp, any case), sorted, relative to it."""
-    input_dir = Path(input_dir)
-    return sorted(path.relative_to(input_dir) for path in input_dir.rglob("*")
-                  if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
-
-
-def output_path_for(relative_image_path):
-    """The pyramid file of an image, relative to the output directory: `a/b/c.jpg` -> `a/b/c.pt`."""
-    return Path(relative_image_path).with_suffix(".pt")
 
 
 def level_side(level):
     """8 for "8x8"; None for a name that is not "{s}x{s}"."""
     rows, _, cols = level.partition("x")
     return int(rows) if rows.isdigit() and rows == cols and int(rows) > 0 else None
-
-
-def expected_levels(grid_size):
-    """Level names for a grid: "{s}x{s}" for s = G, G/2, ... while s is even, down to 1 or the first odd s."""
-    sides = [grid_size]
-    while sides[-1] % 2 == 0:
-        sides.append(sides[-1] // 2)
-    return [f"{side}x{side}" for side in sides]
 
 
 def pool_2x2(level, side):
@@ -109,28 +91,27 @@ def check_manifest(manifest):
     if not isinstance(manifest, dict):
         return ["is not a JSON object"]
     problems = []
-    if manifest.get("format") != 1:
-        problems.append(f"format is {manifest.get('format')!r}, this verify knows format 1")
+    if manifest.get("format") != FORMAT_VERSION:
+        problems.append(f"format is {manifest.get('format')!r}, this verify knows format {FORMAT_VERSION}")
     hidden_size = manifest.get("hidden_size")
     if not isinstance(hidden_size, int) or hidden_size < 1:
         problems.append(f"hidden_size is {hidden_size!r}, not a positive integer")
     grid_size = manifest.get("grid_size")
     if not isinstance(grid_size, int) or grid_size < 1:
         problems.append(f"grid_size is {grid_size!r}, not a positive integer")
-    elif manifest.get("levels") != expected_levels(grid_size):
-        problems.append(f"levels are {manifest.get('levels')!r}, expected {expected_levels(grid_size)} "
-                        f"for grid_size {grid_size}")
+    elif manifest.get("levels") != (levels := [level_key(size) for size in pyramid_sizes(grid_size)]):
+        problems.append(f"levels are {manifest.get('levels')!r}, expected {levels} for grid_size {grid_size}")
     return problems
 
 
-def read_manifest(path):
+def manifest_layout(output_dir):
     """(levels, hidden size, problems) from manifest.json; levels and hidden size are None unless it is usable."""
-    if not path.is_file():
-        return None, None, ["missing; each file is checked against its own levels and the other files instead"]
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_manifest(output_dir)
     except ValueError as error:
         return None, None, [f"is not valid JSON ({error})"]
+    if manifest is None:
+        return None, None, ["missing; each file is checked against its own levels and the other files instead"]
     problems = check_manifest(manifest)
     if problems:
         return None, None, problems
@@ -166,7 +147,7 @@ def load_and_check(path, levels, hidden_size):
 def read_failures(output_dir):
     """{relative image path: last recorded error} from failures.jsonl, and problems with its lines."""
     failures, problems = {}, []
-    path = Path(output_dir) / "failures.jsonl"
+    path = Path(output_dir) / FAILURES_NAME
     if not path.is_file():
         return failures, problems
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -206,12 +187,12 @@ def main(args):
     torch.set_num_threads(1)
     problems = []  # (path, problem)
 
-    manifest_path = output_dir / "manifest.json"
-    levels, hidden_size, manifest_problems = read_manifest(manifest_path)
-    problems += [(manifest_path, problem) for problem in manifest_problems]
+    levels, hidden_size, manifest_problems = manifest_layout(output_dir)
+    problems += [(output_dir / MANIFEST_NAME, problem) for problem in manifest_problems]
 
-    files, temporaries = walk_output_tree(output_dir)
-    problems += [(output_dir / relative, "leftover temporary file") for relative in temporaries]
+    finished, temporaries = scan_outputs(output_dir)
+    files = sorted(finished)
+    problems += [(temporary, "leftover temporary file") for temporary in sorted(temporaries)]
 
     bad_files = set()
     missing = []
@@ -248,12 +229,12 @@ def main(args):
                 bad_files.add(relative)
 
     failures, failure_problems = read_failures(output_dir)
-    problems += [(output_dir / "failures.jsonl", problem) for problem in failure_problems]
+    problems += [(output_dir / FAILURES_NAME, problem) for problem in failure_problems]
 
     for path, problem in problems:
         print(f"{path}: {problem}")
     if failures:
-        print(f"{len(failures)} image(s) recorded as failed in failures.jsonl:")
+        print(f"{len(failures)} image(s) recorded as failed in {FAILURES_NAME}:")
         for image, error in failures.items():
             print(f"  {image}: {error}")
     summary = [f"checked {len(files)} files: {len(files) - len(bad_files)} ok, {len(bad_files)} with problems"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import REPO, write_images
 from synthetic_trees import GRID, HIDDEN, LEVELS, make_pyramid, write_tree
 
-from pyramid.verify import check_pyramid, expected_levels, get_args_parser, main, pool_2x2
+from pyramid.verify import check_pyramid, get_args_parser, main, pool_2x2
 
 NAMES = ["00000", "00001", "sub/00002"]
 
@@ -29,13 +29,6 @@ def verify(capsys, *args):
 
 def problem_lines(lines, path):
     return [line for line in lines if line.startswith(f"{path}: ")]
-
-
-def test_expected_levels():
-    assert expected_levels(16) == LEVELS
-    assert expected_levels(18) == ["18x18", "9x9"]
-    assert expected_levels(37) == ["37x37"]
-    assert expected_levels(1) == ["1x1"]
 
 
 def test_pool_2x2_against_avg_pool2d():
