@@ -196,6 +196,11 @@ def test_a_manifest_with_inconsistent_levels(tmp_path, capsys):
         f"{output / 'manifest.json'}: levels are ['16x16', '8x8'], expected {LEVELS} for grid_size 16"]
 
 
-def test_bad_arguments_exit_2(tmp_path, capsys):
-    assert main(get_args_parser().parse_args([str(tmp_path / "nowhere")])) == 2
-    assert "is not a directory" in capsys.readouterr().err
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/nowhere"], "error: {tmp}/nowhere is not a directory; pass the extractor's --output_dir"),
+    (["{tmp}", "--input_dir", "{tmp}/nowhere"], "error: --input_dir {tmp}/nowhere is not a directory"),
+    (["{tmp}", "--workers", "0"], "error: --workers must be at least 1, not 0"),
+])
+def test_bad_arguments_exit_2(tmp_path, capsys, args, message):
+    assert main(get_args_parser().parse_args([arg.format(tmp=tmp_path) for arg in args])) == 2
+    assert capsys.readouterr().err.startswith(message.format(tmp=tmp_path))
