@@ -17,3 +17,15 @@ Module map, one stage a module:
     show.py      PCA->RGB pictures of a pyramid
     bench.py     decode bound, model bound and end-to-end throughput side by side
 """
+
+__all__ = ["PyramidDataset"]
+
+
+def __getattr__(name):
+    # PyramidDataset imports torch; loading it on first use keeps `from pyramid import exits` light,
+    # so extract_distributed.py can refuse bad arguments before torch loads.
+    if name == "PyramidDataset":
+        from pyramid.dataset import PyramidDataset
+
+        return PyramidDataset
+    raise AttributeError(f"module 'pyramid' has no attribute {name!r}")
