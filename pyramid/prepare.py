@@ -267,6 +267,15 @@ def select(source, num_images: int, seed: int | None) -> Iterator[Entry]:
     return (entry for entry in entries if entry.row in chosen)
 
 
+def shortest_edge_size(width, height, shortest_edge):
+    """(width, height) with the shortest edge at `shortest_edge`, the long one truncated, as the dinov2
+    image processor computes it: so `--resolution 256` hands the extractor the very pixels it would
+    have made from the original (its own resize becomes a no-op)."""
+    if width <= height:
+        return shortest_edge, int(shortest_edge * height / width)
+    return int(shortest_edge * width / height), shortest_edge
+
+
 def to_png(data: bytes | None, resolution: int | None) -> bytes:
     """PNG bytes of one source image with EXIF orientation applied and, if asked, the shortest edge resized to `resolution` (bicubic).
 
@@ -286,9 +295,7 @@ def to_png(data: bytes | None, resolution: int | None) -> bytes:
         if image.mode in ("1", "P"):
             # Bicubic needs real channels: a palette or 1-bit image is expanded first.
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        width, height = image.size
-        scale = resolution / min(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        size = shortest_edge_size(*image.size, resolution)
         if size != image.size:
             image = image.resize(size, Image.Resampling.BICUBIC)
     buffer = io.BytesIO()

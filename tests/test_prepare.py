@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO, write_images
@@ -150,9 +151,9 @@ def test_resolution_resizes_shortest_edge_bicubic(tmp_path):
     out = tmp_path / "out"
     assert run("--source", src, "--resolution", 32, "--output_dir", out) == 0
     with Image.open(src / "00000.png") as original:
-        expected = np.asarray(original.resize((43, 32), Image.Resampling.BICUBIC))
+        expected = np.asarray(original.resize((42, 32), Image.Resampling.BICUBIC))  # 32 * 64 / 48, truncated
     result = pixels(out / "00000.png")
-    assert result.shape == (32, 43, 3)
+    assert result.shape == (32, 42, 3)
     assert np.array_equal(result, expected)
 
 
@@ -307,3 +308,23 @@ def test_output_inside_the_source_folder_is_refused(tmp_path, capsys):
     assert run("--source", src, "--output_dir", src / "out") == 2
     assert "lies inside --source" in capsys.readouterr().err
     assert not (src / "out").exists()
+
+
+def test_resolution_256_gives_the_extractor_the_same_pixels(tmp_path, tiny_model):
+    """The processor resizes the shortest edge to 256 anyway: prepared at 256, its resize is a no-op."""
+    from transformers import AutoImageProcessor
+
+    from pyramid.decode import Preprocess, load_rgb
+
+    src = tmp_path / "src"
+    sizes = [(1024, 768), (700, 1001), (555, 999), (300, 300)]
+    for i, size in enumerate(sizes):
+        write_images(src, 1, size=size, seed=i, names=[f"{i:05d}.png"])
+    out = tmp_path / "out"
+    assert run("--source", src, "--resolution", 256, "--output_dir", out) == 0
+    preprocess = Preprocess(AutoImageProcessor.from_pretrained(tiny_model))
+    for i in range(len(sizes)):
+        original = preprocess(load_rgb(src / f"{i:05d}.png"))
+        prepared = preprocess(load_rgb(out / f"{i:05d}.png"))
+        assert min(Image.open(out / f"{i:05d}.png").size) == 256
+        assert torch.equal(original, prepared), sizes[i]
