@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from pyramid.decode import shortest_edge_size  # the processor's rule: --resolution 256 is then lossless for DINOv2
 from pyramid.paths import (IMAGE_SUFFIXES, is_temporary_name, remove_abandoned_temporaries, temporary_name,
                            writer_tag)
 
@@ -265,15 +266,6 @@ def select(source, num_images: int, seed: int | None) -> Iterator[Entry]:
     last = max(chosen, default=-1)
     entries = itertools.takewhile(lambda entry: entry.row <= last, source.entries())
     return (entry for entry in entries if entry.row in chosen)
-
-
-def shortest_edge_size(width, height, shortest_edge):
-    """(width, height) with the shortest edge at `shortest_edge`, the long one truncated, as the dinov2
-    image processor computes it: so `--resolution 256` hands the extractor the very pixels it would
-    have made from the original (its own resize becomes a no-op)."""
-    if width <= height:
-        return shortest_edge, int(shortest_edge * height / width)
-    return int(shortest_edge * width / height), shortest_edge
 
 
 def to_png(data: bytes | None, resolution: int | None) -> bytes:
