@@ -219,7 +219,8 @@ def _run(args, state, team, signals, started):
         _publish_progress(team, tally, None)
         team.add("written", tally.written)
         team.add("failed", tally.failed)
-        gone = team.finish(on_wait=lambda: _update_bar(team, progress))
+        gone = team.finish(on_wait=lambda: _update_bar(team, progress),
+                           stopping=lambda: signals.signum is not None)
         if gone and team.is_main:
             log(f"warning: process(es) {gone} stopped answering; their share may be unfinished, "
                 f"rerun to complete it")
