@@ -341,3 +341,31 @@ def test_another_model_is_refused_unless_overwrite(tmp_path, tiny_model, corpus)
     new = torch.load(tmp_path / "out" / name, weights_only=True)["16x16"]
     old = torch.load(reference / name, weights_only=True)["16x16"]
     assert not torch.allclose(new, old, atol=1e-3)  # the other model's features, not the first one's
+
+
+def test_killing_only_the_launcher_stops_its_ranks_cleanly(tmp_path, tiny_model, corpus):
+    input_dir, reference = corpus
+    out = tmp_path / "out"
+    command = extractor_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                                "--batch_size", 1, "--num_workers", 0)
+    launcher = start(command, tmp_path / "launch.log")
+    ranks = []
+    try:
+        assert wait_for_outputs(out, 2, launcher), (tmp_path / "launch.log").read_text()
+        ranks = children(launcher.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(launcher.pid, signal.SIGKILL)  # the launcher alone: its ranks live in sessions of their own
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in ranks), "ranks outlived their launcher by a minute"
+    finally:
+        for pid in [launcher.pid, *ranks]:
+            kill_tree(pid)
+    assert len(outputs(out)) < NUM_IMAGES
+    assert_complete_and_equal(out, reference)
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_finished_like_reference(out, input_dir, reference)
