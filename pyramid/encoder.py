@@ -1,6 +1,8 @@
 """The DINOv2 model and its image processor: uint8 pixels in, the patch grid out."""
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -48,6 +50,24 @@ def _crop_size(processor):
     return int(height)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def local_weights_digest(directory):
+    """'sha256:...' of the weight files of a save_pretrained directory, in name order.
+
+    A local model has no hub revision; its digest stands in for one in the manifest, so new weights
+    saved at the same path are not mixed with files made by the old ones.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
+        digest.update(path.name.encode())
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 22):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
 def load_model_info(name):
     """Config and image processor of `name` (hub id or save_pretrained dir), checked, without weights.
 
@@ -67,7 +87,8 @@ def load_model_info(name):
     crop_size = _crop_size(processor)
     if crop_size % config.patch_size:
         raise ModelError(f"crop size {crop_size} is not a multiple of patch size {config.patch_size}")
-    info = ModelInfo(name=str(name), revision=getattr(config, "_commit_hash", None), crop_size=crop_size,
+    revision = local_weights_digest(name) if Path(name).is_dir() else getattr(config, "_commit_hash", None)
+    info = ModelInfo(name=str(name), revision=revision, crop_size=crop_size,
                      patch_size=config.patch_size, hidden_size=config.hidden_size,
                      num_register_tokens=getattr(config, "num_register_tokens", 0))
     return info, processor
