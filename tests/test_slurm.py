@@ -81,7 +81,8 @@ def slurm_env():
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True, timeout=60)
     if ping.returncode != 0 or "UP" not in ping.stdout:
-        pytest.skip(f"the SLURM cluster of {conf} does not answer: {(ping.stdout + ping.stderr).strip()}")
+        answer = (ping.stdout + ping.stderr).strip().splitlines()
+        pytest.skip(f"the SLURM cluster of {conf} does not answer: {answer[0] if answer else ping.returncode}")
     return env
 
 
