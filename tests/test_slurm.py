@@ -37,15 +37,20 @@ def test_templates_pass_shellcheck():
 
 
 # The requeue decision of slurm/common.sh, with scontrol and scancel replaced by functions that
-# record their calls, and a command that stands for the extractor: it exits with `status` on SIGTERM,
-# or with `status` on its own after 0.6 s when it is never signalled.
+# record their calls (scancel also delivers its SIGTERM, to the background job), and a command that
+# stands for the extractor: it exits with STATUS on SIGTERM. With SEND_USR1=1 it first sends SIGUSR1
+# to the shell that runs it, as SLURM would before the time limit, and exits 99 if no SIGTERM follows
+# within 10 s; otherwise it exits with STATUS on its own after 0.3 s.
 REQUEUE_HARNESS = r"""
 source slurm/common.sh
 scontrol() { echo "scontrol $*" >>"$CALLS"; }
-scancel() { echo "scancel $*" >>"$CALLS"; }
+scancel() { echo "scancel $*" >>"$CALLS"; kill -TERM $(jobs -p); }
 SLURM_JOB_ID=42
-if [ "$SEND_USR1" = 1 ]; then (sleep 0.3; kill -USR1 $$) & fi
-run_and_requeue_on_usr1 "$STOP" bash -c 'trap "exit $STATUS" TERM; for _ in $(seq 12); do sleep 0.05; done; exit $STATUS'
+run_and_requeue_on_usr1 "$STOP" bash -c 'trap "exit $STATUS" TERM
+    if [ "$SEND_USR1" = 0 ]; then sleep 0.3; exit $STATUS; fi
+    sleep 0.1; kill -USR1 $PPID
+    for _ in $(seq 200); do sleep 0.05; done
+    exit 99'
 echo "returned $?"
 """
 
