@@ -9,6 +9,8 @@ Module map, one stage a module:
     writer.py    atomic .pt writes on a background thread, failures.jsonl
     manifest.py  what made the files (manifest.json) and the refusal to mix settings
     shard.py     split the to-do list across processes
+    team.py      the processes of a run: shared plan, counters, stop requests, an end wait that never hangs
+    exits.py     exit statuses and the usage error
     progress.py  a tqdm bar on a terminal, plain lines in logs
     run.py       the run loop: accelerate state, DataLoader, encode, pool, write, summary
     prepare.py   download / copy an FFHQ or CelebA-HQ subset into data/raw_images/
@@ -17,3 +19,15 @@ Module map, one stage a module:
     show.py      PCA->RGB pictures of a pyramid
     bench.py     decode bound, model bound and end-to-end throughput side by side
 """
+
+__all__ = ["PyramidDataset"]
+
+
+def __getattr__(name):
+    # PyramidDataset imports torch; loading it on first use keeps `from pyramid import exits` light,
+    # so extract_distributed.py can refuse bad arguments before torch loads.
+    if name == "PyramidDataset":
+        from pyramid.dataset import PyramidDataset
+
+        return PyramidDataset
+    raise AttributeError(f"module 'pyramid' has no attribute {name!r}")

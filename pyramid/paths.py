@@ -1,12 +1,17 @@
 """Find the images, map each to its output file, refuse clashes, and list the work still to do."""
 
 import os
+import socket
+import threading
+import time
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 OUTPUT_SUFFIX = ".pt"
 TEMPORARY_MARK = ".tmp."
+# A temporary from another machine is taken as abandoned once it is this old.
+FOREIGN_TEMPORARY_SECONDS = 600
 
 
 def is_image_name(name):
@@ -55,6 +60,35 @@ def temporary_name(final_path, tag):
 def is_temporary_name(name):
     """True for a writer's temporary file name (see `temporary_name`)."""
     return name.startswith(".") and TEMPORARY_MARK in name
+
+
+def writer_tag():
+    """Who writes a temporary: 'host@pid.thread', so a later run can tell a live writer from a dead one."""
+    return f"{socket.gethostname()}@{os.getpid()}.{threading.get_ident()}"
+
+
+def is_abandoned_temporary(path, now=None):
+    """True for a temporary whose writer is gone: a dead pid on this host, or older than
+    FOREIGN_TEMPORARY_SECONDS when written elsewhere (another node of a cluster, an unknown tag)."""
+    path = Path(path)
+    host, _, rest = path.name.rpartition(TEMPORARY_MARK)[2].partition("@")
+    pid = rest.split(".")[0]
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, owned by another user
+            return False
+        return False
+    return (now or time.time()) - path.stat().st_mtime > FOREIGN_TEMPORARY_SECONDS
+
+
+def remove_abandoned_temporaries(temporaries):
+    """Delete the temporaries (paths) whose writers are gone; those of live writers are left alone."""
+    for temporary in temporaries:
+        if is_abandoned_temporary(temporary):
+            Path(temporary).unlink(missing_ok=True)
 
 
 def scan_outputs(output_dir):

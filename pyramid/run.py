@@ -16,12 +16,12 @@ from pyramid.exits import UsageError
 from pyramid.encoder import Encoder, ModelError, load_model_info, resolve_dtype
 from pyramid.manifest import build_manifest, manifest_differences, read_manifest, write_manifest
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_images, images_to_do, output_path_for,
-                           scan_outputs)
+                           remove_abandoned_temporaries, scan_outputs)
 from pyramid.pool import build_pyramid, level_key, pyramid_sizes
 from pyramid.progress import Progress, format_duration
 from pyramid.shard import shard_for_rank
 from pyramid.team import Team
-from pyramid.writer import FAILURES_NAME, Writer, is_abandoned_temporary, record_failure
+from pyramid.writer import FAILURES_NAME, Writer, record_failure
 
 @dataclass
 class Plan:
@@ -95,9 +95,7 @@ def plan_run(args, info, dtype):
                              f"use another --output_dir, or --overwrite to recompute them all")
 
     finished, temporaries = scan_outputs(output_dir)
-    for temporary in temporaries:
-        if is_abandoned_temporary(temporary):
-            Path(temporary).unlink(missing_ok=True)
+    remove_abandoned_temporaries(temporaries)
     todo = list(images) if args.overwrite else images_to_do(images, finished)
     prune_failures(output_dir, set(todo))
     write_manifest(output_dir, manifest)
@@ -159,6 +157,7 @@ class Tally:
         self.failed = 0
         self.published = 0
         self.peer_stopped = False
+        self.encoding_started = None  # after the model loaded: the rate in the summary excludes start-up
 
     @property
     def written(self):
@@ -205,6 +204,7 @@ def _run(args, state, team, signals, started):
             preprocess = Preprocess(processor)
             encoder = Encoder(info, preprocess.normaliser(device), device, dtype)
             tally.writer = Writer(args.output_dir)
+            tally.encoding_started = time.monotonic()
             _encode_share(args.input_dir, args.output_dir, share, preprocess, encoder, tally, team, signals,
                           progress, batch_size, num_workers)
     except ModelError as error:
@@ -232,7 +232,9 @@ def _run(args, state, team, signals, started):
         status = exits.BY_SIGNAL.get(signals.signum, exits.BY_SIGNAL[signal.SIGTERM])
     failed = team.add("failed", 0) if team.is_main else tally.failed
     if team.is_main:
-        _print_summary(team.add("written", 0), plan.skipped, failed, time.monotonic() - started,
+        finished = time.monotonic()
+        encoding_seconds = finished - (tally.encoding_started or finished)
+        _print_summary(team.add("written", 0), plan.skipped, failed, finished - started, encoding_seconds,
                        Path(args.output_dir) / FAILURES_NAME, stopped)
     if failed and status == exits.OK:
         status = exits.IMAGES_FAILED
@@ -252,9 +254,11 @@ def _close_writer(writer, progress, status):
     return status
 
 
-def _print_summary(written, skipped, failed, seconds, failures_path, stopped):
+def _print_summary(written, skipped, failed, seconds, encoding_seconds, failures_path, stopped):
+    """The run's one summary line; images/s counts the time spent encoding, not loading the model."""
+    rate = written / encoding_seconds if encoding_seconds > 0 else 0.0
     log(f"done: {written} written, {skipped} skipped (already there), {failed} failed "
-        f"in {format_duration(seconds)} ({seconds:.1f} s, {written / max(seconds, 1e-9):.2f} images/s)")
+        f"in {format_duration(seconds)} ({seconds:.1f} s; {rate:.2f} images/s while encoding)")
     if failed:
         log(f"the failed images are listed in {failures_path}; fix or remove them and rerun")
     if stopped:

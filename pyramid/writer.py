@@ -3,43 +3,15 @@
 import json
 import os
 import queue
-import socket
 import threading
-import time
 from pathlib import Path
 
 import torch
 
-from pyramid.paths import temporary_name
+from pyramid.paths import temporary_name, writer_tag
 from pyramid.pool import split_pyramids
 
 FAILURES_NAME = "failures.jsonl"
-# A temporary from another machine is taken as abandoned once it is this old.
-FOREIGN_TEMPORARY_SECONDS = 600
-
-
-def writer_tag():
-    """Who writes a temporary: 'host@pid.thread', so a later run can tell a live writer from a dead one."""
-    return f"{socket.gethostname()}@{os.getpid()}.{threading.get_ident()}"
-
-
-def is_abandoned_temporary(path, now=None):
-    """True for a temporary whose writer is gone: a dead pid on this host, or older than
-    FOREIGN_TEMPORARY_SECONDS when written elsewhere (another node of a cluster, an unknown tag)."""
-    path = Path(path)
-    host, _, rest = path.name.rpartition(".tmp.")[2].partition("@")
-    pid = rest.split(".")[0]
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-    return (now or time.time()) - path.stat().st_mtime > FOREIGN_TEMPORARY_SECONDS
-
-
 def save_atomic(obj, path):
     """torch.save `obj` to `path` through a hidden temporary in the same directory and a rename.
 

@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny random-weight DINOv2 saved with save_pretrained, and real image files."""
 
-import json
 import os
 import subprocess
 import sys
@@ -14,43 +13,19 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 # Tests import the package from the checkout, with no install step.
 sys.path.insert(0, str(REPO))
+
+from pyramid.bench import RANDOM_SIZES, save_random_dinov2  # noqa: E402
+
 DATA = Path(__file__).resolve().parent / "data"
 KNOWN_IMAGE = DATA / "astronaut.png"
 
-# The preprocessor_config.json that facebook/dinov2-base ships, verbatim.
-DINOV2_PREPROCESSOR = {
-    "crop_size": {"height": 224, "width": 224},
-    "do_center_crop": True,
-    "do_convert_rgb": True,
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_processor_type": "BitImageProcessor",
-    "image_std": [0.229, 0.224, 0.225],
-    "resample": 3,
-    "rescale_factor": 0.00392156862745098,
-    "size": {"shortest_edge": 256},
-}
-
-TINY_HIDDEN = 32
+TINY_HIDDEN = RANDOM_SIZES["tiny"][0]
 
 
-def save_tiny_dinov2(directory, registers=0, hidden_size=TINY_HIDDEN, layers=2, heads=2, seed=0):
-    """Save a random-weight DINOv2 (patch 14, image_size 518 like the real one) and the real processor config."""
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-    torch.manual_seed(seed)
-    common = dict(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
-                  intermediate_size=hidden_size * 4, patch_size=14, image_size=518)
-    if registers:
-        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **common))
-    else:
-        model = Dinov2Model(Dinov2Config(**common))
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    (directory / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREPROCESSOR, indent=2))
-    return directory
+def save_tiny_dinov2(directory, registers=0):
+    """A tiny random-weight DINOv2 (patch 14, image_size 518 like the real one) with the real
+    dinov2 preprocessor config, saved with save_pretrained: the real loading path, tiny sizes."""
+    return save_random_dinov2(directory, "tiny", registers=registers)
 
 
 @pytest.fixture(scope="session")

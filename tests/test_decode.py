@@ -135,3 +135,25 @@ def test_preprocess_then_normalise_equals_the_processor(tiny_model):
     assert normalised.dtype == torch.float32
     assert torch.allclose(normalised, expected, atol=1e-5)
     assert normalised.std() > 0.5  # a real image, not a constant
+
+
+@pytest.mark.parametrize("size", [(1024, 1024), (1024, 768), (481, 640), (8, 8), (1000, 200), (257, 1999)])
+def test_direct_resize_and_crop_equals_the_processor(tiny_model, size):
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tiny_model)
+    preprocess = Preprocess(processor)
+    assert preprocess.direct is not None  # the dinov2 config takes the direct path
+    image = Image.fromarray(RNG.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+    expected = processor(images=image, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(preprocess(image), expected)
+
+
+def test_direct_path_is_refused_when_it_disagrees(tiny_model, monkeypatch):
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tiny_model)
+    monkeypatch.setattr(Preprocess, "_resize_and_crop", lambda self, image: torch.zeros(3, 224, 224, dtype=torch.uint8))
+    preprocess = Preprocess(processor)
+    assert preprocess.direct is None
+    assert preprocess(Image.open(KNOWN_IMAGE).convert("RGB")).float().std() > 10  # the processor's own pixels

@@ -1,7 +1,12 @@
 """pyramid/paths.py: discovery, output mapping, clashes, temporaries, the to-do list."""
 
-from pyramid.paths import (find_clashes, find_images, images_to_do, is_temporary_name, output_path_for,
-                           scan_outputs, temporary_name)
+import os
+import subprocess
+import sys
+import time
+
+from pyramid.paths import (find_clashes, find_images, images_to_do, is_abandoned_temporary, is_temporary_name,
+                           output_path_for, scan_outputs, temporary_name, writer_tag)
 
 
 def touch(path):
@@ -45,3 +50,20 @@ def test_scan_outputs_and_images_to_do(tmp_path):
     assert [p.split("/")[-1] for p in temporaries] == [temporary_name(tmp_path / "c.pt", "h@1.1").name]
     assert images_to_do(["a.png", "c.png", "s/b.jpg", "s/d.png"], finished) == ["c.png", "s/d.png"]
     assert scan_outputs(tmp_path / "missing") == (set(), [])
+
+
+def test_abandoned_temporaries(tmp_path):
+    live = temporary_name(tmp_path / "a.pt", writer_tag())  # this process: alive
+    live.write_bytes(b"")
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip()
+    dead = temporary_name(tmp_path / "b.pt", writer_tag().split("@")[0] + f"@{dead_pid}.1")
+    dead.write_bytes(b"")
+    foreign = temporary_name(tmp_path / "c.pt", "other-node@1.1")
+    foreign.write_bytes(b"")
+    assert not is_abandoned_temporary(live)
+    assert is_abandoned_temporary(dead)
+    assert not is_abandoned_temporary(foreign)  # fresh, from another machine: maybe still being written
+    old = time.time() - 3600
+    os.utime(foreign, (old, old))
+    assert is_abandoned_temporary(foreign)

@@ -1,17 +1,14 @@
-"""pyramid/writer.py: atomic files, the failures record, abandoned temporaries, write errors."""
+"""pyramid/writer.py: atomic files, the failures record, write errors."""
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from pyramid.paths import scan_outputs, temporary_name
+from pyramid.paths import scan_outputs
 from pyramid.pool import build_pyramid
-from pyramid.writer import Writer, is_abandoned_temporary, record_failure, save_atomic, writer_tag
+from pyramid.writer import Writer, record_failure, save_atomic
 
 
 def test_save_atomic_leaves_only_the_final_file(tmp_path):
@@ -57,20 +54,3 @@ def test_record_failure_appends_json_lines(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert lines == [{"path": "a/b.png", "error": "OSError: truncated"},
                      {"path": "c d.jpg", "error": "ValueError: empty file"}]
-
-
-def test_abandoned_temporaries(tmp_path):
-    live = temporary_name(tmp_path / "a.pt", writer_tag())  # this process: alive
-    live.write_bytes(b"")
-    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True).stdout.strip()
-    dead = temporary_name(tmp_path / "b.pt", writer_tag().split("@")[0] + f"@{dead_pid}.1")
-    dead.write_bytes(b"")
-    foreign = temporary_name(tmp_path / "c.pt", "other-node@1.1")
-    foreign.write_bytes(b"")
-    assert not is_abandoned_temporary(live)
-    assert is_abandoned_temporary(dead)
-    assert not is_abandoned_temporary(foreign)  # fresh, from another machine: maybe still being written
-    old = time.time() - 3600
-    os.utime(foreign, (old, old))
-    assert is_abandoned_temporary(foreign)

@@ -1,0 +1,85 @@
+"""pyramid/dataset.py: PyramidDataset over a synthetic output tree, directly and through DataLoader workers."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from synthetic_trees import HIDDEN, LEVELS, make_pyramid, write_tree
+from torch.utils.data import DataLoader
+
+from pyramid import PyramidDataset
+
+# Written in this order (seed = index); read back sorted by POSIX path: "a-b" < "a/c" < "b" < "z".
+WRITTEN = ["z", "a/c", "b", "a-b", "A/x"]
+SORTED = ["A/x", "a-b", "a/c", "b", "z"]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = write_tree(tmp_path / "pyramids", WRITTEN)
+    (root / ".b.pt.tmp.99").write_bytes(b"partial")  # a writer's leftover: not an item
+    (root / "notes.txt").write_text("not a pyramid")
+    return root
+
+
+def expected_level(name, level):
+    return make_pyramid(WRITTEN.index(name))[level][0]  # (s*s, D)
+
+
+def test_length_order_names_and_values(tree):
+    dataset = PyramidDataset(tree)
+    assert len(dataset) == len(SORTED)
+    assert dataset.levels == LEVELS
+    for index, name in enumerate(SORTED):
+        item = dataset[index]
+        assert list(item) == ["name", *LEVELS]
+        assert item["name"] == name
+        for level in LEVELS:
+            side = int(level.split("x")[0])
+            assert item[level].shape == (side * side, HIDDEN) and item[level].dtype == torch.float32
+            assert torch.equal(item[level], expected_level(name, level))
+
+
+def test_only_the_levels_asked_for(tree):
+    item = PyramidDataset(tree, levels=["1x1", "8x8"])[SORTED.index("b")]
+    assert list(item) == ["name", "1x1", "8x8"]
+    assert torch.equal(item["8x8"], expected_level("b", "8x8"))
+
+
+def test_unknown_level_names_the_available_ones(tree):
+    with pytest.raises(ValueError, match=r"unknown level\(s\) \['32x32'\]; available: \['16x16', '8x8', '4x4', '2x2', '1x1'\]"):
+        PyramidDataset(tree, levels=["8x8", "32x32"])
+    with pytest.raises(TypeError, match="not a string"):
+        PyramidDataset(tree, levels="8x8")
+
+
+def test_levels_from_the_first_file_without_a_manifest(tmp_path):
+    root = write_tree(tmp_path / "pyramids", ["a", "b"], with_manifest=False)
+    assert PyramidDataset(root).levels == LEVELS
+    with pytest.raises(ValueError, match="available"):
+        PyramidDataset(root, levels=["3x3"])
+
+
+def test_missing_root_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        PyramidDataset(tmp_path / "nowhere")
+
+
+def test_dataloader_with_two_workers(tree):
+    loader = DataLoader(PyramidDataset(tree, levels=["4x4", "1x1"]), batch_size=2, num_workers=2)
+    batches = list(loader)
+    assert [name for batch in batches for name in batch["name"]] == SORTED
+    assert [batch["4x4"].shape for batch in batches] == [(2, 16, HIDDEN), (2, 16, HIDDEN), (1, 16, HIDDEN)]
+    assert all(set(batch) == {"name", "4x4", "1x1"} for batch in batches)
+    assert torch.equal(batches[1]["1x1"][1], expected_level("b", "1x1"))
+    assert torch.equal(batches[2]["4x4"][0], expected_level("z", "4x4"))
+
+
+def test_importing_the_package_does_not_load_torch():
+    # extract_distributed.py imports pyramid.exits and refuses bad arguments before torch loads.
+    code = "import sys, pyramid.exits; print('torch' in sys.modules); from pyramid import PyramidDataset"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
