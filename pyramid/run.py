@@ -124,6 +124,24 @@ class StopSignals:
         self.signum = signum
 
 
+def stop_with_launcher():
+    """Under a launcher (torchrun / accelerate launch), ask the kernel for SIGTERM when it dies.
+
+    torchrun starts each rank in a session of its own, so a launcher killed with SIGKILL would leave
+    its ranks running as orphans that clash with the next launch; with this they stop cleanly after
+    the batch in flight instead. Linux only; elsewhere a no-op.
+    """
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def log(message, progress=None):
     """One line to stderr, above the progress bar where there is one."""
     if progress is not None and progress.interactive:
@@ -143,6 +161,7 @@ def run(args):
     team = Team.from_state(state)
     try:
         with StopSignals() as signals:
+            stop_with_launcher()
             return _run(args, state, team, signals, started)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -219,7 +238,8 @@ def _run(args, state, team, signals, started):
         _publish_progress(team, tally, None)
         team.add("written", tally.written)
         team.add("failed", tally.failed)
-        gone = team.finish(on_wait=lambda: _update_bar(team, progress))
+        gone = team.finish(on_wait=lambda: _update_bar(team, progress),
+                           stopping=lambda: signals.signum is not None)
         if gone and team.is_main:
             log(f"warning: process(es) {gone} stopped answering; their share may be unfinished, "
                 f"rerun to complete it")

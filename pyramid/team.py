@@ -14,6 +14,10 @@ KEY_PREFIX = "pyramid/"
 HEARTBEAT_SECONDS = 1.0
 # A peer whose heartbeat has not moved for this long is taken for dead and not waited for.
 STALE_AFTER_SECONDS = 120.0
+# The same for a process that is stopping on SIGINT/SIGTERM: its launcher is tearing the team down
+# (torchrun SIGTERMs the survivors of a dead rank and SIGKILLs them 30 s later), so it waits only
+# for peers still beating, long enough to hear a few of their beats.
+STOPPING_STALE_AFTER_SECONDS = 5.0
 
 
 class Team:
@@ -99,12 +103,14 @@ class Team:
         except Exception:
             return False
 
-    def finish(self, on_wait=None, stale_after=STALE_AFTER_SECONDS, poll_seconds=0.5):
+    def finish(self, on_wait=None, stale_after=STALE_AFTER_SECONDS, poll_seconds=0.5, stopping=None,
+               stopping_stale_after=STOPPING_STALE_AFTER_SECONDS):
         """Say this process is done, then wait until every process is, calling `on_wait()` meanwhile.
 
         Waiting matters: a launcher that sees one process exit non-zero kills the rest, so nobody
         leaves early. Returns the ranks given up on (heartbeat stale for `stale_after` seconds, or
-        the store gone); an empty list when all finished.
+        the store gone); an empty list when all finished. Once `stopping()` is true (a signal came,
+        even during the wait), `stopping_stale_after` replaces `stale_after`.
         """
         try:
             self.add(f"finished/{self.rank}")
@@ -118,7 +124,8 @@ class Team:
                     beat = self.add(f"beat/{rank}", 0)
                     if last_beat.get(rank) != beat:
                         last_beat[rank], last_change[rank] = beat, now
-                stale = [r for r in waiting if now - last_change[r] >= stale_after]
+                limit = stopping_stale_after if stopping is not None and stopping() else stale_after
+                stale = [r for r in waiting if now - last_change[r] >= limit]
                 if stale:
                     return stale
                 if on_wait is not None:

@@ -1,5 +1,6 @@
 """Atomic .pt writes on a background thread, and the failures.jsonl record."""
 
+import io
 import json
 import os
 import queue
@@ -19,8 +20,14 @@ def save_atomic(obj, path):
     """
     path = Path(path)
     temporary = temporary_name(path, writer_tag())
+    buffer = io.BytesIO()
+    # Serialised in memory, then written by plain file I/O: a full disk (or any failing write) then
+    # raises OSError "No space left on device", where torch.save to a path reports only
+    # "[enforce fail at inline_container.cc] unexpected pos".
+    torch.save(obj, buffer)
     try:
-        torch.save(obj, temporary)
+        with open(temporary, "wb") as file:
+            file.write(buffer.getbuffer())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

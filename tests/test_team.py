@@ -44,3 +44,18 @@ def test_finish_gives_up_on_a_peer_whose_heartbeat_stopped():
     store = dist.HashStore()
     main = Team(0, 2, store)
     assert main.finish(stale_after=0.2, poll_seconds=0.01) == [1]
+
+
+def test_finish_stops_waiting_soon_for_a_silent_peer_once_a_signal_came():
+    store = dist.HashStore()
+    main = Team(0, 2, store)
+    signalled = threading.Event()
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(gone=main.finish(
+        stale_after=60, poll_seconds=0.01, stopping=signalled.is_set, stopping_stale_after=0.2)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # no signal yet: a silent peer is waited for up to stale_after
+    signalled.set()  # as SIGTERM from a launcher tearing the team down, arriving during the wait
+    waiter.join(5)
+    assert not waiter.is_alive() and result["gone"] == [1]

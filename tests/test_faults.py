@@ -1,0 +1,371 @@
+"""Faults through the real CLI: SIGKILL at random moments (1 and 2 processes, the whole launch or one
+rank), SIGINT/SIGTERM, and output directories that cannot take the files.
+
+Every interrupted run is compared with one uninterrupted run of the same images: the files that
+exist are complete and equal to it, and a rerun ends with exactly its files.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli, save_tiny_dinov2, write_images
+from pyramid.paths import is_temporary_name, temporary_name
+
+TWO_CPU_PROCESSES = REPO / "tests" / "accelerate_cpu_2proc.yaml"
+NUM_IMAGES = 40
+# torchrun SIGTERMs the survivors of a dead rank and SIGKILLs them 30 s later; a survivor that
+# exits on the SIGTERM ends the launch well before that.
+LAUNCH_TEARDOWN_SECONDS = 25
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_model):
+    """(input dir of NUM_IMAGES small images, output dir of one uninterrupted 1-process run)."""
+    root = tmp_path_factory.mktemp("faults")
+    write_images(root / "in", NUM_IMAGES, names=[f"{i % 3}/{i:05d}.png" for i in range(NUM_IMAGES)])
+    result = run_cli("--input_dir", root / "in", "--output_dir", root / "reference", "--model", tiny_model,
+                     "--num_workers", 1)
+    assert result.returncode == 0, result.stderr
+    return root / "in", root / "reference"
+
+
+def extractor_command(processes, *args):
+    script = [str(REPO / "extract_distributed.py"), *map(str, args)]
+    if processes == 1:
+        return [sys.executable, *script]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_CPU_PROCESSES), *script]
+
+
+def start(command, log_path):
+    """Start a run in a session of its own: os.killpg then reaches it and its decode workers, as Ctrl-C would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with open(log_path, "w") as log:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def outputs(directory):
+    return sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*.pt"))
+
+
+def temporaries(directory):
+    return sorted(p for p in Path(directory).rglob("*") if is_temporary_name(p.name))
+
+
+def wait_for_outputs(directory, count, process, timeout=180):
+    """Poll until `directory` holds `count` .pt files; False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while len(outputs(directory)) < count:
+        if process.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, f"no {count} files in {directory} after {timeout} s"
+        time.sleep(0.02)
+    return True
+
+
+def assert_complete_and_equal(directory, reference):
+    """Every .pt in `directory` loads and equals the reference run's file of the same name."""
+    for name in outputs(directory):
+        got = torch.load(Path(directory) / name, weights_only=True)
+        want = torch.load(Path(reference) / name, weights_only=True)
+        assert list(got) == list(want), name
+        for key in want:
+            assert torch.allclose(got[key], want[key], atol=1e-5), (name, key)
+
+
+def assert_verify_passes(output_dir, input_dir):
+    result = subprocess.run([sys.executable, "-m", "pyramid.verify", str(output_dir), "--input_dir", str(input_dir),
+                             "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 problems in all" in result.stdout
+
+
+def assert_finished_like_reference(output_dir, input_dir, reference):
+    assert outputs(output_dir) == outputs(reference) and len(outputs(reference)) == NUM_IMAGES
+    assert_complete_and_equal(output_dir, reference)
+    assert temporaries(output_dir) == []
+    assert_verify_passes(output_dir, input_dir)
+
+
+def children(pid):
+    """Pids of the live processes whose parent is `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def process_tree(pid):
+    """`pid` and all its descendants."""
+    tree = [pid]
+    for child in children(pid):
+        tree += process_tree(child)
+    return tree
+
+
+def kill_tree(pid):
+    """SIGKILL a run with all its processes at once, as a node failure or scancel would.
+
+    os.killpg is not enough under `accelerate launch`: torchrun starts each rank in a session of
+    its own, so its ranks would live on, orphaned, after their launcher.
+    """
+    tree = process_tree(pid)
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
+def alive(pid):
+    """True for a process that exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def rank_of(pid):
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    ranks = [entry[5:] for entry in environ if entry.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+@pytest.mark.parametrize("processes, kills", [(1, 3), (2, 2)])
+def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_model, corpus,
+                                                                          processes, kills):
+    input_dir, reference = corpus
+    out = tmp_path / "out"
+    command = extractor_command(processes, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                                "--batch_size", 1, "--num_workers", 2 - processes)
+    rng = random.Random(processes)
+    landed_mid_run = 0
+    for kill in range(kills):
+        before = len(outputs(out)) if out.exists() else 0
+        process = start(command, tmp_path / f"kill{kill}.log")
+        if wait_for_outputs(out, before + rng.randint(1, 4), process):
+            time.sleep(rng.uniform(0.0, 0.2))
+            killed = kill_tree(process.pid)
+            process.wait(timeout=60)
+            time.sleep(0.2)
+            assert not any(alive(pid) for pid in killed)
+        process.wait(timeout=60)
+        written = outputs(out)
+        landed_mid_run += len(written) < NUM_IMAGES
+        # Only complete files are visible: any torn write is a hidden temporary, never a .pt.
+        assert_complete_and_equal(out, reference)
+        assert all(p.name.startswith(".") and not p.name.endswith(".pt") for p in temporaries(out))
+    assert landed_mid_run, "every kill came after the run had finished; the test proved nothing"
+
+    # What a writer killed inside torch.save leaves, from the dead process: the rerun must clear it.
+    last = outputs(reference)[-1]
+    torn = temporary_name(out / last, f"{socket.gethostname()}@{process.pid}.1")
+    torn.parent.mkdir(parents=True, exist_ok=True)
+    torn.write_bytes((reference / last).read_bytes()[:1000])
+
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_finished_like_reference(out, input_dir, reference)
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_killing_one_rank_ends_the_launch_soon_and_a_rerun_completes(tmp_path, tiny_model, corpus, victim):
+    input_dir, reference = corpus
+    out = tmp_path / "out"
+    command = extractor_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                                "--batch_size", 1, "--num_workers", 0)
+    launcher = start(command, tmp_path / "launch.log")
+    try:
+        assert wait_for_outputs(out, 2, launcher), (tmp_path / "launch.log").read_text()
+        ranks = {rank_of(pid): pid for pid in children(launcher.pid)}
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[victim], signal.SIGKILL)
+        killed = time.monotonic()
+        launcher.wait(timeout=120)  # the bound that matters is asserted below; this one only ends a hang
+        ended_after = time.monotonic() - killed
+    finally:
+        if launcher.poll() is None:
+            kill_tree(launcher.pid)
+    log = (tmp_path / "launch.log").read_text()
+    assert launcher.returncode != 0, log
+    assert ended_after < LAUNCH_TEARDOWN_SECONDS, f"launch ended {ended_after:.0f} s after the kill\n{log}"
+    assert not alive(ranks[1 - victim]), "the surviving rank outlived its launcher"
+    assert len(outputs(out)) < NUM_IMAGES
+    assert_complete_and_equal(out, reference)
+
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_finished_like_reference(out, input_dir, reference)
+
+
+def test_sigint_and_sigterm_stop_after_the_files_in_flight(tmp_path, tiny_model, corpus):
+    input_dir, reference = corpus
+    out = tmp_path / "out"
+    command = extractor_command(1, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                                "--batch_size", 2, "--num_workers", 1)
+    # Ctrl-C reaches the whole process group, decode workers included; `kill PID` only the main process.
+    for signum, status, send in [(signal.SIGINT, 130, os.killpg), (signal.SIGTERM, 143, os.kill)]:
+        before = len(outputs(out)) if out.exists() else 0
+        process = start(command, tmp_path / f"{signum.name}.log")
+        assert wait_for_outputs(out, before + 2, process), (tmp_path / f"{signum.name}.log").read_text()
+        send(process.pid, signum)
+        sent = time.monotonic()
+        process.wait(timeout=60)
+        log = (tmp_path / f"{signum.name}.log").read_text()
+        assert process.returncode == status, log
+        assert time.monotonic() - sent < 20, log
+        assert "stopped before the end; rerun the same command to finish" in log and "Traceback" not in log
+        assert before + 2 <= len(outputs(out)) < NUM_IMAGES
+        assert_complete_and_equal(out, reference)
+        assert temporaries(out) == []  # a clean stop finishes or removes every write it began
+    stopped_with = len(outputs(out))
+
+    rerun = run_cli(*command[2:], env={"OMP_NUM_THREADS": "1"})
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{NUM_IMAGES - stopped_with} written, {stopped_with} skipped" in rerun.stderr
+    assert_finished_like_reference(out, input_dir, reference)
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_file_where_an_output_directory_should_be(tmp_path, tiny_model):
+    write_images(tmp_path / "in", 4, names=["a/b.png", "c.png", "d.png", "e/f.png"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a").write_text("a file, where the images of in/a/ need a directory\n")
+    result = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
+                     "--num_workers", 0)
+    assert result.returncode == 1, result.stderr
+    assert error_lines(result.stderr) == [f"error: cannot write {tmp_path / 'out' / 'a' / 'b.pt'}: "
+                                          f"[Errno 17] File exists: '{tmp_path / 'out' / 'a'}'"]
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "out" / "a").read_text().startswith("a file")
+    assert temporaries(tmp_path / "out") == []
+    for name in outputs(tmp_path / "out"):
+        assert set(torch.load(tmp_path / "out" / name, weights_only=True)) == {"16x16", "8x8", "4x4", "2x2", "1x1"}
+
+
+def immutable(path):
+    """chattr +i `path`; root ignores permission bits but not the immutable flag. False if unsupported."""
+    return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+
+
+def test_unwritable_output_directories(tmp_path, tiny_model):
+    write_images(tmp_path / "in", 3, names=["a.png", "sub/b.png", "sub/c.png"])
+    top, inner = tmp_path / "locked", tmp_path / "inner"
+    top.mkdir()
+    (inner / "sub").mkdir(parents=True)
+    if not immutable(top):
+        pytest.skip("chattr +i does not work here (not root, or the file system has no immutable flag)")
+    try:
+        assert immutable(inner / "sub")
+        refused = run_cli("--input_dir", tmp_path / "in", "--output_dir", top, "--model", tiny_model)
+        midway = run_cli("--input_dir", tmp_path / "in", "--output_dir", inner, "--model", tiny_model,
+                         "--num_workers", 0)
+    finally:
+        subprocess.run(["chattr", "-i", str(top), str(inner / "sub")])
+    # The output directory itself: refused before any work.
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines() == [f"error: --output_dir {top} is not writable"]
+    assert list(top.iterdir()) == []
+    # A directory inside it: one error naming the file, a non-zero exit, nothing half written.
+    assert midway.returncode == 1, midway.stderr
+    assert len(error_lines(midway.stderr)) == 1 and "sub/b.pt" in error_lines(midway.stderr)[0]
+    assert "Traceback" not in midway.stderr
+    assert list((inner / "sub").iterdir()) == [] and temporaries(inner) == []
+    assert outputs(inner) == ["a.pt"]
+
+
+def test_disk_full_gives_one_clear_error_and_no_partial_file(tmp_path, tiny_model, corpus):
+    input_dir, reference = corpus
+    small = tmp_path / "small"
+    small.mkdir()
+    # Room for about three files of ~46 kB: the fourth write fails.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({mounted.stderr.decode().strip()}); needs root")
+    try:
+        result = run_cli("--input_dir", input_dir, "--output_dir", small / "out", "--model", tiny_model,
+                         "--limit", 12, "--batch_size", 2, "--num_workers", 0)
+        written = outputs(small / "out")
+        assert_complete_and_equal(small / "out", reference)
+        left = temporaries(small / "out")
+        manifest = json.loads((small / "out" / "manifest.json").read_text())
+    finally:
+        subprocess.run(["umount", str(small)])
+    assert result.returncode == 1, result.stderr
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and errors[0].endswith("No space left on device"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert 1 <= len(written) < 12 and left == []
+    assert manifest["hidden_size"] == 32
+
+
+def test_another_model_is_refused_unless_overwrite(tmp_path, tiny_model, corpus):
+    input_dir, reference = corpus
+    other_model = save_tiny_dinov2(tmp_path / "other_model", seed=1)
+    args = ("--input_dir", input_dir, "--output_dir", tmp_path / "out", "--limit", 2, "--num_workers", 0)
+    assert run_cli(*args, "--model", tiny_model).returncode == 0
+    before = {name: (tmp_path / "out" / name).stat().st_mtime_ns for name in outputs(tmp_path / "out")}
+
+    refused = run_cli(*args, "--model", other_model)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines() == [line for line in refused.stderr.strip().splitlines()
+                                                   if line.startswith("error: ")]  # one clear line
+    assert f"model: '{tiny_model}' -> '{other_model}'" in refused.stderr and "--overwrite" in refused.stderr
+    assert {name: (tmp_path / "out" / name).stat().st_mtime_ns for name in outputs(tmp_path / "out")} == before
+
+    replaced = run_cli(*args, "--model", other_model, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["model"] == str(other_model)
+    name = outputs(tmp_path / "out")[0]
+    new = torch.load(tmp_path / "out" / name, weights_only=True)["16x16"]
+    old = torch.load(reference / name, weights_only=True)["16x16"]
+    assert not torch.allclose(new, old, atol=1e-3)  # the other model's features, not the first one's
+
+
+def test_killing_only_the_launcher_stops_its_ranks_cleanly(tmp_path, tiny_model, corpus):
+    input_dir, reference = corpus
+    out = tmp_path / "out"
+    command = extractor_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                                "--batch_size", 1, "--num_workers", 0)
+    launcher = start(command, tmp_path / "launch.log")
+    ranks = []
+    try:
+        assert wait_for_outputs(out, 2, launcher), (tmp_path / "launch.log").read_text()
+        ranks = children(launcher.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(launcher.pid, signal.SIGKILL)  # the launcher alone: its ranks live in sessions of their own
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in ranks), "ranks outlived their launcher by a minute"
+    finally:
+        for pid in [launcher.pid, *ranks]:
+            kill_tree(pid)
+    assert len(outputs(out)) < NUM_IMAGES
+    assert_complete_and_equal(out, reference)
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_finished_like_reference(out, input_dir, reference)
