@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DINOV2_PREPROCESSOR, REPO, write_images
+from conftest import REPO, write_images
+from pyramid.bench import DINOV2_PREPROCESSOR
 from pyramid import show
 
 D = 48
