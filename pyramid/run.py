@@ -36,14 +36,15 @@ class Plan:
 def default_num_workers(device):
     """Decode workers per process: the CPUs this process may use, shared among the node's processes.
 
-    On a GPU the cores are for decoding (one stays with the main process); on a CPU the model needs
-    them too, so decoding gets half.
+    On a GPU one core stays with the main process, which feeds the GPU. On a CPU the workers take
+    every core too: they sleep once their prefetched batches wait, so a heavy model gets the cores
+    back, and a light one is not starved of decoding.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if torch.device(device).type == "cuda":
         return max(1, min(16, per_process - 1))
-    return max(1, per_process // 2)
+    return per_process
 
 
 def default_batch_size(device):
