@@ -12,8 +12,8 @@ import torch
 
 from pyramid import exits
 from pyramid.decode import ImageDataset, Preprocess, collate, worker_init
-from pyramid.exits import UsageError
 from pyramid.encoder import Encoder, ModelError, load_model_info, resolve_dtype
+from pyramid.exits import UsageError
 from pyramid.manifest import build_manifest, manifest_differences, read_manifest, write_manifest
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_images, images_to_do, output_path_for,
                            remove_abandoned_temporaries, scan_outputs)
@@ -22,6 +22,7 @@ from pyramid.progress import Progress, format_duration
 from pyramid.shard import shard_for_rank
 from pyramid.team import Team
 from pyramid.writer import FAILURES_NAME, Writer, record_failure
+
 
 @dataclass
 class Plan:
@@ -51,13 +52,22 @@ def default_batch_size(device):
     return 64 if torch.device(device).type == "cuda" else 16
 
 
+def _recorded_path(line):
+    """The image path of a failures.jsonl line, or None for a blank or torn line."""
+    try:
+        return json.loads(line).get("path")
+    except (ValueError, AttributeError):
+        return None
+
+
 def prune_failures(output_dir, retried):
-    """Drop the failures.jsonl lines of images this run tries again; they are re-recorded if still broken."""
+    """Drop the failures.jsonl lines of images this run tries again (they are recorded again if still
+    broken), and any torn line a killed writer left."""
     path = Path(output_dir) / FAILURES_NAME
     if not path.exists():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("path") not in retried]
+            if (recorded := _recorded_path(line)) is not None and recorded not in retried]
     if kept:
         path.write_text("\n".join(kept) + "\n", encoding="utf-8")
     else:
