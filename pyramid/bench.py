@@ -85,12 +85,9 @@ def write_synthetic_faces(directory, count, side=1024, seed=0):
 
 def measure_decode(input_dir, names, preprocess, batch_size, num_workers):
     """Images/s of reading + preprocessing alone, through the run's own Dataset and DataLoader."""
-    from pyramid.decode import ImageDataset, collate, worker_init
+    from pyramid.decode import image_loader
 
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(input_dir, names, preprocess), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=collate, worker_init_fn=worker_init if num_workers else None,
-        prefetch_factor=4 if num_workers else None)
+    loader = image_loader(input_dir, names, preprocess, batch_size, num_workers)
     started = time.perf_counter()
     count = sum(len(indices) for indices, _, _ in loader)
     return count / (time.perf_counter() - started)

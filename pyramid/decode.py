@@ -193,3 +193,14 @@ def worker_init(_worker_id):
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def image_loader(input_dir, relative_paths, preprocess, batch_size, num_workers, pin_memory=False):
+    """The DataLoader of the run: decoding in `num_workers` processes, batches as `collate` makes them.
+
+    Each worker keeps up to two batches ready (torch's default prefetch): enough to hide the jitter of
+    decoding, and the memory held stays a fixed few batches however many images there are.
+    """
+    return torch.utils.data.DataLoader(
+        ImageDataset(input_dir, relative_paths, preprocess), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=collate, worker_init_fn=worker_init if num_workers else None, pin_memory=pin_memory)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pyramid import exits
-from pyramid.decode import ImageDataset, Preprocess, collate, worker_init
+from pyramid.decode import Preprocess, image_loader
 from pyramid.encoder import Encoder, ModelError, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
 from pyramid.manifest import build_manifest, manifest_differences, read_manifest, write_manifest
@@ -315,10 +315,8 @@ def _update_bar(team, progress):
 def _encode_share(input_dir, output_dir, share, preprocess, encoder, tally, team, signals, progress,
                   batch_size, num_workers):
     """Decode, encode and pool every image of this process's share, handing the pyramids to the writer."""
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(input_dir, share, preprocess), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=collate, worker_init_fn=worker_init if num_workers else None,
-        pin_memory=encoder.device.type == "cuda", prefetch_factor=4 if num_workers else None)
+    loader = image_loader(input_dir, share, preprocess, batch_size, num_workers,
+                          pin_memory=encoder.device.type == "cuda")
     grid_size = encoder.info.grid_size
     for indices, pixels, failures in loader:
         for index, message in failures:
