@@ -22,10 +22,10 @@ KNOWN_IMAGE = DATA / "astronaut.png"
 TINY_HIDDEN = RANDOM_SIZES["tiny"][0]
 
 
-def save_tiny_dinov2(directory, registers=0):
+def save_tiny_dinov2(directory, registers=0, seed=0):
     """A tiny random-weight DINOv2 (patch 14, image_size 518 like the real one) with the real
     dinov2 preprocessor config, saved with save_pretrained: the real loading path, tiny sizes."""
-    return save_random_dinov2(directory, "tiny", registers=registers)
+    return save_random_dinov2(directory, "tiny", registers=registers, seed=seed)
 
 
 @pytest.fixture(scope="session")
