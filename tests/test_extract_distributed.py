@@ -42,6 +42,8 @@ def test_resume_writes_only_what_is_missing(tmp_path, tiny_model):
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
     assert summary_line(first.stderr).startswith("done: 6 written, 0 skipped")
+    # Output to a file or pipe (a log): plain progress lines, never carriage-return bar updates.
+    assert "\r" not in first.stderr and "progress: 6/6 images (100%)" in first.stderr
     assert outputs(tmp_path / "out") == [f"{i:05d}.pt" for i in range(6)]
     before = mtimes(tmp_path / "out")
 

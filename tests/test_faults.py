@@ -90,6 +90,14 @@ def assert_verify_passes(output_dir, input_dir):
     assert "0 problems in all" in result.stdout
 
 
+def rerun_finishes_like_reference(command, output_dir, input_dir, reference):
+    """Run `command` again: it must exit 0 and leave the tree an uninterrupted run leaves."""
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_finished_like_reference(output_dir, input_dir, reference)
+
+
 def assert_finished_like_reference(output_dir, input_dir, reference):
     assert outputs(output_dir) == outputs(reference) and len(outputs(reference)) == NUM_IMAGES
     assert_complete_and_equal(output_dir, reference)
@@ -179,10 +187,7 @@ def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(tmp_p
     torn.parent.mkdir(parents=True, exist_ok=True)
     torn.write_bytes((reference / last).read_bytes()[:1000])
 
-    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert_finished_like_reference(out, input_dir, reference)
+    rerun_finishes_like_reference(command, out, input_dir, reference)
 
 
 @pytest.mark.parametrize("victim", [0, 1])
@@ -210,10 +215,7 @@ def test_killing_one_rank_ends_the_launch_soon_and_a_rerun_completes(tmp_path, t
     assert len(outputs(out)) < NUM_IMAGES
     assert_complete_and_equal(out, reference)
 
-    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert_finished_like_reference(out, input_dir, reference)
+    rerun_finishes_like_reference(command, out, input_dir, reference)
 
 
 def test_sigint_and_sigterm_stop_after_the_files_in_flight(tmp_path, tiny_model, corpus):
@@ -365,7 +367,4 @@ def test_killing_only_the_launcher_stops_its_ranks_cleanly(tmp_path, tiny_model,
             kill_tree(pid)
     assert len(outputs(out)) < NUM_IMAGES
     assert_complete_and_equal(out, reference)
-    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert_finished_like_reference(out, input_dir, reference)
+    rerun_finishes_like_reference(command, out, input_dir, reference)
