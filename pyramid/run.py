@@ -32,6 +32,8 @@ class Plan:
     found: int = 0
     skipped: int = 0
     error: str | None = None
+    model_info: object = None  # ModelInfo, read once (the weights digest reads every weight file)
+    processor: object = None  # the model's image processor
 
 
 def default_num_workers(device):
@@ -110,7 +112,7 @@ def plan_run(args, info, dtype):
     todo = list(images) if args.overwrite else images_to_do(images, finished)
     prune_failures(output_dir, set(todo))
     write_manifest(output_dir, manifest)
-    return Plan(todo=todo, found=len(images), skipped=len(images) - len(todo))
+    return Plan(todo=todo, found=len(images), skipped=len(images) - len(todo), model_info=info)
 
 
 class StopSignals:
@@ -202,11 +204,11 @@ def _run(args, state, team, signals, started):
     device = state.device
     dtype = resolve_dtype(args.dtype, device)
     plan = Plan()
-    info = processor = None
     if team.is_main:
         try:
             info, processor = load_model_info(args.model)
             plan = plan_run(args, info, dtype)
+            plan.processor = processor
         except (UsageError, ModelError) as error:
             plan = Plan(error=str(error))
     plan = team.share("plan", plan)
@@ -229,10 +231,8 @@ def _run(args, state, team, signals, started):
     team.start_heartbeat(on_beat=lambda: _publish_progress(team, tally, progress))
     try:
         if share:
-            if info is None:
-                info, processor = load_model_info(args.model)
-            preprocess = Preprocess(processor)
-            encoder = Encoder(info, preprocess.normaliser(device), device, dtype)
+            preprocess = Preprocess(plan.processor)
+            encoder = Encoder(plan.model_info, preprocess.normaliser(device), device, dtype)
             tally.writer = Writer(args.output_dir)
             tally.encoding_started = time.monotonic()
             _encode_share(args.input_dir, args.output_dir, share, preprocess, encoder, tally, team, signals,
