@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pyramid.decode import load_rgb
-from pyramid.paths import IMAGE_SUFFIXES
+from pyramid.paths import IMAGE_SUFFIXES, scan_outputs
 
 # The dinov2 image processor's defaults (every DINOv2 on the hub ships them): resize the shortest
 # edge to 256 bicubic, centre crop 224. The image column shows exactly that crop.
@@ -99,8 +99,9 @@ def finest_tokens(pyramid):
 
 
 def find_pyramids(root):
-    """Every .pt file under a directory, sorted by relative path."""
-    return sorted(root.rglob("*.pt"), key=lambda p: p.relative_to(root).as_posix())
+    """Every finished .pt file under a directory (no temporaries), sorted by relative path."""
+    finished, _ = scan_outputs(root)
+    return [root / relative for relative in sorted(finished)]
 
 
 def spread_sample(paths, count):
