@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from pyramid import exits
-from pyramid.exits import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "tests" / "data" / "astronaut.png"

@@ -29,6 +29,14 @@ def level_key(size):
     return f"{size}x{size}"
 
 
+def level_side(key):
+    """The grid side of a level key: '16x16' -> 16; None for anything that is not '{s}x{s}', s >= 1."""
+    if not isinstance(key, str):
+        return None
+    rows, _, cols = key.partition("x")
+    return int(rows) if rows.isdigit() and rows == cols and int(rows) > 0 else None
+
+
 def average_2x2(patches, size):
     """Mean of each 2x2 block of a row-major grid of patch vectors.
 

@@ -11,7 +11,6 @@ coarse cell's colour (before clipping) is the mean of the four finer cells it wa
 """
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -21,12 +20,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pyramid.decode import load_rgb
 from pyramid.paths import IMAGE_SUFFIXES, scan_outputs
+from pyramid.pool import level_side
 
 # The dinov2 image processor's defaults (every DINOv2 on the hub ships them): resize the shortest
 # edge to 256 bicubic, centre crop 224. The image column shows exactly that crop.
 RESIZE_SHORTEST_EDGE = 256
 CROP_SIZE = 224
-LEVEL_KEY = re.compile(r"^(\d+)x(\d+)$")
 
 # Layout of the picture: a label strip above every cell, a gap around every cell.
 LABEL_HEIGHT = 14
@@ -54,14 +53,6 @@ def first_line(error):
     """An exception as one line: torch's unpickling errors run to several paragraphs."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
-
-
-def level_side(key):
-    """The grid side of a level key: '16x16' -> 16; None for anything else."""
-    match = LEVEL_KEY.match(key) if isinstance(key, str) else None
-    if match is None or match.group(1) != match.group(2):
-        return None
-    return int(match.group(1))
 
 
 def levels_finest_first(pyramid):

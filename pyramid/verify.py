@@ -15,19 +15,13 @@ from pyramid import exits
 from pyramid.exits import UsageError
 from pyramid.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from pyramid.paths import find_images, output_path_for, scan_outputs
-from pyramid.pool import level_key, pyramid_sizes
+from pyramid.pool import level_key, level_side, pyramid_sizes
 from pyramid.writer import FAILURES_NAME
 
 # A coarser level must equal the 2x2 mean of the finer one to within float32 rounding of a 4-term sum:
 # |error| <= ATOL + RTOL * mean(|finer block|). Orders of magnitude above rounding, far below a wrong level.
 ATOL, RTOL = 1e-5, 1e-4
 PROBLEMS_FOUND = 1  # the exit status when the tree is not as the contract says
-
-
-def level_side(level):
-    """8 for "8x8"; None for a name that is not "{s}x{s}"."""
-    rows, _, cols = level.partition("x")
-    return int(rows) if rows.isdigit() and rows == cols and int(rows) > 0 else None
 
 
 def pool_2x2(level, side):
@@ -125,7 +119,7 @@ def layout_of(pyramid):
     """(levels finest first, hidden size) that a loaded pyramid claims; used when there is no manifest."""
     if not isinstance(pyramid, dict):
         return [], None
-    levels = sorted((key for key in pyramid if isinstance(key, str) and level_side(key)),
+    levels = sorted((key for key in pyramid if level_side(key)),
                     key=level_side, reverse=True)
     first = pyramid.get(levels[0]) if levels else None
     hidden_size = first.shape[-1] if isinstance(first, torch.Tensor) and first.dim() > 0 else None

@@ -2,7 +2,8 @@
 
 import torch
 
-from pyramid.pool import average_2x2, build_pyramid, pyramid_sizes, split_pyramids, strip_special_tokens
+from pyramid.pool import (average_2x2, build_pyramid, level_side, pyramid_sizes, split_pyramids,
+                          strip_special_tokens)
 
 
 def reference_average_2x2(patches, size):
@@ -67,3 +68,8 @@ def test_split_pyramids_owns_its_storage():
             assert value.dtype == torch.float32 and value.is_contiguous()
             assert value.untyped_storage().nbytes() == value.numel() * 4  # not a view of the batch
             assert torch.equal(value[0], levels[key][i])
+
+
+def test_level_side():
+    assert level_side("16x16") == 16 and level_side("1x1") == 1
+    assert [level_side(key) for key in ("16x8", "x", "0x0", "ax a", "16", 16, None)] == [None] * 7
