@@ -79,6 +79,16 @@ def shortest_edge_size(width, height, shortest_edge):
     return int(shortest_edge * width / height), shortest_edge
 
 
+def resize_and_crop(image, shortest_edge, crop_height, crop_width, resample=Image.Resampling.BICUBIC):
+    """The Pillow image the dinov2 processor resizes and crops to: shortest edge to `shortest_edge`
+    (long edge truncated), then the centre `crop_width` x `crop_height`, offsets rounded down."""
+    size = shortest_edge_size(*image.size, shortest_edge)
+    if size != image.size:
+        image = image.resize(size, resample=resample)
+    left, top = (size[0] - crop_width) // 2, (size[1] - crop_height) // 2
+    return image.crop((left, top, left + crop_width, top + crop_height))
+
+
 class Preprocess:
     """The model's own image processor up to (not including) rescale and normalise.
 
@@ -116,12 +126,7 @@ class Preprocess:
         return size.shortest_edge, crop.height, crop.width, processor.resample
 
     def _resize_and_crop(self, image):
-        shortest_edge, crop_height, crop_width, resample = self.direct
-        size = shortest_edge_size(*image.size, shortest_edge)
-        if size != image.size:
-            image = image.resize(size, resample=resample)
-        left, top = (size[0] - crop_width) // 2, (size[1] - crop_height) // 2
-        image = image.crop((left, top, left + crop_width, top + crop_height))
+        image = resize_and_crop(image, *self.direct)
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
     def _direct_agrees(self):

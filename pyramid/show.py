@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pyramid.decode import load_rgb
+from pyramid.decode import load_rgb, resize_and_crop
 from pyramid.paths import IMAGE_SUFFIXES, scan_outputs
 from pyramid.pool import level_side
 
@@ -166,13 +166,7 @@ def model_view(path, resize=RESIZE_SHORTEST_EDGE, crop=CROP_SIZE):
         image = load_rgb(path)  # the extractor's own input rules
     except Exception as error:
         raise ShowError(f"{path}: not a readable image ({first_line(error)})") from None
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    long = int(resize * long / short)
-    size = (resize, long) if width <= height else (long, resize)
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
-    return image.crop((left, top, left + crop, top + crop))
+    return resize_and_crop(image, resize, crop, crop)
 
 
 def matching_image(image_root, relative):
