@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
 from pyramid.decode import shortest_edge_size  # the processor's rule: --resolution 256 is then lossless for DINOv2
 from pyramid.paths import (IMAGE_SUFFIXES, is_temporary_name, remove_abandoned_temporaries, temporary_name,
                            writer_tag)
+from pyramid.progress import Progress, log
 
 # Public parquet mirrors in the hub's image-dataset layout (an `image` column of {bytes, path}).
 DATASETS = {
@@ -377,15 +377,16 @@ def main(args) -> int:
 
         counts = {"written": 0, "skipped": 0, "failed": 0}
         found = 0
-        bar = tqdm(total=args.num_images, unit="img", desc="prepare", file=sys.stderr)
+        # A bar on a terminal, plain lines in a log (SLURM, nohup), as for the extractor.
+        progress = Progress(args.num_images)
 
         def settle(entry: Entry, error: str | None) -> None:
             if error is None:
                 counts["written"] += 1
             else:
                 counts["failed"] += 1
-                tqdm.write(f"failed: {entry.label}: {error}", file=sys.stderr)
-            bar.update()
+                log(f"failed: {entry.label}: {error}", progress)
+            progress.update(sum(counts.values()))
 
         # Bytes are read here, in order (zip and parquet readers are not shared across threads);
         # decoding and PNG encoding, the slow part, run in the pool.
@@ -395,7 +396,7 @@ def main(args) -> int:
                 found += 1
                 if (output_dir / entry.name).exists():
                     counts["skipped"] += 1
-                    bar.update()
+                    progress.update(sum(counts.values()))
                     continue
                 pending.append((entry, pool.submit(prepare_entry, entry, output_dir, args.resolution)))
                 while len(pending) > 2 * args.num_workers:
@@ -403,7 +404,7 @@ def main(args) -> int:
                     settle(done, future.result())
             for entry, future in pending:
                 settle(entry, future.result())
-        bar.close()
+        progress.close()
     except PrepareError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

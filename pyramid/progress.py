@@ -60,3 +60,13 @@ class Progress:
     def close(self):
         if self._bar is not None:
             self._bar.close()
+
+
+def log(message, progress=None):
+    """One line to stderr, above the progress bar where there is one."""
+    if progress is not None and progress.interactive:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)

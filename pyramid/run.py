@@ -18,7 +18,7 @@ from pyramid.manifest import build_manifest, manifest_differences, read_manifest
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_images, images_to_do, output_path_for,
                            remove_abandoned_temporaries, scan_outputs)
 from pyramid.pool import build_pyramid, level_key, pyramid_sizes
-from pyramid.progress import Progress, format_duration
+from pyramid.progress import Progress, format_duration, log
 from pyramid.shard import shard_for_rank
 from pyramid.team import Team
 from pyramid.writer import FAILURES_NAME, Writer, record_failure
@@ -153,16 +153,6 @@ def stop_with_launcher():
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     if os.getppid() != parent:  # the launcher died before the request was in place
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def log(message, progress=None):
-    """One line to stderr, above the progress bar where there is one."""
-    if progress is not None and progress.interactive:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-    else:
-        print(message, file=sys.stderr, flush=True)
 
 
 def run(args):
