@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from pyramid import exits
 from pyramid.exits import UsageError
 from pyramid.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from pyramid.paths import find_images, output_path_for, scan_outputs
 from pyramid.pool import level_key, level_side, pyramid_sizes
+from pyramid.progress import Progress
 from pyramid.writer import FAILURES_NAME
 
 # A coarser level must equal the 2x2 mean of the finer one to within float32 rounding of a 4-term sum:
@@ -214,13 +214,15 @@ def main(args):
     layouts = {}  # relative path -> (levels, hidden size) the file claims
     with ThreadPoolExecutor(args.workers) as pool:
         results = pool.map(check, files)
-        for relative, (file_problems, layout) in tqdm(zip(files, results), total=len(files), desc="verify",
-                                                      unit="file", file=sys.stderr, disable=None):
+        progress = Progress(len(files), desc="files")  # a bar on a terminal, plain lines in a log
+        for done, (relative, (file_problems, layout)) in enumerate(zip(files, results), start=1):
+            progress.update(done)
             problems += [(output_dir / relative, problem) for problem in file_problems]
             if file_problems:
                 bad_files.add(relative)
             if layout is not None and layout[0]:
                 layouts[relative] = (tuple(layout[0]), layout[1])
+        progress.close()
     if levels is None and layouts:
         # Without a manifest, the layout most files share stands in for it.
         (common, _), = Counter(layouts.values()).most_common(1)
