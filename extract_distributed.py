@@ -4,30 +4,30 @@
     accelerate launch extract_distributed.py [options]       # one process per GPU
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 from pyramid import exits
+from pyramid.cli import argument_parser
 from pyramid.exits import UsageError
 
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argument_parser("python extract_distributed.py", __doc__)
     parser.add_argument("--input_dir", default="data/raw_images",
                         help="searched recursively for .png .jpg .jpeg .webp .bmp (any letter case)")
     parser.add_argument("--output_dir", default="data/feature_pyramids",
                         help="one .pt per image, at the image's relative path with the suffix .pt")
     parser.add_argument("--model", default="facebook/dinov2-base",
                         help="hub id or save_pretrained directory of a DINOv2 (with or without registers)")
-    parser.add_argument("--batch_size", type=int, default=None, help="images per forward pass [64 on GPU, 16 on CPU]")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="images per forward pass, per process (default: 64 on GPU, 16 on CPU)")
     parser.add_argument("--num_workers", type=int, default=None,
-                        help="decode workers per process [the cores this process may use, less one on GPU, "
-                             "half on CPU]")
+                        help="decode workers per process (default: the cores this process may use, shared among "
+                             "the node's processes; on GPU one less, at most 16)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images in sorted order")
     parser.add_argument("--dtype", default="auto",
                         help="the dtype the model computes in: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, "

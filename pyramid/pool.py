@@ -1,7 +1,5 @@
 """Strip the CLS and register tokens and build the 2x2-averaged feature pyramid."""
 
-import torch
-
 
 def strip_special_tokens(hidden_states, num_register_tokens=0):
     """Return the patch tokens of a DINOv2 `last_hidden_state`.
@@ -69,5 +67,5 @@ def split_pyramids(levels):
     Each tensor is cloned so a saved file holds only its own storage, not the whole batch.
     """
     batch = next(iter(levels.values())).shape[0]
-    return [{key: value[i:i + 1].to(torch.float32).clone().contiguous() for key, value in levels.items()}
+    return [{key: value[i:i + 1].float().clone().contiguous() for key, value in levels.items()}
             for i in range(batch)]

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 from PIL import Image, ImageOps
 
-from pyramid.decode import shortest_edge_size  # the processor's rule: --resolution 256 is then lossless for DINOv2
+from pyramid.cli import argument_parser, command_name
 from pyramid.paths import (IMAGE_SUFFIXES, is_temporary_name, remove_abandoned_temporaries, temporary_name,
                            writer_tag)
 from pyramid.progress import Progress, log
@@ -284,6 +284,10 @@ def to_png(data: bytes | None, resolution: int | None) -> bytes:
     if image.mode not in PNG_MODES:
         image = image.convert("RGB")
     if resolution is not None:
+        # The processor's rule, so --resolution 256 is lossless for DINOv2; imported here, not at the
+        # top, because pyramid.decode loads torch and --help should not wait for it.
+        from pyramid.decode import shortest_edge_size
+
         if image.mode in ("1", "P"):
             # Bicubic needs real channels: a palette or 1-bit image is expanded first.
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -334,22 +338,22 @@ def prepare_entry(entry: Entry, output_dir: Path, resolution: int | None) -> str
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pyramid.prepare",
-        description="Put an FFHQ or CelebA-HQ subset into a folder as lossless PNGs, ready for extract_distributed.py.")
+    parser = argument_parser(
+        command_name("pyramid.prepare"),
+        "Put an FFHQ or CelebA-HQ subset into a folder as lossless PNGs, ready for extract_distributed.py.")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="ffhq",
                         help="picks the default hub source: " + ", ".join(f"{k} = {v}" for k, v in DATASETS.items()))
     parser.add_argument("--source", nargs="+", default=None,
                         help="overrides --dataset: a hub dataset id, a folder of images, a .zip of images, "
                              "or .parquet file(s) in the hub's image layout")
-    parser.add_argument("--num_images", type=int, default=10000, help="how many images to keep [10000]")
+    parser.add_argument("--num_images", type=int, default=10000, help="how many images to keep")
     parser.add_argument("--seed", type=int, default=None,
                         help="take a seeded random subset instead of the first N in source order")
     parser.add_argument("--resolution", type=int, default=None,
-                        help="resize so the shortest edge is this many pixels (bicubic) [keep the source's]")
-    parser.add_argument("--output_dir", default="data/raw_images", help="[data/raw_images]")
+                        help="resize so the shortest edge is this many pixels, bicubic (default: keep the source's)")
+    parser.add_argument("--output_dir", default="data/raw_images", help="where the PNGs and prepare.json go")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="threads that decode and encode images [min(8, CPUs)]")
+                        help="threads that decode and encode images (default: %(default)s = min(8, CPUs))")
     return parser
 
 

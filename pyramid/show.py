@@ -10,17 +10,17 @@ level, so a colour means the same thing in every cell of the picture. Projection
 coarse cell's colour (before clipping) is the mean of the four finer cells it was pooled from.
 """
 
-import argparse
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pyramid.decode import load_rgb, resize_and_crop
+from pyramid.cli import LazyModule, argument_parser, command_name
 from pyramid.paths import IMAGE_SUFFIXES, scan_outputs
 from pyramid.pool import level_side
+
+torch = LazyModule("torch")  # loaded with the first pyramid, so --help and bad arguments answer at once
 
 # The dinov2 image processor's defaults (every DINOv2 on the hub ships them): resize the shortest
 # edge to 256 bicubic, centre crop 224. The image column shows exactly that crop.
@@ -40,10 +40,10 @@ class ShowError(ValueError):
 
 class PcaColours(NamedTuple):
     """A 3-component PCA basis and the fixed scale that maps its coordinates to [0, 1]."""
-    mean: torch.Tensor        # (D,)
-    components: torch.Tensor  # (D, 3)
-    low: torch.Tensor         # (3,) 1st percentile of the fitting data's coordinates
-    high: torch.Tensor        # (3,) 99th percentile
+    mean: "torch.Tensor"        # (D,)
+    components: "torch.Tensor"  # (D, 3)
+    low: "torch.Tensor"         # (3,) 1st percentile of the fitting data's coordinates
+    high: "torch.Tensor"        # (3,) 99th percentile
 
 
 # ----------------------------------------------------------------------------- pyramids
@@ -162,6 +162,8 @@ def level_picture(tokens, pca, cell):
 def model_view(path, resize=RESIZE_SHORTEST_EDGE, crop=CROP_SIZE):
     """The image as the model saw it: EXIF orientation applied, RGB, shortest edge resized to
     `resize` (bicubic), centre crop `crop` x `crop`; the same arithmetic as the dinov2 processor."""
+    from pyramid.decode import load_rgb, resize_and_crop  # loads torch: imported for the work, not for --help
+
     try:
         image = load_rgb(path)  # the extractor's own input rules
     except Exception as error:
@@ -226,23 +228,22 @@ def draw_rows(rows, pca, cell):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
-        description="Draw a feature pyramid as PCA->RGB maps, every level beside the source image.")
+    parser = argument_parser(command_name("pyramid.show"), __doc__)
     parser.add_argument("pyramid", type=Path,
                         help="a .pt pyramid file, or a directory of them (draws --grid files, one row each)")
     parser.add_argument("--image", type=Path,
                         help="the source image; for a directory, the image directory: each row's image is the "
                              "file with the same relative name and any image suffix")
     parser.add_argument("-o", "--output", type=Path,
-                        help="the PNG to write [next to the input: the input with a .png suffix]")
+                        help="the PNG to write (default: the input with the suffix .png, beside it)")
     parser.add_argument("--grid", type=int,
-                        help="with a directory: draw its first N files in sorted order, one row each [8]")
+                        help="with a directory: draw its first N files in sorted order, one row each (default: 8)")
     parser.add_argument("--pca_from", type=Path,
                         help="fit the PCA on the finest level of files from this directory (or file), so "
-                             "pictures of different runs use the same colours [the files drawn]")
+                             "pictures of different runs use the same colours (default: the files drawn)")
     parser.add_argument("--pca_files", type=int, default=64,
-                        help="how many files of --pca_from to fit on, evenly spread over the sorted tree [64]")
-    parser.add_argument("--cell", type=int, default=CROP_SIZE, help="side of each drawn cell in pixels [224]")
+                        help="how many files of --pca_from to fit on, evenly spread over the sorted tree")
+    parser.add_argument("--cell", type=int, default=CROP_SIZE, help="side of each drawn cell in pixels")
     return parser
 
 

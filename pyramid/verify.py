@@ -1,6 +1,5 @@
 """Check a finished output tree: every file loads, matches manifest.json, is finite and pools consistently."""
 
-import argparse
 import json
 import os
 import sys
@@ -8,15 +7,16 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 from pyramid import exits
+from pyramid.cli import LazyModule, argument_parser, command_name
 from pyramid.exits import UsageError
 from pyramid.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from pyramid.paths import find_images, output_path_for, scan_outputs
 from pyramid.pool import level_key, level_side, pyramid_sizes
 from pyramid.progress import Progress
 from pyramid.writer import FAILURES_NAME
+
+torch = LazyModule("torch")  # loaded by the first check, so --help and bad arguments answer at once
 
 # A coarser level must equal the 2x2 mean of the finer one to within float32 rounding of a 4-term sum:
 # |error| <= ATOL + RTOL * mean(|finer block|). Orders of magnitude above rounding, far below a wrong level.
@@ -159,12 +159,12 @@ def read_failures(output_dir):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Check a finished output tree of feature pyramids.")
+    parser = argument_parser(command_name("pyramid.verify"), __doc__)
     parser.add_argument("output_dir", type=Path, help="the extractor's --output_dir")
     parser.add_argument("--input_dir", type=Path, default=None,
                         help="the images it was made from: lists images without a file and files without an image")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="threads that load files (default: min(8, CPU count))")
+                        help="threads that load files (default: %(default)s = min(8, CPUs))")
     return parser
 
 

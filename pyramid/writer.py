@@ -7,8 +7,6 @@ import queue
 import threading
 from pathlib import Path
 
-import torch
-
 from pyramid.paths import temporary_name, writer_tag
 from pyramid.pool import split_pyramids
 
@@ -18,6 +16,8 @@ def save_atomic(obj, path):
 
     A path that exists is therefore complete; on any error the temporary is removed.
     """
+    import torch  # here, not at the top: verify reads FAILURES_NAME from this module and starts without torch
+
     path = Path(path)
     temporary = temporary_name(path, writer_tag())
     buffer = io.BytesIO()

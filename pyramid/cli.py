@@ -1,0 +1,84 @@
+"""What every tool's command line shares: the help layout, the name a user types, the console commands."""
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+# Console command -> the module it runs; pyproject.toml's [project.scripts] points each at a function below.
+COMMANDS = {
+    "pyramid-prepare": "pyramid.prepare",
+    "pyramid-verify": "pyramid.verify",
+    "pyramid-show": "pyramid.show",
+    "pyramid-bench": "pyramid.bench",
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's real default after its help, and the description as written (its example lines kept).
+
+    A default of None or a flag's False says nothing, so none is shown: options whose default depends
+    on the machine say in their help what it is.
+    """
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def command_name(module):
+    """The command that runs `module` as the user typed it: its console command, else `python -m module`."""
+    typed = Path(sys.argv[0]).stem
+    if COMMANDS.get(typed) == module:
+        return typed
+    return f"python -m {module}"
+
+
+def argument_parser(prog, description):
+    """An ArgumentParser with the shared help layout: `prog` is what the user types."""
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+
+
+def run_tool(module):
+    """Parse the command line with the tool's own parser and exit with what its main() returns.
+
+    The tool module is imported here, so a console command is as fast to answer --help as `python -m`.
+    """
+    tool = importlib.import_module(module)
+    sys.exit(tool.main(tool.get_args_parser().parse_args()))
+
+
+def prepare():
+    run_tool("pyramid.prepare")
+
+
+def verify():
+    run_tool("pyramid.verify")
+
+
+def show():
+    run_tool("pyramid.show")
+
+
+def bench():
+    run_tool("pyramid.bench")
+
+
+class LazyModule:
+    """A module imported on its first attribute access: `torch = LazyModule("torch")` at the top of a tool
+    lets its --help and argument checks answer in a fraction of a second, and torch load only for work.
+
+    Each attribute is looked up once and then kept, so a hot loop pays no more than a plain module.
+    """
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attribute):
+        value = getattr(importlib.import_module(self._name), attribute)
+        setattr(self, attribute, value)
+        return value
+
+    def __repr__(self):
+        return f"<module {self._name!r}, imported on first use>"
