@@ -18,6 +18,7 @@ Module map, one stage a module:
     dataset.py   PyramidDataset, the reader for the training phase
     show.py      PCA->RGB pictures of a pyramid
     bench.py     decode bound, model bound and end-to-end throughput side by side
+    cli.py       what the tools' command lines share: help layout, command names, console commands
 """
 
 __all__ = ["PyramidDataset"]
