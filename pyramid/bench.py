@@ -15,12 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from pyramid import exits
 from pyramid.cli import LazyModule, argument_parser, command_name
 
-torch = LazyModule("torch")  # loaded by the first measurement, so --help and bad arguments answer at once
+# Loaded by the first measurement, so --help and bad arguments answer at once.
+np = LazyModule("numpy")
+torch = LazyModule("torch")
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "tests" / "data" / "astronaut.png"
