@@ -2,6 +2,12 @@
 
 The input rules: EXIF orientation applied; converted to RGB (alpha dropped; grey, palette, CMYK
 converted); 16-bit images scaled to 8 bits by value / 257 (rounded), not clipped.
+
+Accepted: every valid PNG (each colour type at each bit depth, interlaced or not; 1, 2 and 4-bit
+samples expanded as Pillow does, value * 255 / (2**depth - 1); tRNS, gAMA and sBIT ignored), JPEG
+(grey, RGB, CMYK with Adobe's inverted ink, progressive), WebP (lossy, lossless, alpha) and
+uncompressed BMP (1, 8, 24, 32-bit; rows bottom-up or top-down; 32-bit with or without bitfields).
+tests/test_decode.py checks each against a decoder that shares no code with pyspng or Pillow.
 """
 
 import signal
@@ -27,17 +33,24 @@ def scale_16_to_8(values):
 
 
 def _rgb_from_16bit_png(data):
-    """RGB uint8 (H, W, 3) from a 16-bit PNG; pyspng keeps the 16 bits that Pillow would truncate."""
-    pixels = pyspng.load(data)  # (H, W, 2) grey+alpha or (H, W, 4) RGBA, uint16
-    pixels = pixels[..., :1].repeat(3, axis=-1) if pixels.shape[-1] <= 2 else pixels[..., :3]
-    return scale_16_to_8(pixels)
+    """RGB uint8 (H, W, 3) from a 16-bit PNG of any colour type; pyspng keeps the 16 bits that Pillow
+    would truncate.
+
+    libspng's RGBA16 is the one 16-bit output it gives for every colour type (its GA16, which
+    pyspng.load picks for grey+alpha, refuses grey+alpha input: "invalid format"), so it is asked
+    for by name through pyspng's binding: grey is expanded into R, G and B, alpha is then dropped.
+    """
+    pixels = pyspng.c.spng_decode_image_bytes(data, pyspng.c.SPNG_FMT_RGBA16)  # (H, W, 4) uint16
+    return scale_16_to_8(pixels[..., :3])
 
 
 def _decode_png(data):
     """RGB Image from PNG bytes via pyspng, or None where Pillow must decode it (EXIF inside)."""
     if b"eXIf" in data:
         return None
-    bit_depth = data[24]  # IHDR is always the first chunk: signature(8) + length(4) + type(4) + w(4) + h(4)
+    # IHDR is always the first chunk: signature(8) + length(4) + type(4) + w(4) + h(4), then the depth;
+    # a file too short to hold it is left to pyspng, whose error names the problem.
+    bit_depth = data[24] if len(data) > 24 else 0
     if bit_depth == 16:
         return Image.fromarray(_rgb_from_16bit_png(data))
     return Image.fromarray(pyspng.load(data, format="RGB"))
