@@ -10,6 +10,7 @@ uncompressed BMP (1, 8, 24, 32-bit; rows bottom-up or top-down; 32-bit with or w
 tests/test_decode.py checks each against a decoder that shares no code with pyspng or Pillow.
 """
 
+import os
 import signal
 from pathlib import Path
 
@@ -66,7 +67,12 @@ def _to_rgb(image):
 
 def load_rgb(path):
     """Read the image at `path` as an RGB Pillow image by the input rules. Raises on a broken file."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        if os.path.islink(path):  # listed by paths.find_images: say why the name leads nowhere
+            raise FileNotFoundError(f"dangling symbolic link to {os.readlink(path)!r}") from None
+        raise
     if not data:
         raise ValueError("empty file")
     if pyspng is not None and data.startswith(PNG_SIGNATURE):
