@@ -10,6 +10,7 @@ uncompressed BMP (1, 8, 24, 32-bit; rows bottom-up or top-down; 32-bit with or w
 tests/test_decode.py checks each against a decoder that shares no code with pyspng or Pillow.
 """
 
+import io
 import os
 import signal
 from pathlib import Path
@@ -45,16 +46,35 @@ def _rgb_from_16bit_png(data):
     return scale_16_to_8(pixels[..., :3])
 
 
+# How to turn stored pixels for display, by EXIF orientation (the mapping of ImageOps.exif_transpose).
+ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                         6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _png_orientation(data):
+    """The EXIF orientation of PNG bytes (1 when none), read by Pillow from the eXIf chunk."""
+    with Image.open(io.BytesIO(data)) as opened:
+        return opened.getexif().get(EXIF_ORIENTATION, 1)
+
+
 def _decode_png(data):
-    """RGB Image from PNG bytes via pyspng, or None where Pillow must decode it (EXIF inside)."""
-    if b"eXIf" in data:
-        return None
+    """RGB Image from PNG bytes via pyspng, turned by its EXIF orientation where it has an eXIf chunk.
+
+    The pixels always come from pyspng, even with EXIF: Pillow truncates 16-bit colour to its high byte.
+    """
     # IHDR is always the first chunk: signature(8) + length(4) + type(4) + w(4) + h(4), then the depth;
     # a file too short to hold it is left to pyspng, whose error names the problem.
     bit_depth = data[24] if len(data) > 24 else 0
     if bit_depth == 16:
-        return Image.fromarray(_rgb_from_16bit_png(data))
-    return Image.fromarray(pyspng.load(data, format="RGB"))
+        image = Image.fromarray(_rgb_from_16bit_png(data))
+    else:
+        image = Image.fromarray(pyspng.load(data, format="RGB"))
+    if b"eXIf" in data:  # rare; the bytes may also occur by chance in compressed data: then orientation 1
+        transpose = ORIENTATION_TRANSPOSE.get(_png_orientation(data))
+        if transpose is not None:
+            image = image.transpose(transpose)
+    return image
 
 
 def _to_rgb(image):
@@ -76,9 +96,7 @@ def load_rgb(path):
     if not data:
         raise ValueError("empty file")
     if pyspng is not None and data.startswith(PNG_SIGNATURE):
-        image = _decode_png(data)
-        if image is not None:
-            return image
+        return _decode_png(data)
     with Image.open(path) as opened:
         image = opened
         if opened.getexif().get(EXIF_ORIENTATION, 1) != 1:

@@ -253,6 +253,21 @@ def test_every_valid_png_gives_the_contract_pixels(tmp_path, kind, depth, interl
             assert np.array_equal(got, expected), f"{case}: {np.argwhere(got != expected)[:3].tolist()}"
 
 
+
+@pytest.mark.parametrize("kind", ["grey_alpha", "rgb", "rgba", "grey"])
+def test_16bit_png_with_exif_orientation_keeps_its_16_bits(tmp_path, kind):
+    """An eXIf chunk once sent a PNG to Pillow, which truncates 16-bit colour to its high byte."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    payload = exif.tobytes()
+    payload = payload[6:] if payload.startswith(b"Exif\0\0") else payload  # eXIf holds the TIFF part alone
+    data, _, _ = pypng_file(kind, 16, 7, 3, False, False, np.random.default_rng(16))
+    end_of_ihdr = 8 + 8 + 13 + 4
+    path = tmp_path / "oriented.png"
+    path.write_bytes(data[:end_of_ihdr] + png_chunk(b"eXIf", payload) + data[end_of_ihdr:])
+    expected, _ = contract_rgb(data)
+    assert np.array_equal(np.asarray(load_rgb(path)), oriented(expected, 6))
+
 # --- JPEG, WebP, BMP against decoders that are not Pillow's ------------------------------------------
 # Tolerances, measured here (Pillow 13, opencv-python-headless 5.0): OpenCV's JPEG and WebP decoders
 # give Pillow's pixels exactly (max difference 0 on every file below, lossy ones included). Other
