@@ -2,8 +2,16 @@
 
 The input rules: EXIF orientation applied; converted to RGB (alpha dropped; grey, palette, CMYK
 converted); 16-bit images scaled to 8 bits by value / 257 (rounded), not clipped.
+
+Accepted: every valid PNG (each colour type at each bit depth, interlaced or not; 1, 2 and 4-bit
+samples expanded as Pillow does, value * 255 / (2**depth - 1); tRNS, gAMA and sBIT ignored), JPEG
+(grey, RGB, CMYK with Adobe's inverted ink, progressive), WebP (lossy, lossless, alpha) and
+uncompressed BMP (1, 8, 24, 32-bit; rows bottom-up or top-down; 32-bit with or without bitfields).
+tests/test_decode.py checks each against a decoder that shares no code with pyspng or Pillow.
 """
 
+import io
+import os
 import signal
 from pathlib import Path
 
@@ -27,20 +35,46 @@ def scale_16_to_8(values):
 
 
 def _rgb_from_16bit_png(data):
-    """RGB uint8 (H, W, 3) from a 16-bit PNG; pyspng keeps the 16 bits that Pillow would truncate."""
-    pixels = pyspng.load(data)  # (H, W, 2) grey+alpha or (H, W, 4) RGBA, uint16
-    pixels = pixels[..., :1].repeat(3, axis=-1) if pixels.shape[-1] <= 2 else pixels[..., :3]
-    return scale_16_to_8(pixels)
+    """RGB uint8 (H, W, 3) from a 16-bit PNG of any colour type; pyspng keeps the 16 bits that Pillow
+    would truncate.
+
+    libspng's RGBA16 is the one 16-bit output it gives for every colour type (its GA16, which
+    pyspng.load picks for grey+alpha, refuses grey+alpha input: "invalid format"), so it is asked
+    for by name through pyspng's binding: grey is expanded into R, G and B, alpha is then dropped.
+    """
+    pixels = pyspng.c.spng_decode_image_bytes(data, pyspng.c.SPNG_FMT_RGBA16)  # (H, W, 4) uint16
+    return scale_16_to_8(pixels[..., :3])
+
+
+# How to turn stored pixels for display, by EXIF orientation (the mapping of ImageOps.exif_transpose).
+ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                         6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _png_orientation(data):
+    """The EXIF orientation of PNG bytes (1 when none), read by Pillow from the eXIf chunk."""
+    with Image.open(io.BytesIO(data)) as opened:
+        return opened.getexif().get(EXIF_ORIENTATION, 1)
 
 
 def _decode_png(data):
-    """RGB Image from PNG bytes via pyspng, or None where Pillow must decode it (EXIF inside)."""
-    if b"eXIf" in data:
-        return None
-    bit_depth = data[24]  # IHDR is always the first chunk: signature(8) + length(4) + type(4) + w(4) + h(4)
+    """RGB Image from PNG bytes via pyspng, turned by its EXIF orientation where it has an eXIf chunk.
+
+    The pixels always come from pyspng, even with EXIF: Pillow truncates 16-bit colour to its high byte.
+    """
+    # IHDR is always the first chunk: signature(8) + length(4) + type(4) + w(4) + h(4), then the depth;
+    # a file too short to hold it is left to pyspng, whose error names the problem.
+    bit_depth = data[24] if len(data) > 24 else 0
     if bit_depth == 16:
-        return Image.fromarray(_rgb_from_16bit_png(data))
-    return Image.fromarray(pyspng.load(data, format="RGB"))
+        image = Image.fromarray(_rgb_from_16bit_png(data))
+    else:
+        image = Image.fromarray(pyspng.load(data, format="RGB"))
+    if b"eXIf" in data:  # rare; the bytes may also occur by chance in compressed data: then orientation 1
+        transpose = ORIENTATION_TRANSPOSE.get(_png_orientation(data))
+        if transpose is not None:
+            image = image.transpose(transpose)
+    return image
 
 
 def _to_rgb(image):
@@ -53,13 +87,16 @@ def _to_rgb(image):
 
 def load_rgb(path):
     """Read the image at `path` as an RGB Pillow image by the input rules. Raises on a broken file."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        if os.path.islink(path):  # listed by paths.find_images: say why the name leads nowhere
+            raise FileNotFoundError(f"dangling symbolic link to {os.readlink(path)!r}") from None
+        raise
     if not data:
         raise ValueError("empty file")
     if pyspng is not None and data.startswith(PNG_SIGNATURE):
-        image = _decode_png(data)
-        if image is not None:
-            return image
+        return _decode_png(data)
     with Image.open(path) as opened:
         image = opened
         if opened.getexif().get(EXIF_ORIENTATION, 1) != 1:

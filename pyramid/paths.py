@@ -1,5 +1,6 @@
 """Find the images, map each to its output file, refuse clashes, and list the work still to do."""
 
+import heapq
 import os
 import socket
 import threading
@@ -23,15 +24,40 @@ def find_images(input_dir):
     """Relative POSIX paths of every image under `input_dir`, recursively, sorted by that path.
 
     Sorting the relative path string gives every process, run and machine the same order.
+
+    Symbolic links are followed, but each real directory (by st_dev, st_ino) is read once, so a
+    link loop such as `loop -> ..` ends, and a directory reachable under several names gives its
+    images once, under one name: the one reached through the fewest links, then the first in sorted
+    order. So `b/` wins over a sibling `a -> b`, and adding a link never renames images that are
+    reachable without it. Two links to one file are two images, as two copies would be.
+
+    A dangling link with an image name is listed once, like any file: the run records it as one
+    failure (no such file), where it can be seen. Directories that cannot be read are skipped.
     """
     root = os.fspath(input_dir)
-    found = []
-    for directory, subdirs, files in os.walk(root, followlinks=True):
-        subdirs.sort()
-        relative_dir = os.path.relpath(directory, root)
-        for name in files:
-            if is_image_name(name):
-                found.append(name if relative_dir == "." else f"{relative_dir}/{name}".replace(os.sep, "/"))
+    found, seen = [], set()
+    # (links followed, relative path, absolute path): a directory is first claimed by its smallest key.
+    waiting = [(0, "", root)]
+    while waiting:
+        links, relative_dir, directory = heapq.heappop(waiting)
+        try:
+            status = os.stat(directory)
+            if (status.st_dev, status.st_ino) in seen:
+                continue
+            seen.add((status.st_dev, status.st_ino))
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            relative = f"{relative_dir}/{entry.name}" if relative_dir else entry.name
+            try:
+                is_directory = entry.is_dir()  # follows links; False for a dangling one
+            except OSError:  # a link to itself (ELOOP), or unreadable: take it as a file
+                is_directory = False
+            if is_directory:
+                heapq.heappush(waiting, (links + entry.is_symlink(), relative, entry.path))
+            elif is_image_name(entry.name):
+                found.append(relative)
     return sorted(found)
 
 

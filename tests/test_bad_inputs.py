@@ -23,10 +23,11 @@ NOT_IMAGES = ("notes.txt", "image.png.txt", "data.json", "README", "nested/.DS_S
 
 
 def png_16bit(pixels):
-    """PNG bytes of uint16 pixels (H, W) grey or (H, W, 3) RGB; Pillow cannot write 16-bit colour."""
+    """PNG bytes of uint16 pixels (H, W) grey, (H, W, 2) grey+alpha or (H, W, 3) RGB; Pillow cannot
+    write 16-bit colour."""
     pixels = np.asarray(pixels, dtype=">u2")  # PNG stores samples big-endian
     height, width = pixels.shape[:2]
-    colour_type = 0 if pixels.ndim == 2 else 2
+    colour_type = 0 if pixels.ndim == 2 else {2: 4, 3: 2}[pixels.shape[2]]
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -89,6 +90,10 @@ def build_corpus(root):
     grey_16 = rng.integers(0, 65536, size=(48, 64))
     (root / "grey_16bit.png").write_bytes(png_16bit(grey_16))
     odd("grey_16bit.png", np.repeat(((2 * grey_16 + 257) // 514).astype(np.uint8)[..., None], 3, axis=-1))
+    # 16-bit grey+alpha: once refused as broken ("pyspng: could not decode image size: invalid format").
+    grey_alpha_16 = np.stack([grey_16[::-1], rng.integers(0, 65536, size=(48, 64))], axis=-1)
+    (root / "grey_alpha_16bit.png").write_bytes(png_16bit(grey_alpha_16))
+    odd("grey_alpha_16bit.png", np.repeat(((2 * grey_16[::-1] + 257) // 514).astype(np.uint8)[..., None], 3, axis=-1))
 
     # EXIF orientation 6: the stored pixels are to be turned 90 degrees clockwise for display.
     # The reference turns the decoded stored pixels by hand, so JPEG loss is the same on both sides.

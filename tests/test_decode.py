@@ -4,13 +4,15 @@ import io
 import struct
 import zlib
 
+import cv2  # OpenCV's own libjpeg-turbo and libwebp: the independent reference for JPEG and WebP
 import numpy as np
+import png  # pypng: a pure-Python PNG reader and writer, the independent reference for PNG
 import pytest
 import torch
 from PIL import Image
 
 from pyramid import decode
-from pyramid.decode import ImageDataset, Preprocess, collate, load_rgb, scale_16_to_8
+from pyramid.decode import EXIF_ORIENTATION, ImageDataset, Preprocess, collate, load_rgb, scale_16_to_8
 
 from conftest import KNOWN_IMAGE
 
@@ -157,3 +159,321 @@ def test_direct_path_is_refused_when_it_disagrees(tiny_model, monkeypatch):
     preprocess = Preprocess(processor)
     assert preprocess.direct is None
     assert preprocess(Image.open(KNOWN_IMAGE).convert("RGB")).float().std() > 10  # the processor's own pixels
+
+
+# --- Every valid PNG, against pypng -----------------------------------------------------------------
+# pypng is pure Python: it shares no code with libspng (pyspng) or Pillow. It writes each test file
+# and decodes it again; the contract's conversion of its raw samples is written out in `contract_rgb`.
+
+PNG_KINDS = {  # colour type: (samples per pixel, the bit depths the PNG spec allows)
+    "grey": (1, (1, 2, 4, 8, 16)),
+    "rgb": (3, (8, 16)),
+    "palette": (1, (1, 2, 4, 8)),
+    "grey_alpha": (2, (8, 16)),
+    "rgba": (4, (8, 16)),
+}
+PNG_SIZES = ((1, 1), (7, 3), (3, 7), (33, 17))  # (width, height): odd, smaller than one Adam7 block, larger
+
+
+def png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def pypng_file(kind, depth, width, height, interlace, ancillary, rng):
+    """(PNG bytes written by pypng, the samples written (H, W, samples per pixel), the palette or None).
+
+    With `ancillary`: a gAMA chunk, an sBIT chunk (significant bits below the depth), and a tRNS chunk
+    where the colour type allows one (grey, RGB: a colour the image holds; palette: alpha entries)."""
+    planes = PNG_KINDS[kind][0]
+    samples = rng.integers(0, 2 ** depth, size=(height, width, planes))
+    palette, options = None, {}
+    if kind == "palette":
+        colours = [tuple(int(v) for v in colour) for colour in rng.integers(0, 256, size=(2 ** depth, 3))]
+        # Alpha entries (tRNS) must come first; half the entries get one, fully transparent ones included.
+        palette = ([colour + (int(a),) for colour, a in zip(colours[:len(colours) // 2 or 1], [0, 128] * 128)]
+                   + colours[len(colours) // 2 or 1:]) if ancillary else colours
+    elif ancillary and kind in ("grey", "rgb"):
+        options["transparent"] = tuple(int(v) for v in samples[0, 0])
+    if ancillary:
+        options["gamma"] = 0.45455  # what a decoder that applied gamma would change every pixel for
+    writer = png.Writer(width, height, greyscale=kind in ("grey", "grey_alpha"), alpha=kind in ("grey_alpha", "rgba"),
+                        bitdepth=depth, palette=palette, interlace=interlace, **options)
+    buffer = io.BytesIO()
+    writer.write(buffer, samples.reshape(height, width * planes).tolist())
+    data = buffer.getvalue()
+    if ancillary:  # sBIT right after IHDR (before PLTE and IDAT, as the spec orders it)
+        channels = {"grey": 1, "rgb": 3, "palette": 3, "grey_alpha": 2, "rgba": 4}[kind]
+        significant = bytes([5 if kind == "palette" else max(1, depth - 3)] * channels)
+        end_of_ihdr = 8 + 8 + 13 + 4
+        data = data[:end_of_ihdr] + png_chunk(b"sBIT", significant) + data[end_of_ihdr:]
+    return data, samples, palette
+
+
+def contract_rgb(data):
+    """The contract's RGB uint8 (H, W, 3) of a PNG: decoded by pypng, converted here by the input rules.
+
+    pypng's `read` gives the raw samples (no palette lookup, no sBIT or gamma). Then: a palette index
+    becomes its entry's RGB; grey is repeated into R, G and B; alpha is dropped; depths 1, 2 and 4 are
+    expanded to 8 bits as Pillow does (value * 255 / (2**depth - 1): 1 -> 255, 2 -> 85, 4 -> 17 per step);
+    16 bits become round(value / 257)."""
+    width, height, rows, info = png.Reader(bytes=data).read()
+    samples = np.array([np.asarray(row, dtype=np.int64) for row in rows]).reshape(height, width, info["planes"])
+    depth = info["bitdepth"]
+    if "palette" in info:
+        return np.array([entry[:3] for entry in info["palette"]], dtype=np.uint8)[samples[..., 0]], samples
+    colour = samples[..., :1].repeat(3, axis=-1) if info["greyscale"] else samples[..., :3]
+    if depth == 16:
+        return np.floor(colour / 257 + 0.5).astype(np.uint8), samples  # no ties: 257 is odd
+    return (colour * (255 // (2 ** depth - 1))).astype(np.uint8), samples
+
+
+PNG_CASES = [(kind, depth, interlace) for kind, (_, depths) in PNG_KINDS.items() for depth in depths
+             for interlace in (False, True)]
+
+
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")  # Pillow's, on the no-pyspng path
+@pytest.mark.parametrize("kind, depth, interlace", PNG_CASES, ids=lambda v: str(v))
+def test_every_valid_png_gives_the_contract_pixels(tmp_path, kind, depth, interlace, decoder):
+    """Each colour type at each depth it allows, interlaced or not, with and without tRNS, gAMA and
+    sBIT, at odd sizes: load_rgb gives pypng's samples converted by the input rules, exactly."""
+    if decoder == "pillow" and depth == 16 and kind != "grey":
+        pytest.skip("16-bit colour and alpha PNGs keep their 16 bits only through pyspng (a requirement)")
+    rng = np.random.default_rng([depth, len(kind), interlace])
+    for width, height in PNG_SIZES:
+        for ancillary in (False, True):
+            case = f"{kind} {depth}-bit {width}x{height} interlace={interlace} ancillary={ancillary}"
+            data, written, palette = pypng_file(kind, depth, width, height, interlace, ancillary, rng)
+            path = tmp_path / f"{width}x{height}_{ancillary}.png"
+            path.write_bytes(data)
+            expected, samples = contract_rgb(data)
+            assert np.array_equal(samples, written), f"pypng does not read back what it wrote: {case}"
+            image = load_rgb(path)
+            assert image.mode == "RGB" and image.size == (width, height), case
+            got = np.asarray(image)
+            assert np.array_equal(got, expected), f"{case}: {np.argwhere(got != expected)[:3].tolist()}"
+
+
+
+@pytest.mark.parametrize("kind", ["grey_alpha", "rgb", "rgba", "grey"])
+def test_16bit_png_with_exif_orientation_keeps_its_16_bits(tmp_path, kind):
+    """An eXIf chunk once sent a PNG to Pillow, which truncates 16-bit colour to its high byte."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    payload = exif.tobytes()
+    payload = payload[6:] if payload.startswith(b"Exif\0\0") else payload  # eXIf holds the TIFF part alone
+    data, _, _ = pypng_file(kind, 16, 7, 3, False, False, np.random.default_rng(16))
+    end_of_ihdr = 8 + 8 + 13 + 4
+    path = tmp_path / "oriented.png"
+    path.write_bytes(data[:end_of_ihdr] + png_chunk(b"eXIf", payload) + data[end_of_ihdr:])
+    expected, _ = contract_rgb(data)
+    assert np.array_equal(np.asarray(load_rgb(path)), oriented(expected, 6))
+
+# --- JPEG, WebP, BMP against decoders that are not Pillow's ------------------------------------------
+# Tolerances, measured here (Pillow 13, opencv-python-headless 5.0): OpenCV's JPEG and WebP decoders
+# give Pillow's pixels exactly (max difference 0 on every file below, lossy ones included). Other
+# builds of libjpeg may round the IDCT or upsampling differently, so lossy formats are held to
+# LOSSY_TOLERANCE levels; a wrong input rule (orientation, CMYK, alpha) is off by far more.
+# Lossless WebP and BMP must be exact.
+LOSSY_TOLERANCE = 2
+CV_STORED = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # the stored pixels, as BGR
+ODD_SIZES = ((1, 1), (7, 3), (33, 17))  # (width, height)
+
+
+def textured_rgb(height, width, seed):
+    """uint8 (H, W, 3): gradients (any turn or mirror changes them) plus noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + 2 * y) * 7 % 256], -1)
+    return (pixels + rng.integers(0, 30, size=pixels.shape)).clip(0, 255).astype(np.uint8)
+
+
+def opencv_rgb(data):
+    """RGB (H, W, 3) int64 of image bytes as OpenCV decodes them, EXIF orientation NOT applied, alpha dropped."""
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels.ndim == 3 and pixels.shape[-1] == 4:  # WebP with alpha: BGRA
+        return pixels[..., 2::-1].astype(np.int64)
+    return cv2.imdecode(np.frombuffer(data, np.uint8), CV_STORED)[..., ::-1].astype(np.int64)
+
+
+def saved(image, tmp_path, name, **options):
+    path = tmp_path / name
+    image.save(path, **options)
+    return path
+
+
+def assert_close(path, expected, tolerance, case):
+    got = np.asarray(load_rgb(path)).astype(np.int64)
+    assert got.shape == expected.shape, (case, got.shape, expected.shape)
+    difference = np.abs(got - expected).max()
+    assert difference <= tolerance, f"{case}: differs by {difference} levels"
+
+
+@pytest.mark.parametrize("kind", ["rgb", "rgb_444", "rgb_q60", "progressive", "grey", "grey_progressive"])
+def test_jpeg_kinds_match_opencv(tmp_path, kind):
+    for width, height in ODD_SIZES + ((301, 203),):
+        image = Image.fromarray(textured_rgb(height, width, seed=width))
+        options = {"quality": 60 if kind == "rgb_q60" else 90, "progressive": "progressive" in kind}
+        if kind == "rgb_444":
+            options["subsampling"] = 0
+        path = saved(image.convert("L") if kind.startswith("grey") else image, tmp_path, f"{width}.jpg", **options)
+        assert_close(path, opencv_rgb(path.read_bytes()), LOSSY_TOLERANCE, f"{kind} {width}x{height}")
+
+
+def test_cmyk_jpeg_is_adobe_inverted_cmyk_converted(tmp_path):
+    """Pillow (through libjpeg) writes CMYK JPEGs with the Adobe marker and inverted ink, as Photoshop
+    does. Two references: the CMYK -> RGB formula written out here, on the ink that the file holds
+    (read by Pillow: JPEG has no other 4-channel reader here), exact; and OpenCV's own conversion, which
+    divides by 256 instead of 255 (k - (255 - c) * k >> 8) and so is up to 2 levels off (measured: 2)."""
+    for width, height in ODD_SIZES + ((301, 203),):
+        cmyk = np.random.default_rng(width).integers(0, 256, size=(height, width, 4), dtype=np.uint8)
+        path = saved(Image.fromarray(cmyk, "CMYK"), tmp_path, f"{width}.jpg", quality=95)
+        data = path.read_bytes()
+        assert b"Adobe" in data and np.abs(  # the stored ink is the inverse of the ink: Adobe's convention
+            np.asarray(Image.open(path)).astype(int) - cmyk).mean() < 12
+        ink = np.asarray(Image.open(path)).astype(np.int64)  # (H, W, 4) C, M, Y, K as 0 = no ink
+        by_formula = np.floor((255 - ink[..., :3]) * (255 - ink[..., 3:]) / 255 + 0.5)  # no ties: /255 of ints
+        assert_close(path, by_formula, 0, f"CMYK formula {width}x{height}")
+        assert_close(path, opencv_rgb(data), 2, f"CMYK OpenCV {width}x{height}")
+
+
+def oriented(stored, orientation):
+    """The displayed image (H', W', C) of stored pixels (H, W, C) by EXIF tag 0x0112, written from the
+    EXIF spec's words for where the stored 0th row and 0th column go, with display indices (i, j)."""
+    h, w = stored.shape[:2]
+    rows, cols = (h, w) if orientation <= 4 else (w, h)
+    i, j = np.mgrid[0:rows, 0:cols]
+    source = {  # (stored row, stored column) shown at display (i, j)
+        1: (i, j),  # 0th row at the top, 0th column at the left
+        2: (i, w - 1 - j),  # 0th row top, 0th column right: mirrored left-right
+        3: (h - 1 - i, w - 1 - j),  # 0th row bottom, 0th column right: turned 180
+        4: (h - 1 - i, j),  # 0th row bottom, 0th column left: mirrored top-bottom
+        5: (j, i),  # 0th row left, 0th column top: transposed
+        6: (h - 1 - j, i),  # 0th row right, 0th column top: turned 90 clockwise to view
+        7: (h - 1 - j, w - 1 - i),  # 0th row right, 0th column bottom: transverse
+        8: (j, w - 1 - i),  # 0th row left, 0th column bottom: turned 90 anticlockwise to view
+    }[orientation]
+    return stored[source]
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp_lossless"])
+def test_all_eight_exif_orientations(tmp_path, fmt):
+    stored = textured_rgb(17, 33, seed=5)  # not square: a turn changes the shape
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = orientation
+        if fmt == "jpeg":
+            path = saved(Image.fromarray(stored), tmp_path, f"{orientation}.jpg", exif=exif, quality=90)
+            decoded = opencv_rgb(path.read_bytes())  # the stored pixels after JPEG's loss
+            # The spec's transform above agrees with OpenCV's own (which applies the tag by default):
+            opencv_view = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+            assert np.array_equal(oriented(decoded, orientation), opencv_view), orientation
+            assert_close(path, oriented(decoded, orientation), LOSSY_TOLERANCE, f"jpeg orientation {orientation}")
+        else:
+            path = saved(Image.fromarray(stored), tmp_path, f"{orientation}.webp", exif=exif, lossless=True)
+            assert np.array_equal(opencv_rgb(path.read_bytes()), stored)
+            assert_close(path, oriented(stored.astype(np.int64), orientation), 0, f"webp orientation {orientation}")
+
+
+@pytest.mark.parametrize("kind", ["lossy", "lossless", "lossy_alpha", "lossless_alpha"])
+def test_webp_kinds_match_opencv(tmp_path, kind):
+    for width, height in ODD_SIZES + ((301, 203),):
+        rgb = textured_rgb(height, width, seed=width)
+        alpha = np.random.default_rng(1).integers(0, 256, size=(height, width, 1), dtype=np.uint8)
+        alpha[::2] = 0  # fully transparent rows keep their colour: alpha is dropped, not composited
+        image = Image.fromarray(np.concatenate([rgb, alpha], -1) if "alpha" in kind else rgb)
+        options = {"lossless": True, "exact": True} if kind.startswith("lossless") else {"quality": 80}
+        path = saved(image, tmp_path, f"{width}.webp", **options)
+        reference = opencv_rgb(path.read_bytes())
+        if kind.startswith("lossless"):
+            assert np.array_equal(reference, rgb), "OpenCV does not give the pixels written"
+            assert_close(path, reference, 0, f"{kind} {width}x{height}")
+        else:
+            assert_close(path, reference, LOSSY_TOLERANCE, f"{kind} {width}x{height}")
+
+
+def bmp_rgb(data):
+    """RGB uint8 (H, W, 3) of an uncompressed BMP, read here in pure Python from Microsoft's layout:
+    BITMAPINFOHEADER or its V4/V5 extensions; 1, 4, 8 bits (palette of B, G, R, reserved), 24 bits
+    (B, G, R), 32 bits (B, G, R, X, or BI_BITFIELDS masks; alpha dropped); rows padded to 4 bytes,
+    stored bottom-up unless the height is negative."""
+    assert data[:2] == b"BM"
+    pixel_offset, header_size = struct.unpack_from("<I", data, 10)[0], struct.unpack_from("<I", data, 14)[0]
+    width, height, _, bits, compression, _, _, _, colours_used = struct.unpack_from("<iiHHIIiiI", data, 18)
+    masks = (0x00FF0000, 0x0000FF00, 0x000000FF)
+    if compression == 3:  # BI_BITFIELDS: R, G, B masks after the 40-byte header (inside it from V4 on)
+        masks = struct.unpack_from("<III", data, 54)
+    else:
+        assert compression == 0, "compressed BMPs are not read here"
+    top_down, height = height < 0, abs(height)
+    stride = (width * bits + 31) // 32 * 4
+    palette = None
+    if bits <= 8:
+        count = colours_used or 2 ** bits
+        entries = struct.unpack_from(f"<{4 * count}B", data, 14 + header_size)
+        palette = [(entries[4 * k + 2], entries[4 * k + 1], entries[4 * k]) for k in range(count)]
+    image = []
+    for row in range(height):
+        start = pixel_offset + row * stride
+        line = data[start:start + stride]
+        pixels = []
+        for x in range(width):
+            if bits <= 8:
+                bit = x * bits
+                index = (line[bit // 8] >> (8 - bits - bit % 8)) & (2 ** bits - 1)
+                pixels.append(palette[index])
+            elif bits == 24:
+                b, g, r = line[3 * x:3 * x + 3]
+                pixels.append((r, g, b))
+            else:
+                value = struct.unpack_from("<I", line, 4 * x)[0]
+                pixels.append(tuple((value & mask) >> ((mask & -mask).bit_length() - 1) for mask in masks))
+        image.append(pixels)
+    return np.array(image[::-1] if not top_down else image, dtype=np.uint8).reshape(height, width, 3)
+
+
+def bmp_bytes(rgba, bits, top_down=False):
+    """A 24-bit BMP, or a 32-bit V5 BMP with BI_BITFIELDS masks and alpha as some editors write them,
+    from uint8 (H, W, 4); Pillow writes neither top-down rows nor bitfields."""
+    height, width = rgba.shape[:2]
+    stride = (width * bits + 31) // 32 * 4
+    rows = []
+    for y in range(height):
+        if bits == 24:
+            line = rgba[y, :, 2::-1].tobytes()
+        else:
+            line = rgba[y, :, [2, 1, 0, 3]].T.copy().tobytes()  # B, G, R, A in memory: masks below
+        rows.append(line + b"\0" * (stride - len(line)))
+    pixels = b"".join(rows if top_down else rows[::-1])
+    if bits == 24:
+        header = struct.pack("<IiiHHIIiiII", 40, width, -height if top_down else height, 1, 24, 0, len(pixels),
+                             2835, 2835, 0, 0)
+    else:
+        header = struct.pack("<IiiHHIIiiII", 124, width, -height if top_down else height, 1, 32, 3, len(pixels),
+                             2835, 2835, 0, 0)
+        header += struct.pack("<IIII", 0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000) + b"BGRs" + b"\0" * 48
+        header += b"\0" * (124 - len(header))
+    offset = 14 + len(header)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + header + pixels
+
+
+@pytest.mark.parametrize("kind", ["1bit", "8bit_palette", "8bit_grey", "24bit", "32bit", "24bit_top_down",
+                                  "32bit_bitfields_alpha"])
+def test_bmp_kinds_match_a_plain_reader(tmp_path, kind):
+    for width, height in ODD_SIZES + ((37, 21),):
+        rgb = textured_rgb(height, width, seed=width)
+        alpha = np.random.default_rng(2).integers(0, 256, size=(height, width, 1), dtype=np.uint8)
+        rgba = np.concatenate([rgb, alpha], -1)
+        path = tmp_path / f"{width}.bmp"
+        if kind == "24bit_top_down":
+            path.write_bytes(bmp_bytes(rgba, 24, top_down=True))
+        elif kind == "32bit_bitfields_alpha":
+            path.write_bytes(bmp_bytes(rgba, 32))
+        else:
+            image = Image.fromarray(rgba if kind == "32bit" else rgb)
+            image = {"1bit": image.convert("1"), "8bit_palette": image.quantize(colors=200),
+                     "8bit_grey": image.convert("L")}.get(kind, image)
+            image.save(path)
+        expected = bmp_rgb(path.read_bytes())
+        if kind in ("24bit", "32bit", "24bit_top_down", "32bit_bitfields_alpha"):
+            assert np.array_equal(expected, rgb), f"the reader does not give the pixels written: {kind}"
+        assert_close(path, expected.astype(np.int64), 0, f"{kind} {width}x{height}")

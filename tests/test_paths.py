@@ -1,9 +1,14 @@
 """pyramid/paths.py: discovery, output mapping, clashes, temporaries, the to-do list."""
 
+import json
 import os
 import subprocess
 import sys
 import time
+
+import pytest
+
+from conftest import run_cli, write_images
 
 from pyramid.paths import (find_clashes, find_images, images_to_do, is_abandoned_temporary, is_temporary_name,
                            output_path_for, scan_outputs, temporary_name, writer_tag)
@@ -67,3 +72,60 @@ def test_abandoned_temporaries(tmp_path):
     old = time.time() - 3600
     os.utime(foreign, (old, old))
     assert is_abandoned_temporary(foreign)
+
+
+@pytest.mark.parametrize("link, target, expected", [
+    ("loop", "..", ["a.png", "loop/beside.png", "sub/b.png"]),  # tmp_path, which holds `in`: links are followed
+    ("sub/here", ".", ["a.png", "sub/b.png"]),
+    ("sub/up", "../..", ["a.png", "sub/b.png", "sub/up/beside.png"]),
+])
+def test_find_images_link_loops_end_and_each_directory_is_read_once(tmp_path, link, target, expected):
+    root = tmp_path / "in"
+    for name in ["a.png", "sub/b.png"]:
+        touch(root / name)
+    touch(tmp_path / "beside.png")  # outside the input, reached only through a link to tmp_path
+    os.symlink(target, root / link)
+    assert find_images(root) == expected
+
+
+def test_find_images_a_directory_under_two_names_is_listed_under_the_real_one(tmp_path):
+    root = tmp_path / "in"
+    touch(root / "b" / "x.png")
+    os.symlink("b", root / "a")  # sorts before b, yet b needs no link: b's name is kept
+    os.symlink("b", root / "c")
+    touch(tmp_path / "elsewhere" / "y.png")
+    os.symlink("../elsewhere", root / "z2")  # two links to one directory outside: the first in sorted order
+    os.symlink("../elsewhere", root / "z1")
+    os.symlink("./z1", root / "m")  # a link to a link counts as one link, and m sorts before z1
+    touch(root / "b" / "deep" / "d.png")
+    os.symlink("b/deep", root / "0shortcut")  # a link into the tree: the real path wins
+    assert find_images(root) == ["b/deep/d.png", "b/x.png", "m/y.png"]
+
+
+def test_find_images_lists_a_dangling_link_once(tmp_path):
+    root = tmp_path / "in"
+    touch(root / "a.png")
+    os.symlink("missing.png", root / "gone.png")  # an image name: listed, the run records its failure
+    os.symlink("no/such/dir", root / "gone_dir")  # no image name: nothing to list
+    os.symlink("itself.png", root / "itself.png")  # a link to itself (ELOOP): listed once
+    os.symlink("..", root / "loop")  # the loop that made each of them appear 41 times
+    assert find_images(root) == ["a.png", "gone.png", "itself.png"]
+
+
+def test_cli_through_a_link_loop_writes_each_image_once(tmp_path, tiny_model):
+    root = tmp_path / "in"
+    write_images(root, 2, seed=3)
+    write_images(root / "sub", 1, seed=4)
+    os.symlink("..", root / "loop")
+    os.symlink("sub", root / "alias")
+    os.symlink("missing.png", root / "gone.png")
+    out = tmp_path / "out"
+    result = run_cli("--input_dir", root, "--output_dir", out, "--model", tiny_model, "--batch_size", 4,
+                     "--num_workers", 0)
+    assert result.returncode == 3, result.stderr  # 3: some images failed
+    written = sorted(str(path.relative_to(out)) for path in out.rglob("*.pt"))
+    assert written == ["00000.pt", "00001.pt", "sub/00000.pt"]
+    records = [json.loads(line) for line in (out / "failures.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [record["path"] for record in records] == ["gone.png"]
+    assert records[0]["error"] == "FileNotFoundError: dangling symbolic link to 'missing.png'"
+    assert result.stderr.count("gone.png") == 1
