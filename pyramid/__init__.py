@@ -21,6 +21,7 @@ Module map, one stage a module:
     stats.py     exact float64 per-channel and per-position statistics for normalising (stats.pt)
     show.py      PCA->RGB pictures of a pyramid
     bench.py     decode bound, model bound and end-to-end throughput side by side
+    readbench.py the reader figures of bench.py (--reader): raw read, torch.load, files, pack side by side
 """
 
 __all__ = ["PyramidDataset"]

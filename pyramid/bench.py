@@ -3,6 +3,7 @@ and (with --baseline) the straightforward version that the peers ship.
 
     python -m pyramid.bench --model facebook/dinov2-base --input_dir data/raw_images --limit 256
     python -m pyramid.bench --random base --synthetic 64 --baseline     # no weights, no data needed
+    python -m pyramid.bench --reader --synthetic_tree 2000              # the training-side readers
 """
 
 import argparse
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from pyramid import exits
+from pyramid.readbench import add_reader_arguments, reader_main
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTO = REPO / "tests" / "data" / "astronaut.png"
@@ -173,11 +175,11 @@ def min_cosine(dir_a, dir_b, names):
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()  # one of them is required, unless --reader
     source.add_argument("--model", help="hub id or save_pretrained directory, as for extract_distributed.py")
     source.add_argument("--random", choices=sorted(RANDOM_SIZES),
                         help="a random-weight DINOv2 of this size (no download): the speed is the same")
-    images = parser.add_mutually_exclusive_group(required=True)
+    images = parser.add_mutually_exclusive_group()  # one of them is required, unless --reader
     images.add_argument("--input_dir", help="images to measure on")
     images.add_argument("--synthetic", type=int, metavar="N", help="make N real-looking 1024x1024 PNGs")
     parser.add_argument("--limit", type=int, default=256, help="measure on the first N images")
@@ -187,6 +189,7 @@ def get_args_parser():
     parser.add_argument("--baseline", action="store_true",
                         help="also run the straightforward version and compare speed and values")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    add_reader_arguments(parser)
     return parser
 
 
@@ -199,6 +202,11 @@ def ideal_rate(model_rate, decode_rate, device):
 
 
 def main(args):
+    if args.reader:
+        return reader_main(args)
+    if (args.model, args.random) == (None, None) or (args.input_dir, args.synthetic) == (None, None):
+        print("error: one of --model/--random and one of --input_dir/--synthetic are required", file=sys.stderr)
+        return exits.USAGE
     if args.input_dir is not None and not Path(args.input_dir).is_dir():
         print(f"error: --input_dir {args.input_dir} does not exist", file=sys.stderr)
         return exits.USAGE

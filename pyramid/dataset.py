@@ -6,13 +6,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from pyramid.pack import (available_levels, current_pack, item_name, level_path, pack_dir, tree_digest,
                           tree_state)
 from pyramid.reader import read_pyramid
 
 FLIP_CHOICES = (False, "random")
+
+
+class Batch(list):
+    """The items of a batch read by PyramidDataset.__getitems__ (dicts of row views), with `collated`:
+    the same batch as default_collate makes it, already one tensor per level."""
+
+    def __init__(self, items, collated):
+        super().__init__(items)
+        self.collated = collated
+
+
+def collate(items):
+    """DataLoader collate_fn for PyramidDataset: a batch read by __getitems__ is already stacked, so it
+    is handed on without the copy default_collate makes; anything else goes to default_collate."""
+    return items.collated if isinstance(items, Batch) else default_collate(items)
+
+
+def _empty_batch(shape, shared):
+    """A float32 tensor for a batch; in shared memory inside a DataLoader worker, as default_collate
+    makes its output, so it reaches the main process without another copy."""
+    if not shared:
+        return torch.empty(shape, dtype=torch.float32)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
 
 
 class PyramidDataset(Dataset):
@@ -34,6 +59,10 @@ class PyramidDataset(Dataset):
     `flip="random"`: per item, either the levels or their `flip/` twins (the mirrored image), under the
     plain keys, each with probability 1/2, drawn from torch's random generator: seeded by
     torch.manual_seed in the main process, and per worker and epoch by the DataLoader as usual.
+
+    Reading: `DataLoader(dataset, batch_size=B, collate_fn=PyramidDataset.collate)` reads each batch
+    through `__getitems__` straight into one (B, s*s, D) tensor per level (in shared memory inside a
+    worker); the default collate_fn gives the same batches after one more copy.
 
     `pack`: "auto" reads `root/pack/` (`python -m pyramid.pack`) when it is current and holds the
     levels, and the files otherwise; True requires a current pack; False always reads the files. The
@@ -71,6 +100,21 @@ class PyramidDataset(Dataset):
         self.source = "files" if self._pack is None else "pack"
         self._scales = self._load_scales(manifest, records) if normalize else None
         self._open_pid, self._pack_files = None, None
+        self._shapes = self._level_shapes()
+
+    collate = staticmethod(collate)
+
+    def _level_shapes(self):
+        """{level: (s*s, D)} of every source level, from the pack or the first file (one small read)."""
+        if self._pack is not None:
+            return {level: tuple(layout[3]) for level, layout in self._pack.items()}
+        if not self.files:
+            return {}
+        pyramid, keys = read_pyramid(self.root / self.files[0], self.sources)
+        missing = [source for source in self.sources if source not in pyramid]
+        if missing:
+            raise ValueError(f"{self.root / self.files[0]} has no level(s) {missing}; it has {keys}.")
+        return {level: tuple(tensor.shape[1:]) for level, tensor in pyramid.items()}
 
     def _choose_pack(self, pack, manifest, records):
         """{level: (path, byte offset of row 0, bytes per row)} of a current pack, or None to read the files."""
@@ -120,40 +164,47 @@ class PyramidDataset(Dataset):
         state["_open_pid"], state["_pack_files"] = None, None  # file descriptors do not travel to workers
         return state
 
-    def _read_pack(self, index, sources):
+    def _read_pack(self, index, targets):
         if self._open_pid != os.getpid():  # first read in this process (a DataLoader worker has its own)
             self._pack_files = {level: os.open(path, os.O_RDONLY) for level, (path, *_) in self._pack.items()}
             self._open_pid = os.getpid()
-        pyramid = {}
-        for level in sources:
-            _, offset, row_bytes, shape = self._pack[level]
-            tensor = torch.empty(shape, dtype=torch.float32)  # (s*s, D)
-            # One pread per row straight into the tensor: the rate of a plain read of the same bytes.
-            if os.preadv(self._pack_files[level], [memoryview(tensor.numpy()).cast("B")],
+        for level, target in targets.items():
+            _, offset, row_bytes, _ = self._pack[level]
+            # One pread per row straight into the batch: the rate of a plain read of the same bytes.
+            if os.preadv(self._pack_files[level], [memoryview(target.numpy()).cast("B")],
                          offset + index * row_bytes) != row_bytes:
                 raise OSError(f"{level_path(pack_dir(self.root), level)} is shorter than its header says")
-            pyramid[level] = tensor
-        return pyramid
+
+    def _read_file(self, index, targets):
+        path = self.root / self.files[index]
+        pyramid, keys = read_pyramid(path, list(targets), out=targets)
+        missing = [source for source in targets if source not in pyramid]
+        if missing:
+            raise KeyError(f"{path} has no level {missing[0]!r}; it has {keys}.")
 
     def __getitem__(self, index):
-        name = self.names[index]  # IndexError past the end, as a list
-        index %= len(self.files)
-        twin = self.flip == "random" and bool(torch.randint(2, ()).item())
-        sources = [f"flip/{level}" if twin else level for level in self.levels]
-        if self._pack is not None:
-            pyramid = self._read_pack(index, sources)
-        else:
-            path = self.root / self.files[index]
-            pyramid, keys = read_pyramid(path, sources)
-            missing = [source for source in sources if source not in pyramid]
-            if missing:
-                raise KeyError(f"{path} has no level {missing[0]!r}; it has {keys}.")
-            pyramid = {source: tensor[0] for source, tensor in pyramid.items()}  # (s*s, D), owning its storage
-        item = {"name": name}
-        for level, source in zip(self.levels, sources):
-            tensor = pyramid[source]
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices):
+        """The items of a batch, read into one (B, s*s, D) tensor per level: a Batch (see `collate`)."""
+        names = [self.names[index] for index in indices]  # IndexError past the end, as a list
+        indices = [index % len(self.files) for index in indices]
+        shared = get_worker_info() is not None
+        batch = {level: _empty_batch((len(indices), *self._shapes[level]), shared) for level in self.levels}
+        read = self._read_pack if self._pack is not None else self._read_file
+        for row, index in enumerate(indices):
+            twin = self.flip == "random" and bool(torch.randint(2, ()).item())
+            targets = {}
+            for level in self.levels:
+                source = f"flip/{level}" if twin else level
+                if self._shapes[source] != self._shapes[level]:
+                    raise ValueError(f"{source} is {list(self._shapes[source])}, {level} {list(self._shapes[level])}")
+                targets[source] = batch[level][row]  # (s*s, D), a row of the batch
+            read(index, targets)
             if self._scales is not None:
-                mean, std = self._scales[source]
-                tensor.sub_(mean).div_(std)  # (s*s, D), per channel
-            item[level] = tensor
-        return item
+                for source, target in targets.items():
+                    mean, std = self._scales[source]
+                    target.sub_(mean).div_(std)  # (s*s, D), per channel
+        items = [{"name": name, **{level: batch[level][row] for level in self.levels}}
+                 for row, name in enumerate(names)]
+        return Batch(items, {"name": names, **batch})
