@@ -153,8 +153,16 @@ class PyramidDataset(Dataset):
         missing = [level for level in self.sources if level not in stats]
         if missing:
             raise ValueError(f"{path} has no statistics for {missing}; rerun python -m pyramid.stats {self.root}")
-        return {level: (stats[level]["mean"].to(torch.float32), stats[level]["std"].to(torch.float32))
-                for level in self.sources}
+        scales = {}
+        for level in self.sources:
+            # The mean as a float32 pair (high + low): x - high is exact in float32 wherever x is near the
+            # mean, so a channel with a large mean and a small spread keeps float32 precision relative to
+            # its spread, where subtracting one rounded float32 mean would lose it.
+            mean = stats[level]["mean"]  # (D,) float64
+            high = mean.to(torch.float32)
+            low = (mean - high.double()).to(torch.float32)
+            scales[level] = (high, low, stats[level]["std"].to(torch.float32))
+        return scales
 
     def __len__(self):
         return len(self.files)
@@ -203,8 +211,8 @@ class PyramidDataset(Dataset):
             read(index, targets)
             if self._scales is not None:
                 for source, target in targets.items():
-                    mean, std = self._scales[source]
-                    target.sub_(mean).div_(std)  # (s*s, D), per channel
+                    high, low, std = self._scales[source]
+                    target.sub_(high).sub_(low).div_(std)  # (s*s, D), per channel
         items = [{"name": name, **{level: batch[level][row] for level in self.levels}}
                  for row, name in enumerate(names)]
         return Batch(items, {"name": names, **batch})
