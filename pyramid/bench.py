@@ -113,7 +113,7 @@ def measure_model(encoder, batch_size, count):
     return batches * batch_size / (time.perf_counter() - started)
 
 
-def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype):
+def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype, extra_args=()):
     """The real job, `python extract_distributed.py`, into a temporary directory.
 
     Returns (images/s while encoding, as its summary line reports, peak RSS of its main process in MiB,
@@ -122,7 +122,7 @@ def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype):
     output_dir = tempfile.mkdtemp(prefix="pyramid-bench-")
     command = [sys.executable, str(REPO / "extract_distributed.py"), "--input_dir", str(input_dir),
                "--output_dir", output_dir, "--model", str(model), "--batch_size", str(batch_size),
-               "--num_workers", str(num_workers), "--dtype", dtype, "--limit", str(limit)]
+               "--num_workers", str(num_workers), "--dtype", dtype, "--limit", str(limit), *extra_args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     _, status, usage = os.wait4(process.pid, 0)
@@ -132,6 +132,14 @@ def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype):
     if process.returncode != 0 or match is None:
         raise RuntimeError(f"the end-to-end run failed (exit {process.returncode}):\n{stderr}")
     return float(match.group(1)), usage.ru_maxrss / 1024, Path(output_dir)
+
+
+def flip_figures(model, input_dir, limit, batch_size, num_workers, dtype, end_to_end):
+    """End to end with --flip on the same images: images/s, and its ratio to the plain run. The decode is
+    shared and the model runs on the doubled batch, so on a GPU the ratio is the model's share of the time."""
+    rate, _, output_dir = measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype, ("--flip",))
+    subprocess.run(["rm", "-rf", str(output_dir)], check=False)
+    return {"end_to_end_flip": rate, "flip_over_plain": rate / end_to_end}
 
 
 def straightforward_extract(model_name, input_dir, names, output_dir, batch_size, device, dtype):
@@ -189,6 +197,7 @@ def get_args_parser():
     parser.add_argument("--baseline", action="store_true",
                         help="also run the straightforward version and compare speed and values")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--flip", action="store_true", help="also run end to end with --flip: what the twins cost")
     add_reader_arguments(parser)
     return parser
 
@@ -240,6 +249,8 @@ def main(args):
                                                               num_workers, dtype)
         figures["end_to_end"], figures["peak_rss_mib"] = end_to_end, peak_rss
         figures["ideal"] = ideal_rate(figures["model_bound"], figures["decode_bound"], device)
+        if args.flip:
+            figures.update(flip_figures(model, input_dir, len(names), batch_size, num_workers, dtype, end_to_end))
         for name in ("decode_bound", "model_bound", "ideal"):
             figures[f"end_to_end_over_{name}"] = end_to_end / figures[name]
         if args.baseline:
@@ -272,6 +283,9 @@ def format_table(figures):
             ("end to end / model", f"{figures['end_to_end_over_model_bound']:.2f}", ""),
             ("end to end / ideal", f"{figures['end_to_end_over_ideal']:.2f}", ""),
             ("peak RSS", f"{figures['peak_rss_mib']:.0f} MiB", "main process of the end-to-end run")]
+    if "end_to_end_flip" in figures:
+        rows += [("end to end --flip", f"{figures['end_to_end_flip']:.1f} images/s", "the image and its mirror, one file"),
+                 ("--flip / plain", f"{figures['flip_over_plain']:.2f}", "decode shared, model on the doubled batch")]
     if "baseline" in figures:
         rows += [("baseline", f"{figures['baseline']:.1f} images/s", "processor in the loop, inline save"),
                  ("end to end / baseline", f"{figures['end_to_end_over_baseline']:.2f}", ""),
