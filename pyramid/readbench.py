@@ -7,7 +7,8 @@ Rows, each over the same items in the same shuffled order, in one process unless
 the raw read() bound of the files, torch.load, the PyramidDataset of before this reader (torch.load
 with mmap, then a clone per level), PyramidDataset from the files, the raw pread() bound of the pack
 rows an item is made of, PyramidDataset from the pack, and the DataLoader a training loop uses
-(collate_fn=PyramidDataset.collate; the before row with the default collate, as it was used).
+(collate_fn=PyramidDataset.collate; the before row with the default collate, as it was used), timed
+on its second epoch with persistent workers, as training runs.
 Rounds are interleaved (each round runs every row once, in a rotated order) and the median is
 reported, so a machine that is busy in bursts slows every row alike.
 """
@@ -72,8 +73,13 @@ def _per_item(function, order):
 
 
 def _through_loader(dataset, batch_size, num_workers, seed, collate_fn=None):
+    """Items/s of the second epoch of a DataLoader with persistent workers: training's steady state,
+    without the start of the workers."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed), collate_fn=collate_fn)
+                                         generator=torch.Generator().manual_seed(seed), collate_fn=collate_fn,
+                                         persistent_workers=num_workers > 0)
+    for _ in loader:
+        pass
     started = time.perf_counter()
     count = sum(len(batch["name"]) for batch in loader)
     return count / (time.perf_counter() - started)
@@ -113,12 +119,13 @@ def reader_rows(root, items, rounds, batch_size, num_workers):
         "raw pread(), pack rows": (lambda: _per_item(read_pack_rows, order), row_bytes),
         "PyramidDataset, pack": (lambda: _per_item(pack_dataset.__getitem__, order), row_bytes),
     }
-    loader_note = f"DataLoader(batch {batch_size}, {num_workers} workers)"
-    for name, dataset, size, collate_fn in (("before", before, file_bytes, None),
-                                            ("files", files_dataset, file_bytes, PyramidDataset.collate),
-                                            ("pack", pack_dataset, row_bytes, PyramidDataset.collate)):
-        rows[f"{loader_note}, {name}"] = (lambda dataset=dataset, collate_fn=collate_fn: _through_loader(
-            subset(dataset, order), batch_size, num_workers, 0, collate_fn), size)
+    for workers in sorted({0, num_workers}):
+        for name, dataset, size, collate_fn in (("before", before, file_bytes, None),
+                                                ("files", files_dataset, file_bytes, PyramidDataset.collate),
+                                                ("pack", pack_dataset, row_bytes, PyramidDataset.collate)):
+            rows[f"DataLoader(batch {batch_size}, {workers} workers), {name}"] = (
+                lambda dataset=dataset, collate_fn=collate_fn, workers=workers: _through_loader(
+                    subset(dataset, order), batch_size, workers, 0, collate_fn), size)
     for function, _ in rows.values():  # warm-up: every byte in the page cache, every code path loaded
         function()
     rates = {name: [] for name in rows}
