@@ -5,11 +5,11 @@
 
 pack/ holds `<level>.npy` per level (`flip/<level>.npy` for flip levels), float32 [N, s*s, D] in the
 sorted-name order of the files, memory-mappable with numpy.load(mmap_mode="r"), and pack.json: the
-names, and per file what identifies its version cheaply (size, mtime_ns, inode), and the manifest.
+names, and per file what identifies its version cheaply (size, mtime_ns), and the manifest.
 A pack is current while the tree's .pt files and manifest are still exactly those: one os.stat per
-file at open time, no file read. A file added, removed or rewritten (the extractor replaces a file by
-a rename, so it gets a new inode and mtime) or another manifest makes it stale, and a stale pack is
-never served: PyramidDataset reads the files, and the next pack rebuilds it.
+file at open time, no file read. A file added, removed or rewritten (the extractor writes a new file
+and renames it into place, so its mtime is the time of that write) or another manifest makes it
+stale, and a stale pack is never served: PyramidDataset reads the files, and the next pack rebuilds it.
 
 The pack is built in a hidden temporary directory beside it and renamed into place once complete,
 so a killed pack leaves the previous pack (or none), never a partial one that looks complete.
@@ -34,12 +34,13 @@ OLD_PREFIX = ".pack-old.tmp."
 
 
 def file_records(root, relative_paths):
-    """[[relative path, size, mtime_ns, inode], ...] for the files, in the given order: what tells one
-    version of a file from another without reading it."""
+    """[[relative path, size, mtime_ns], ...] for the files, in the given order: what tells one version
+    of a file from another without reading it. Not the inode: a copy that keeps mtimes (cp -a, rsync -a)
+    of the tree with its pack to a training machine keeps the pack current."""
     records = []
     for relative in relative_paths:
         status = os.stat(os.path.join(root, relative))
-        records.append([relative, status.st_size, status.st_mtime_ns, status.st_ino])
+        records.append([relative, status.st_size, status.st_mtime_ns])
     return records
 
 
