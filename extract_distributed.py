@@ -33,6 +33,9 @@ def get_args_parser():
                         help="the dtype the model computes in: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, "
                              "fp32; files hold fp32 whatever it is")
     parser.add_argument("--overwrite", action="store_true", help="recompute and replace existing files")
+    parser.add_argument("--flip", action="store_true",
+                        help="also store the pyramid of the image mirrored left-right, as flip/{s}x{s} levels "
+                             "in the same file (one forward pass of the doubled batch)")
     return parser
 
 

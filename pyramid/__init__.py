@@ -15,9 +15,13 @@ Module map, one stage a module:
     run.py       the run loop: accelerate state, DataLoader, encode, pool, write, summary
     prepare.py   download / copy an FFHQ or CelebA-HQ subset into data/raw_images/
     verify.py    check a finished output tree
-    dataset.py   PyramidDataset, the reader for the training phase
+    dataset.py   PyramidDataset, the reader for the training phase (files or pack, normalised, flipped)
+    reader.py    read the levels of one pyramid file fast, by its own bytes (no torch.load)
+    pack.py      the packed copy for fast training reads: one [N, s*s, D] array per level, kept current
+    stats.py     exact float64 per-channel and per-position statistics for normalising (stats.pt)
     show.py      PCA->RGB pictures of a pyramid
     bench.py     decode bound, model bound and end-to-end throughput side by side
+    readbench.py the reader figures of bench.py (--reader): raw read, torch.load, files, pack side by side
     cli.py       what the tools' command lines share: help layout, command names, console commands
 """
 

@@ -3,6 +3,7 @@ and (with --baseline) the straightforward version that the peers ship.
 
     python -m pyramid.bench --model facebook/dinov2-base --input_dir data/raw_images --limit 256
     python -m pyramid.bench --random base --synthetic 64 --baseline     # no weights, no data needed
+    python -m pyramid.bench --reader --synthetic_tree 2000              # the training-side readers
 """
 
 import json
@@ -112,7 +113,7 @@ def measure_model(encoder, batch_size, count):
     return batches * batch_size / (time.perf_counter() - started)
 
 
-def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype):
+def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype, extra_args=()):
     """The real job, `python extract_distributed.py`, into a temporary directory.
 
     Returns (images/s while encoding, as its summary line reports, peak RSS of its main process in MiB,
@@ -121,7 +122,7 @@ def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype):
     output_dir = tempfile.mkdtemp(prefix="pyramid-bench-")
     command = [sys.executable, str(REPO / "extract_distributed.py"), "--input_dir", str(input_dir),
                "--output_dir", output_dir, "--model", str(model), "--batch_size", str(batch_size),
-               "--num_workers", str(num_workers), "--dtype", dtype, "--limit", str(limit)]
+               "--num_workers", str(num_workers), "--dtype", dtype, "--limit", str(limit), *extra_args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     _, status, usage = os.wait4(process.pid, 0)
@@ -131,6 +132,14 @@ def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype):
     if process.returncode != 0 or match is None:
         raise RuntimeError(f"the end-to-end run failed (exit {process.returncode}):\n{stderr}")
     return float(match.group(1)), usage.ru_maxrss / 1024, Path(output_dir)
+
+
+def flip_figures(model, input_dir, limit, batch_size, num_workers, dtype, end_to_end):
+    """End to end with --flip on the same images: images/s, and its ratio to the plain run. The decode is
+    shared and the model runs on the doubled batch, so on a GPU the ratio is the model's share of the time."""
+    rate, _, output_dir = measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype, ("--flip",))
+    subprocess.run(["rm", "-rf", str(output_dir)], check=False)
+    return {"end_to_end_flip": rate, "flip_over_plain": rate / end_to_end}
 
 
 def straightforward_extract(model_name, input_dir, names, output_dir, batch_size, device, dtype):
@@ -171,13 +180,23 @@ def min_cosine(dir_a, dir_b, names):
     return lowest
 
 
+def add_reader_arguments(parser):
+    group = parser.add_argument_group("reader figures (--reader): how fast training reads an output tree")
+    group.add_argument("--reader", action="store_true", help="measure the readers instead of the extraction")
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--tree", type=Path, help="an output tree to read (a pack is built in it if it has none)")
+    source.add_argument("--synthetic_tree", type=int, metavar="N", help="make N base-size pyramids (D=768) to read")
+    group.add_argument("--reader_items", type=int, default=1000, help="items read per row and round")
+    group.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+
+
 def get_args_parser():
     parser = argument_parser(command_name("pyramid.bench"), __doc__)
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()  # one of them is required, unless --reader
     source.add_argument("--model", help="hub id or save_pretrained directory, as for extract_distributed.py")
     source.add_argument("--random", choices=sorted(RANDOM_SIZES),
                         help="a random-weight DINOv2 of this size (no download): the speed is the same")
-    images = parser.add_mutually_exclusive_group(required=True)
+    images = parser.add_mutually_exclusive_group()  # one of them is required, unless --reader
     images.add_argument("--input_dir", help="images to measure on")
     images.add_argument("--synthetic", type=int, metavar="N", help="make N real-looking 1024x1024 PNGs")
     parser.add_argument("--limit", type=int, default=256, help="measure on the first N images")
@@ -191,6 +210,8 @@ def get_args_parser():
     parser.add_argument("--baseline", action="store_true",
                         help="also run the straightforward version and compare speed and values")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--flip", action="store_true", help="also run end to end with --flip: what the twins cost")
+    add_reader_arguments(parser)
     return parser
 
 
@@ -203,6 +224,13 @@ def ideal_rate(model_rate, decode_rate, device):
 
 
 def main(args):
+    if args.reader:
+        from pyramid.readbench import reader_main
+
+        return reader_main(args)
+    if (args.model, args.random) == (None, None) or (args.input_dir, args.synthetic) == (None, None):
+        print("error: one of --model/--random and one of --input_dir/--synthetic are required", file=sys.stderr)
+        return exits.USAGE
     if args.input_dir is not None and not Path(args.input_dir).is_dir():
         print(f"error: --input_dir {args.input_dir} does not exist", file=sys.stderr)
         return exits.USAGE
@@ -236,6 +264,8 @@ def main(args):
                                                               num_workers, dtype)
         figures["end_to_end"], figures["peak_rss_mib"] = end_to_end, peak_rss
         figures["ideal"] = ideal_rate(figures["model_bound"], figures["decode_bound"], device)
+        if args.flip:
+            figures.update(flip_figures(model, input_dir, len(names), batch_size, num_workers, dtype, end_to_end))
         for name in ("decode_bound", "model_bound", "ideal"):
             figures[f"end_to_end_over_{name}"] = end_to_end / figures[name]
         if args.baseline:
@@ -268,6 +298,9 @@ def format_table(figures):
             ("end to end / model", f"{figures['end_to_end_over_model_bound']:.2f}", ""),
             ("end to end / ideal", f"{figures['end_to_end_over_ideal']:.2f}", ""),
             ("peak RSS", f"{figures['peak_rss_mib']:.0f} MiB", "main process of the end-to-end run")]
+    if "end_to_end_flip" in figures:
+        rows += [("end to end --flip", f"{figures['end_to_end_flip']:.1f} images/s", "the image and its mirror, one file"),
+                 ("--flip / plain", f"{figures['flip_over_plain']:.2f}", "decode shared, model on the doubled batch")]
     if "baseline" in figures:
         rows += [("baseline", f"{figures['baseline']:.1f} images/s", "processor in the loop, inline save"),
                  ("end to end / baseline", f"{figures['end_to_end_over_baseline']:.2f}", ""),

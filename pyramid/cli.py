@@ -11,6 +11,8 @@ COMMANDS = {
     "pyramid-verify": "pyramid.verify",
     "pyramid-show": "pyramid.show",
     "pyramid-bench": "pyramid.bench",
+    "pyramid-stats": "pyramid.stats",
+    "pyramid-pack": "pyramid.pack",
 }
 
 
@@ -63,6 +65,14 @@ def show():
 
 def bench():
     run_tool("pyramid.bench")
+
+
+def stats():
+    run_tool("pyramid.stats")
+
+
+def pack():
+    run_tool("pyramid.pack")
 
 
 class LazyModule:

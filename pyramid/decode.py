@@ -137,15 +137,28 @@ class Preprocess:
     same two Pillow calls are made directly, skipping the processor's three array conversions (about
     a tenth of a worker's time per 1024x1024 image). That path is used only after it has given the
     processor's exact pixels on PROBE_SIZES; otherwise, and for any other processor, it is the processor.
+
+    With `flip`, a call returns (2, 3, H, W): the image and the image mirrored left-right, each through
+    the whole processor. The mirror is taken of the decoded image, before the resize and crop: a centre
+    crop with an odd margin (offset rounded down) is not the mirror of the mirrored image's crop, so
+    mirroring the crop would not be the pixels the processor makes of a mirrored file. The file is
+    decoded once either way.
     """
 
-    def __init__(self, processor):
+    def __init__(self, processor, flip=False):
         self.processor = processor
+        self.flip = flip
         self.direct = self._direct_plan(processor)
         if self.direct is not None and not self._direct_agrees():
             self.direct = None
 
     def __call__(self, image):
+        if self.flip:
+            mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return torch.stack([self._one(image), self._one(mirrored)])  # (2, 3, H, W)
+        return self._one(image)
+
+    def _one(self, image):
         if self.direct is not None:
             return self._resize_and_crop(image)
         pixels = self.processor(images=image, do_rescale=False, do_normalize=False,
@@ -216,14 +229,18 @@ class ImageDataset(torch.utils.data.Dataset):
 def collate(items):
     """Stack the good images of a batch; pass the failures through.
 
-    Returns (indices (N,), pixels (N, 3, H, W) or None, [(index, message), ...]).
+    Returns (indices (N,), pixels (N, 3, H, W) or None, [(index, message), ...]). With flipped twins
+    (items of (2, 3, H, W)) pixels are (2N, 3, H, W): the N images, then their N mirrors in the same order.
     """
     good = [(index, pixels) for index, pixels, error in items if error is None]
     failures = [(index, error) for index, _, error in items if error is not None]
     if not good:
         return torch.empty(0, dtype=torch.long), None, failures
     indices = torch.tensor([index for index, _ in good], dtype=torch.long)
-    return indices, torch.stack([pixels for _, pixels in good]), failures
+    pixels = torch.stack([pixels for _, pixels in good])  # (N, 3, H, W) or (N, 2, 3, H, W)
+    if pixels.dim() == 5:
+        pixels = pixels.transpose(0, 1).reshape(-1, *pixels.shape[2:])  # (2N, 3, H, W)
+    return indices, pixels, failures
 
 
 def worker_init(_worker_id):

@@ -23,12 +23,13 @@ def package_versions():
             "pillow": PIL.__version__}
 
 
-def build_manifest(model, revision, dtype, crop_size, patch_size, levels, hidden_size, num_register_tokens):
+def build_manifest(model, revision, dtype, crop_size, patch_size, levels, hidden_size, num_register_tokens,
+                   flip=False):
     """The manifest of a run: the settings that decide every value in its files."""
     return {"format": FORMAT_VERSION, "model": model, "revision": revision, "dtype": dtype,
             "crop_size": crop_size, "patch_size": patch_size, "grid_size": crop_size // patch_size,
             "levels": list(levels), "hidden_size": hidden_size,
-            "num_register_tokens": num_register_tokens, "versions": package_versions()}
+            "num_register_tokens": num_register_tokens, "flip": flip, "versions": package_versions()}
 
 
 def read_manifest(output_dir):
@@ -36,7 +37,10 @@ def read_manifest(output_dir):
     path = Path(output_dir) / MANIFEST_NAME
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if isinstance(manifest, dict):
+        manifest.setdefault("flip", False)  # written before --flip existed: no flip/ levels
+    return manifest
 
 
 def manifest_differences(existing, wanted):

@@ -11,6 +11,8 @@ from pathlib import Path, PurePosixPath
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 OUTPUT_SUFFIX = ".pt"
 TEMPORARY_MARK = ".tmp."
+# Files at the top of an output tree that are not pyramids (pyramid.stats writes it).
+NOT_PYRAMIDS = frozenset({"stats.pt"})
 # A temporary from another machine is taken as abandoned once it is this old.
 FOREIGN_TEMPORARY_SECONDS = 600
 
@@ -129,7 +131,7 @@ def scan_outputs(output_dir):
         for name in files:
             if is_temporary_name(name):
                 temporaries.append(os.path.join(directory, name))
-            elif name.endswith(OUTPUT_SUFFIX):
+            elif name.endswith(OUTPUT_SUFFIX) and not (relative_dir == "." and name in NOT_PYRAMIDS):
                 finished.add(name if relative_dir == "." else f"{relative_dir}/{name}".replace(os.sep, "/"))
     return finished, temporaries
 

@@ -61,6 +61,17 @@ def build_pyramid(patches, grid_size):
     return levels
 
 
+def split_twins(levels):
+    """A batch of B images followed by their B mirrors -> the levels of the B images and their flip/ twins.
+
+    {"16x16": (2B, 256, D), ...} -> {"16x16": (B, 256, D), ..., "flip/16x16": (B, 256, D), ...}
+    """
+    half = next(iter(levels.values())).shape[0] // 2
+    twins = {key: value[:half] for key, value in levels.items()}
+    twins.update({f"flip/{key}": value[half:] for key, value in levels.items()})
+    return twins
+
+
 def split_pyramids(levels):
     """Split a batched pyramid into one dict per image, each value (1, S*S, D) float32.
 

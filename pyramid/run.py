@@ -17,7 +17,7 @@ from pyramid.exits import UsageError
 from pyramid.manifest import build_manifest, manifest_differences, read_manifest, write_manifest
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_images, images_to_do, output_path_for,
                            remove_abandoned_temporaries, scan_outputs)
-from pyramid.pool import build_pyramid, level_key, pyramid_sizes
+from pyramid.pool import build_pyramid, level_key, pyramid_sizes, split_twins
 from pyramid.progress import Progress, format_duration, log
 from pyramid.shard import shard_for_rank
 from pyramid.team import Team
@@ -99,7 +99,7 @@ def plan_run(args, info, dtype):
 
     levels = [level_key(size) for size in pyramid_sizes(info.grid_size)]
     manifest = build_manifest(info.name, info.revision, dtype, info.crop_size, info.patch_size, levels,
-                              info.hidden_size, info.num_register_tokens)
+                              info.hidden_size, info.num_register_tokens, flip=args.flip)
     existing = read_manifest(output_dir)
     if existing is not None and not args.overwrite:
         differences = manifest_differences(existing, manifest)
@@ -221,7 +221,7 @@ def _run(args, state, team, signals, started):
     team.start_heartbeat(on_beat=lambda: _publish_progress(team, tally, progress))
     try:
         if share:
-            preprocess = Preprocess(plan.processor)
+            preprocess = Preprocess(plan.processor, flip=args.flip)
             encoder = Encoder(plan.model_info, preprocess.normaliser(device), device, dtype)
             tally.writer = Writer(args.output_dir)
             tally.encoding_started = time.monotonic()
@@ -315,6 +315,8 @@ def _encode_share(input_dir, output_dir, share, preprocess, encoder, tally, team
             log(f"failed: {share[index]}: {message}", progress)
         if pixels is not None:
             levels = build_pyramid(encoder(pixels), grid_size)  # {"16x16": (B, 256, D), ...} fp32
+            if preprocess.flip:  # one forward pass of the 2B images and their mirrors
+                levels = split_twins(levels)  # {"16x16": (B, 256, D), ..., "flip/16x16": (B, 256, D), ...}
             tally.writer.submit_batch([output_path_for(share[i]) for i in indices.tolist()],
                                       {key: value.cpu() for key, value in levels.items()})
         if signals.signum is not None:

@@ -1,4 +1,5 @@
-"""Check a finished output tree: every file loads, matches manifest.json, is finite and pools consistently."""
+"""Check a finished output tree: every file loads, matches manifest.json, is finite and pools consistently,
+and a pack under it holds the files' values."""
 
 import json
 import os
@@ -22,6 +23,12 @@ torch = LazyModule("torch")  # loaded by the first check, so --help and bad argu
 # |error| <= ATOL + RTOL * mean(|finer block|). Orders of magnitude above rounding, far below a wrong level.
 ATOL, RTOL = 1e-5, 1e-4
 PROBLEMS_FOUND = 1  # the exit status when the tree is not as the contract says
+FLIP_PREFIX = "flip/"
+
+
+def with_flip(levels, flip):
+    """The keys a file holds: the levels, then their flip/ twins when the run had --flip."""
+    return list(levels) + [FLIP_PREFIX + level for level in levels] if flip else list(levels)
 
 
 def pool_2x2(level, side):
@@ -34,7 +41,8 @@ def pool_2x2(level, side):
 def check_pyramid(pyramid, levels, hidden_size):
     """Problems with one loaded pyramid, as sentences; [] when it is as the contract says.
 
-    `levels` are the names it must have, finest first, and `hidden_size` is D: each value must be a
+    `levels` are the names it must have, finest first (then the flip/ twins, finest first, where the
+    files have them: checked the same way), and `hidden_size` is D: each value must be a
     contiguous float32 tensor of shape [1, s*s, D] owning only its storage, finite, and each level
     the 2x2 mean of the one before it.
     """
@@ -50,7 +58,7 @@ def check_pyramid(pyramid, levels, hidden_size):
     good = {}  # the levels fit for the 2x2 check
     for level in levels:
         tensor = pyramid.get(level)
-        side = level_side(level)
+        side = level_side(level.removeprefix(FLIP_PREFIX)) if isinstance(level, str) else None
         if tensor is None or side is None:
             continue
         if not isinstance(tensor, torch.Tensor):
@@ -98,6 +106,8 @@ def check_manifest(manifest):
         problems.append(f"grid_size is {grid_size!r}, not a positive integer")
     elif manifest.get("levels") != (levels := [level_key(size) for size in pyramid_sizes(grid_size)]):
         problems.append(f"levels are {manifest.get('levels')!r}, expected {levels} for grid_size {grid_size}")
+    if manifest.get("flip", False) not in (True, False):
+        problems.append(f"flip is {manifest.get('flip')!r}, not true or false")
     return problems
 
 
@@ -112,7 +122,7 @@ def manifest_layout(output_dir):
     problems = check_manifest(manifest)
     if problems:
         return None, None, problems
-    return manifest["levels"], manifest["hidden_size"], []
+    return with_flip(manifest["levels"], manifest.get("flip", False)), manifest["hidden_size"], []
 
 
 def layout_of(pyramid):
@@ -121,6 +131,7 @@ def layout_of(pyramid):
         return [], None
     levels = sorted((key for key in pyramid if level_side(key)),
                     key=level_side, reverse=True)
+    levels = with_flip(levels, any(isinstance(key, str) and key.startswith(FLIP_PREFIX) for key in pyramid))
     first = pyramid.get(levels[0]) if levels else None
     hidden_size = first.shape[-1] if isinstance(first, torch.Tensor) and first.dim() > 0 else None
     return levels, hidden_size
@@ -139,6 +150,48 @@ def load_and_check(path, levels, hidden_size):
             return ["holds no '{s}x{s}' levels"], layout
         levels, hidden_size = layout
     return check_pyramid(pyramid, levels, hidden_size), layout
+
+
+def check_pack(output_dir):
+    """(compare, problems) for OUTPUT_DIR/pack: compare(relative path) lists where a file's levels differ
+    from its rows in a current pack (None when there is no pack to compare); problems of the pack itself."""
+    import numpy as np
+
+    from pyramid.pack import RECORD_NAME, level_path, pack_dir, read_record, staleness, tree_state
+    from pyramid.reader import read_pyramid
+
+    directory = pack_dir(output_dir)
+    if not directory.exists():
+        return None, []
+    rerun = f"rerun python -m pyramid.pack {output_dir}"
+    record = read_record(output_dir)
+    if record is None:
+        return None, [(directory, f"has no readable {RECORD_NAME}; {rerun}")]
+    reasons = staleness(record, *tree_state(output_dir))
+    if reasons:
+        return None, [(directory, f"is stale, so never read ({'; '.join(reasons)}); {rerun}")]
+    arrays, problems = {}, []
+    for level in record["levels"]:
+        path = level_path(directory, level)
+        try:
+            array = np.load(path, mmap_mode="r")  # (N, s*s, D)
+        except (OSError, ValueError) as error:
+            problems.append((path, f"cannot be read ({error}); {rerun}"))
+            continue
+        if array.dtype != np.float32 or list(array.shape) != record["shapes"][level]:
+            problems.append((path, f"holds {array.dtype} {list(array.shape)}, pack.json says float32 "
+                                   f"{record['shapes'][level]}; {rerun}"))
+            continue
+        arrays[level] = array
+    rows = {entry[0]: index for index, entry in enumerate(record["files"])}
+
+    def compare(relative):
+        pyramid, _ = read_pyramid(Path(output_dir) / relative, list(arrays))
+        return [f"{level} differs from its row {rows[relative]} in {level_path(directory, level)}; {rerun}"
+                for level, array in arrays.items()
+                if level in pyramid and not np.array_equal(array[rows[relative]], pyramid[level][0].numpy())]
+
+    return compare, problems
 
 
 def read_failures(output_dir):
@@ -208,8 +261,14 @@ def main(args):
         problems += [(output_dir / relative, "no image for this file") for relative in orphans]
         bad_files.update(orphans)
 
+    compare_with_pack, pack_problems = check_pack(output_dir)
+    problems += pack_problems
+
     def check(relative):
-        return load_and_check(output_dir / relative, levels, hidden_size)
+        file_problems, layout = load_and_check(output_dir / relative, levels, hidden_size)
+        if compare_with_pack is not None and not file_problems:
+            file_problems = compare_with_pack(relative)
+        return file_problems, layout
 
     layouts = {}  # relative path -> (levels, hidden size) the file claims
     with ThreadPoolExecutor(args.workers) as pool:

@@ -40,3 +40,19 @@ def test_bench_reports_positive_consistent_figures():
     assert figures["ideal"] < min(figures["decode_bound"], figures["model_bound"])
     assert 50 < figures["peak_rss_mib"] < 8192
     assert figures["min_cosine_vs_baseline"] >= 0.9999  # our files equal the straightforward computation
+
+
+def test_reader_figures_side_by_side_on_a_synthetic_tree():
+    result = subprocess.run(
+        [sys.executable, "-m", "pyramid.bench", "--reader", "--synthetic_tree", "12", "--reader_items", "12",
+         "--rounds", "1", "--num_workers", "0", "--batch_size", "4", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["files"] == 12 and figures["levels"] == 5 and 1.0 < figures["file_mb"] < 1.1
+    assert 1.0 < figures["pack_gb"] * 1000 / 12 < 1.1  # the pack takes what the files take
+    rows = figures["rows"]
+    assert {"raw read(), files", "torch.load, files", "PyramidDataset before (mmap + clone)", "PyramidDataset, files",
+            "raw pread(), pack rows", "PyramidDataset, pack"} <= set(rows)
+    for name, (rate, size) in rows.items():
+        assert 0 < rate < 1e7 and 1.0e6 < size < 1.1e6, name

@@ -22,6 +22,8 @@ TOOLS = {
     "python -m pyramid.verify": ["/no/such/dir"],
     "python -m pyramid.show": ["/no/such/file.pt"],
     "python -m pyramid.bench": ["--random", "tiny", "--input_dir", "/no/such/dir"],
+    "python -m pyramid.stats": ["/no/such/dir"],
+    "python -m pyramid.pack": ["/no/such/dir"],
 }
 
 

@@ -204,3 +204,15 @@ def test_a_manifest_with_inconsistent_levels(tmp_path, capsys):
 def test_bad_arguments_exit_2(tmp_path, capsys, args, message):
     assert main(get_args_parser().parse_args([arg.format(tmp=tmp_path) for arg in args])) == 2
     assert capsys.readouterr().err.startswith(message.format(tmp=tmp_path))
+
+
+def test_check_pyramid_checks_flip_levels_like_the_others():
+    flipped = {f"flip/{level}": tensor for level, tensor in make_pyramid(1).items()}
+    pyramid = {**make_pyramid(0), **flipped}
+    levels = LEVELS + [f"flip/{level}" for level in LEVELS]
+    assert check_pyramid(pyramid, levels, HIDDEN) == []
+    assert check_pyramid(make_pyramid(0), levels, HIDDEN) == [f"missing level(s) {levels[5:]}"]
+    assert check_pyramid(pyramid, LEVELS, HIDDEN) == [f"unexpected key(s) {levels[5:]}"]
+    pyramid["flip/4x4"] = pyramid["flip/4x4"] + 0.1
+    problems = [problem.split(" (")[0] for problem in check_pyramid(pyramid, levels, HIDDEN)]
+    assert problems == ["flip/4x4 is not the 2x2 mean of flip/8x8", "flip/2x2 is not the 2x2 mean of flip/4x4"]

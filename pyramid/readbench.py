@@ -1,0 +1,199 @@
+"""The reader figures of pyramid.bench: how fast the training phase reads an output tree, side by side.
+
+    python -m pyramid.bench --reader --synthetic_tree 2000      # base-size pyramids it makes (D=768)
+    python -m pyramid.bench --reader --tree data/feature_pyramids
+
+Rows, each over the same items in the same shuffled order, in one process unless it says DataLoader:
+the raw read() bound of the files, torch.load, the PyramidDataset of before this reader (torch.load
+with mmap, then a clone per level), PyramidDataset from the files, the raw pread() bound of the pack
+rows an item is made of, PyramidDataset from the pack, and the DataLoader a training loop uses
+(collate_fn=PyramidDataset.collate; the before row with the default collate, as it was used), timed
+on its second epoch with persistent workers, as training runs.
+Rounds are interleaved (each round runs every row once, in a rotated order) and the median is
+reported, so a machine that is busy in bursts slows every row alike.
+"""
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def write_synthetic_tree(directory, count, grid=16, hidden=768, flip=False, seed=0):
+    """`count` pyramids as the extractor writes them (random 16x16 level, true 2x2 means below), with a
+    manifest; flip/ twins (the 16x16 grid mirrored) with `flip`. Returns the directory."""
+    from pyramid.manifest import build_manifest, write_manifest
+    from pyramid.pool import build_pyramid, level_key, pyramid_sizes, split_pyramids, split_twins
+    from pyramid.writer import save_atomic
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    levels = [level_key(size) for size in pyramid_sizes(grid)]
+    write_manifest(directory, build_manifest("synthetic", None, "fp32", grid * 14, 14, levels, hidden, 0, flip=flip))
+    generator = torch.Generator().manual_seed(seed)
+    for index in range(count):
+        patches = torch.randn(1, grid * grid, hidden, generator=generator)  # (1, G*G, D)
+        if flip:
+            mirrored = patches.reshape(1, grid, grid, hidden).flip(2).reshape(1, grid * grid, hidden)
+            pyramid = split_twins(build_pyramid(torch.cat([patches, mirrored]), grid))
+        else:
+            pyramid = build_pyramid(patches, grid)
+        save_atomic(split_pyramids(pyramid)[0], directory / f"{index:05d}.pt")
+    return directory
+
+
+class BeforeDataset(torch.utils.data.Dataset):
+    """PyramidDataset as it was before pyramid.reader: torch.load with mmap, then a clone per level."""
+
+    def __init__(self, root, files, levels):
+        self.root, self.files, self.levels = Path(root), files, levels
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        pyramid = torch.load(self.root / self.files[index], weights_only=True, mmap=True)
+        item = {"name": self.files[index].removesuffix(".pt")}
+        for level in self.levels:
+            item[level] = pyramid[level][0].clone()  # (s*s, D)
+        return item
+
+
+def _per_item(function, order):
+    started = time.perf_counter()
+    for index in order:
+        function(index)
+    return len(order) / (time.perf_counter() - started)
+
+
+def _through_loader(dataset, batch_size, num_workers, seed, collate_fn=None):
+    """Items/s of the second epoch of a DataLoader with persistent workers: training's steady state,
+    without the start of the workers."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed), collate_fn=collate_fn,
+                                         persistent_workers=num_workers > 0)
+    for _ in loader:
+        pass
+    started = time.perf_counter()
+    count = sum(len(batch["name"]) for batch in loader)
+    return count / (time.perf_counter() - started)
+
+
+def reader_rows(root, items, rounds, batch_size, num_workers):
+    """{row: (items/s, bytes per item)}: medians over interleaved rounds (see the module docstring)."""
+    from pyramid.dataset import PyramidDataset
+    from pyramid.pack import level_path, pack_dir
+
+    files_dataset = PyramidDataset(root, pack=False)
+    pack_dataset = PyramidDataset(root, pack=True)
+    levels, files = files_dataset.levels, files_dataset.files
+    paths = [os.path.join(root, relative) for relative in files]
+    order = np.random.default_rng(0).permutation(len(files))[:items].tolist()
+    file_bytes = int(np.mean([os.path.getsize(paths[i]) for i in order]))
+    layout = pack_dataset._pack  # {level: (path, offset of row 0, bytes per row, shape)}
+    pack_fds = {level: os.open(level_path(pack_dir(root), level), os.O_RDONLY) for level in levels}
+    row_bytes = sum(layout[level][2] for level in levels)
+    before = BeforeDataset(root, files, levels)
+    subset = torch.utils.data.Subset
+
+    def read_file(index):
+        with open(paths[index], "rb", buffering=0) as file:
+            file.read()
+
+    def read_pack_rows(index):
+        for level in levels:
+            _, offset, size, _ = layout[level]
+            os.pread(pack_fds[level], size, offset + index * size)
+
+    rows = {
+        "raw read(), files": (lambda: _per_item(read_file, order), file_bytes),
+        "torch.load, files": (lambda: _per_item(lambda i: torch.load(paths[i], weights_only=True), order), file_bytes),
+        "PyramidDataset before (mmap + clone)": (lambda: _per_item(before.__getitem__, order), file_bytes),
+        "PyramidDataset, files": (lambda: _per_item(files_dataset.__getitem__, order), file_bytes),
+        "raw pread(), pack rows": (lambda: _per_item(read_pack_rows, order), row_bytes),
+        "PyramidDataset, pack": (lambda: _per_item(pack_dataset.__getitem__, order), row_bytes),
+    }
+    for workers in sorted({0, num_workers}):
+        for name, dataset, size, collate_fn in (("before", before, file_bytes, None),
+                                                ("files", files_dataset, file_bytes, PyramidDataset.collate),
+                                                ("pack", pack_dataset, row_bytes, PyramidDataset.collate)):
+            rows[f"DataLoader(batch {batch_size}, {workers} workers), {name}"] = (
+                lambda dataset=dataset, collate_fn=collate_fn, workers=workers: _through_loader(
+                    subset(dataset, order), batch_size, workers, 0, collate_fn), size)
+    for function, _ in rows.values():  # warm-up: every byte in the page cache, every code path loaded
+        function()
+    rates = {name: [] for name in rows}
+    names = list(rows)
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            rates[name].append(rows[name][0]())
+    for fd in pack_fds.values():
+        os.close(fd)
+    return {name: (statistics.median(rates[name]), rows[name][1]) for name in names}
+
+
+def format_reader_table(figures):
+    header = (f"{figures['items']} items of {figures['files']} files ({figures['file_mb']:.2f} MB each, levels "
+              f"{figures['levels']}), median of {figures['rounds']} interleaved rounds; pack built in "
+              f"{figures['pack_seconds']:.1f} s, {figures['pack_gb']:.2f} GB")
+    lines = [header, f"  {'reader':<48}{'items/s':>10}{'GB/s':>8}"]
+    for name, (rate, size) in figures["rows"].items():
+        lines.append(f"  {name:<48}{rate:>10.0f}{rate * size / 1e9:>8.2f}")
+    rows = figures["rows"]
+    lines.append(f"  PyramidDataset files / before: {rows['PyramidDataset, files'][0] / rows['PyramidDataset before (mmap + clone)'][0]:.2f}x; "
+                 f"pack / raw pread of its rows: {rows['PyramidDataset, pack'][0] / rows['raw pread(), pack rows'][0]:.2f}; "
+                 f"files / raw read of the files: {rows['PyramidDataset, files'][0] / rows['raw read(), files'][0]:.2f}")
+    return "\n".join(lines)
+
+
+def reader_main(args):
+    """Entry of `python -m pyramid.bench --reader`: the table (or JSON) of reader_rows."""
+    import json
+    import shutil
+    import sys
+
+    from pyramid import exits
+    from pyramid.pack import build_pack, current_pack, pack_dir, tree_state
+
+    if (args.tree is None) == (args.synthetic_tree is None):
+        print("error: --reader needs --tree DIR or --synthetic_tree N", file=sys.stderr)
+        return exits.USAGE
+    if args.tree is not None and not args.tree.is_dir():
+        print(f"error: --tree {args.tree} is not a directory", file=sys.stderr)
+        return exits.USAGE
+    torch.set_num_threads(1)
+    scratch = None
+    try:
+        if args.tree is None:
+            scratch = Path(tempfile.mkdtemp(prefix="pyramid-readbench-"))
+            root = write_synthetic_tree(scratch / "tree", args.synthetic_tree)
+        else:
+            root = args.tree
+        manifest, records = tree_state(root)
+        if not records:
+            print(f"error: no .pt files under {root}", file=sys.stderr)
+            return exits.USAGE
+        from pyramid.pack import available_levels
+
+        levels = available_levels(root, manifest, records[0][0])
+        started = time.perf_counter()
+        if current_pack(root, manifest, records, levels)[0] is None:
+            build_pack(root, levels, workers=min(8, os.cpu_count() or 1))
+        pack_seconds = time.perf_counter() - started
+        pack_gb = sum(path.stat().st_size for path in pack_dir(root).rglob("*.npy")) / 1e9
+        num_workers = 2 if args.num_workers is None else args.num_workers
+        batch_size = args.batch_size or 64
+        rows = reader_rows(root, min(args.reader_items, len(records)), args.rounds, batch_size, num_workers)
+        figures = {"files": len(records), "items": min(args.reader_items, len(records)), "rounds": args.rounds,
+                   "file_mb": np.mean([entry[1] for entry in records]) / 1e6, "levels": len(levels),
+                   "pack_seconds": pack_seconds, "pack_gb": pack_gb, "rows": rows}
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(json.dumps(figures, indent=2) if args.json else format_reader_table(figures))
+    return exits.OK

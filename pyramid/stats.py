@@ -1,0 +1,184 @@
+"""Exact dataset statistics for normalising: per level, per channel and per position, in float64 (stats.pt).
+
+    python -m pyramid.stats data/feature_pyramids        # -> data/feature_pyramids/stats.pt
+
+stats.pt: {"count": N, "<level>": {"mean": (D,), "std": (D,), "position_mean": (s*s, D),
+"position_std": (s*s, D)}, ..., "source": {"digest": ...}}, float64, population std, for every level
+the files hold (flip/ levels included). "source" identifies the files and manifest it was computed
+from, so PyramidDataset(normalize=True) can refuse stats that no longer describe the tree.
+
+Exact and deterministic. Every float32 value is widened to float64 (exact) and shifted by the first
+file's value at the same position and channel, so the sums are of values of the order of the spread,
+not of the mean (no cancellation in sum-of-squares minus square-of-sum). The files are summed in
+sorted-name order in blocks of BLOCK files: within a block numpy adds the files one after another per
+element, and the blocks are added in order. The blocks are fixed by the file count alone, and reading
+threads only fetch, so the result is the same bits whatever the worker count, whether the files or
+the pack are read, and in whatever order the files were written. The relative rounding error of a
+float64 sum of N terms is below N * 2**-53 (1e-11 for a million files), far below float32's 6e-8.
+Per channel, the mean over positions and images is the mean of the position means (every position
+has N values), and the variance follows by the law of total variance: mean of the position
+variances plus the variance of the position means.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from pyramid import exits
+from pyramid.cli import argument_parser, command_name
+from pyramid.exits import UsageError
+
+STATS_NAME = "stats.pt"
+BLOCK = 64  # files summed per block: fixed, so the sums never depend on the worker count
+
+
+class LevelSums:
+    """Shifted float64 sums of one level over the files, added block by block."""
+
+    def __init__(self, first):
+        import numpy as np
+
+        self.shift = first.astype(np.float64)  # (s*s, D): the first file's values
+        self.sum = np.zeros_like(self.shift)  # (s*s, D)
+        self.squares = np.zeros_like(self.shift)  # (s*s, D)
+        self.count = 0
+
+    def add(self, block):
+        """block: (B, s*s, D) float32, the next B files in sorted order."""
+        import numpy as np
+
+        shifted = block.astype(np.float64) - self.shift  # (B, s*s, D)
+        self.sum += shifted.sum(axis=0)
+        self.squares += np.square(shifted, out=shifted).sum(axis=0)
+        self.count += block.shape[0]
+
+    def result(self):
+        import numpy as np
+        import torch
+
+        count = self.count
+        position_mean = self.shift + self.sum / count  # (s*s, D)
+        position_var = np.maximum(self.squares / count - np.square(self.sum / count), 0.0)  # (s*s, D)
+        mean = position_mean.mean(axis=0)  # (D,)
+        var = position_var.mean(axis=0) + np.square(position_mean - mean).mean(axis=0)  # (D,)
+        return {"mean": torch.from_numpy(mean), "std": torch.from_numpy(np.sqrt(var)),
+                "position_mean": torch.from_numpy(position_mean),
+                "position_std": torch.from_numpy(np.sqrt(position_var))}
+
+
+def _blocks_from_pack(root, record, levels):
+    """({level: (B, s*s, D) float32}) blocks of BLOCK files from a current pack, in order."""
+    import numpy as np
+
+    from pyramid.pack import level_path, pack_dir
+
+    arrays = {level: np.load(level_path(pack_dir(root), level), mmap_mode="r") for level in levels}
+    for start in range(0, record["count"], BLOCK):
+        yield {level: np.ascontiguousarray(array[start:start + BLOCK]) for level, array in arrays.items()}
+
+
+def _blocks_from_files(root, names, levels, workers):
+    """The same blocks as _blocks_from_pack, read from the files on `workers` threads."""
+    import numpy as np
+
+    from pyramid.pack import read_ahead
+    from pyramid.reader import read_pyramid
+
+    def read(name):
+        pyramid, keys = read_pyramid(Path(root) / name, levels)
+        missing = [level for level in levels if level not in pyramid]
+        if missing:
+            raise ValueError(f"{Path(root) / name} has no level(s) {missing}; it has {keys}")
+        return {level: tensor[0].numpy() for level, tensor in pyramid.items()}  # (s*s, D) each
+
+    block = []
+    for pyramid in read_ahead(read, names, workers, 4 * workers):
+        block.append(pyramid)
+        if len(block) == BLOCK:
+            yield {level: np.stack([p[level] for p in block]) for level in levels}
+            block = []
+    if block:
+        yield {level: np.stack([p[level] for p in block]) for level in levels}
+
+
+def compute_stats(root, workers=4, progress=None, use_pack=True):
+    """The stats.pt dict of the tree at `root` (see the module docstring); from its pack when current."""
+    from pyramid.pack import available_levels, current_pack, tree_digest, tree_state
+
+    manifest, records = tree_state(root)
+    if not records:
+        raise ValueError(f"no .pt files under {root}")
+    names = [entry[0] for entry in records]
+    levels = available_levels(root, manifest, names[0])
+    record = current_pack(root, manifest, records, levels)[0] if use_pack else None
+    blocks = (_blocks_from_pack(root, record, levels) if record is not None
+              else _blocks_from_files(root, names, levels, workers))
+    sums, done = None, 0
+    for block in blocks:
+        if sums is None:
+            sums = {level: LevelSums(block[level][0]) for level in levels}
+        for level in levels:
+            sums[level].add(block[level])
+        done += next(iter(block.values())).shape[0]
+        if progress is not None:
+            progress.update(done)
+    stats = {"count": len(names)}
+    stats.update({level: sums[level].result() for level in levels})
+    stats["source"] = {"digest": tree_digest(manifest, records), "read_from": "pack" if record else "files"}
+    return stats
+
+
+def get_args_parser():
+    parser = argument_parser(command_name("pyramid.stats"), __doc__)
+    parser.add_argument("output_dir", type=Path, help="the extractor's --output_dir; writes OUTPUT_DIR/stats.pt")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="threads that read files (the result does not depend on it)")
+    return parser
+
+
+def check_args(args):
+    if not args.output_dir.is_dir():
+        raise UsageError(f"{args.output_dir} is not a directory; pass the extractor's --output_dir")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {args.workers}")
+
+
+def main(args):
+    try:
+        check_args(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exits.USAGE
+    import time
+
+    import torch
+
+    from pyramid.paths import scan_outputs
+    from pyramid.progress import Progress, format_duration
+    from pyramid.writer import save_atomic
+
+    torch.set_num_threads(1)
+    count = len(scan_outputs(args.output_dir)[0])
+    if not count:
+        print(f"error: no .pt files under {args.output_dir}; run the extractor first", file=sys.stderr)
+        return exits.USAGE
+    started = time.monotonic()
+    progress = Progress(count, desc="files")
+    try:
+        stats = compute_stats(args.output_dir, args.workers, progress)
+    except ValueError as error:
+        progress.close()
+        print(f"error: {error}; no stats written", file=sys.stderr)
+        return 1
+    progress.close()
+    path = args.output_dir / STATS_NAME
+    save_atomic(stats, path)
+    seconds = time.monotonic() - started
+    levels = [key for key in stats if key not in ("count", "source")]
+    print(f"wrote {path}: {stats['count']} files, levels {levels}, read from the {stats['source']['read_from']} "
+          f"in {format_duration(seconds)} ({stats['count'] / max(seconds, 1e-9):.0f} files/s)")
+    return exits.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

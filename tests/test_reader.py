@@ -1,0 +1,69 @@
+"""pyramid/reader.py: read_pyramid gives torch.load's values, for every layout, or torch.load's error."""
+
+import pytest
+import torch
+from synthetic_trees import LEVELS, make_pyramid
+
+from pyramid.reader import OutMismatch, read_pyramid
+from pyramid.writer import save_atomic
+
+
+def assert_same_as_torch_load(path, levels=None):
+    got, keys = read_pyramid(path, levels)
+    expected = torch.load(path, weights_only=True)
+    assert keys == list(expected)
+    assert list(got) == (list(expected) if levels is None else [level for level in levels if level in expected])
+    for key, tensor in got.items():
+        assert tensor.dtype == expected[key].dtype and tensor.shape == expected[key].shape
+        assert torch.equal(tensor, expected[key])
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
+def test_files_of_every_layout_read_like_torch_load(tmp_path):
+    save_atomic(make_pyramid(0), tmp_path / "writer.pt")  # the extractor's way: through a buffer
+    # torch.save to a path names the archive after the file: same size, the records elsewhere.
+    torch.save(make_pyramid(1), tmp_path / "ab.pt")
+    torch.save(make_pyramid(2), tmp_path / "cd.pt")
+    torch.save(make_pyramid(3), tmp_path / "a_much_longer_name.pt")
+    torch.save({"16x16": make_pyramid(4)["16x16"].double(), "x": torch.arange(5)}, tmp_path / "other.pt")
+    for _ in range(2):  # the second time from the remembered layouts
+        for path in sorted(tmp_path.iterdir()):
+            assert_same_as_torch_load(path)
+            assert_same_as_torch_load(path, ["1x1", "8x8", "nope"])
+
+
+def test_a_view_into_a_larger_storage_is_read_by_torch_load(tmp_path):
+    pyramid = make_pyramid(0)
+    pyramid["16x16"] = torch.randn(2, 256, 8)[1:]
+    torch.save(pyramid, tmp_path / "view.pt")
+    got, _ = read_pyramid(tmp_path / "view.pt")
+    assert torch.equal(got["16x16"], pyramid["16x16"])
+
+
+def test_broken_files_raise_torch_loads_error(tmp_path):
+    save_atomic(make_pyramid(0), tmp_path / "a.pt")
+    data = (tmp_path / "a.pt").read_bytes()
+    read_pyramid(tmp_path / "a.pt")  # remember the layout of this size
+    (tmp_path / "a.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(Exception) as from_torch:
+        torch.load(tmp_path / "a.pt", weights_only=True)
+    with pytest.raises(from_torch.type):
+        read_pyramid(tmp_path / "a.pt")
+    # Same size, the local header of a level's record renamed: the remembered layout no longer fits,
+    # so the file is parsed afresh (torch.load reads it too: it goes by the central directory).
+    damaged = bytearray(data)
+    at = data.index(b"data/0")
+    damaged[at:at + 6] = b"data/9"
+    (tmp_path / "a.pt").write_bytes(bytes(damaged))
+    assert_same_as_torch_load(tmp_path / "a.pt")
+
+
+def test_reads_into_given_rows(tmp_path):
+    save_atomic(make_pyramid(5), tmp_path / "a.pt")
+    batch = torch.zeros(3, 64, 8)
+    got, _ = read_pyramid(tmp_path / "a.pt", ["8x8"], out={"8x8": batch[1]})
+    assert got["8x8"].data_ptr() == batch[1].data_ptr()
+    assert torch.equal(batch[1], make_pyramid(5)["8x8"][0]) and not batch[0].any() and not batch[2].any()
+    with pytest.raises(OutMismatch):
+        read_pyramid(tmp_path / "a.pt", ["8x8"], out={"8x8": torch.zeros(63, 8)})
+    assert LEVELS[1] == "8x8"
