@@ -32,7 +32,9 @@ def get_args_parser():
     parser.add_argument("--dtype", default="auto",
                         help="the dtype the model computes in: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, "
                              "fp32; files hold fp32 whatever it is")
-    parser.add_argument("--overwrite", action="store_true", help="recompute and replace existing files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="accept an output directory made with other settings and replace its files; "
+                             "once its manifest matches, a rerun resumes")
     return parser
 
 

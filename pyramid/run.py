@@ -14,7 +14,7 @@ from pyramid import exits
 from pyramid.decode import Preprocess, image_loader
 from pyramid.encoder import Encoder, ModelError, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
-from pyramid.manifest import build_manifest, manifest_differences, read_manifest, write_manifest
+from pyramid.manifest import adopt_output_tree, build_manifest
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_images, images_to_do, output_path_for,
                            remove_abandoned_temporaries, scan_outputs)
 from pyramid.pool import build_pyramid, level_key, pyramid_sizes
@@ -100,18 +100,11 @@ def plan_run(args, info, dtype):
     levels = [level_key(size) for size in pyramid_sizes(info.grid_size)]
     manifest = build_manifest(info.name, info.revision, dtype, info.crop_size, info.patch_size, levels,
                               info.hidden_size, info.num_register_tokens)
-    existing = read_manifest(output_dir)
-    if existing is not None and not args.overwrite:
-        differences = manifest_differences(existing, manifest)
-        if differences:
-            raise UsageError(f"{output_dir} holds files made with other settings ({'; '.join(differences)}); "
-                             f"use another --output_dir, or --overwrite to recompute them all")
-
     finished, temporaries = scan_outputs(output_dir)
+    finished = adopt_output_tree(output_dir, manifest, finished, args.overwrite)  # refuses, or removes old files
     remove_abandoned_temporaries(temporaries)
-    todo = list(images) if args.overwrite else images_to_do(images, finished)
+    todo = images_to_do(images, finished)
     prune_failures(output_dir, set(todo))
-    write_manifest(output_dir, manifest)
     return Plan(todo=todo, found=len(images), skipped=len(images) - len(todo), model_info=info)
 
 
