@@ -6,6 +6,7 @@
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -66,9 +67,13 @@ def main(args):
     # workers need: on a 2-core CPU run of a small model that is the difference between 0.8 and 1.0
     # of the decode bound. It must be set before torch loads; an explicit setting is kept.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from pyramid.run import run  # torch and transformers load only for a run that can start
+    try:
+        from pyramid.run import run  # torch and transformers load only for a run that can start
 
-    return run(args)
+        return run(args)
+    except KeyboardInterrupt:  # Ctrl-C before the run could stop cleanly, or a second one
+        print("stopped by Ctrl-C; rerun the same command to finish", file=sys.stderr)
+        return exits.BY_SIGNAL[signal.SIGINT]
 
 
 if __name__ == "__main__":

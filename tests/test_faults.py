@@ -245,6 +245,52 @@ def test_sigint_and_sigterm_stop_after_the_files_in_flight(tmp_path, tiny_model,
     assert rerun.returncode == 0, rerun.stderr
     assert f"{NUM_IMAGES - stopped_with} written, {stopped_with} skipped" in rerun.stderr
     assert_finished_like_reference(out, input_dir, reference)
+    # runs.jsonl holds every run, the stopped ones included, with the status each reported.
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [run["status"] for run in runs] == [130, 143, 0]
+    assert sum(run["written"] for run in runs) == NUM_IMAGES and runs[-1]["skipped"] == stopped_with
+    assert [run["per_process"] for run in runs] == [[run["written"]] for run in runs]
+
+
+def test_ctrl_c_during_the_last_batch_ends_complete(tmp_path, tiny_model):
+    """A Ctrl-C that leaves nothing undone is a normal end: the one batch is finished and written."""
+    write_images(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    process = start(extractor_command(1, "--input_dir", tmp_path / "in", "--output_dir", out, "--model", tiny_model,
+                                      "--batch_size", 3, "--num_workers", 0), tmp_path / "log")
+    deadline = time.monotonic() + 120
+    while "to do on" not in (tmp_path / "log").read_text():  # planned; the model's weights load next
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=60)
+    log = (tmp_path / "log").read_text()
+    assert process.returncode == 0, log
+    assert "stopped" not in log and "done: 3 written" in log
+    assert outputs(out) == ["00000.pt", "00001.pt", "00002.pt"]
+    assert json.loads((out / "runs.jsonl").read_text())["status"] == 0
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, tiny_model, corpus):
+    input_dir, reference = corpus
+    out = tmp_path / "out"
+    command = extractor_command(1, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                                "--batch_size", 1, "--num_workers", 1)
+    for gap in (0.02, 0.2):
+        process = start(command, tmp_path / "log")
+        assert wait_for_outputs(out, len(outputs(out)) + 2, process), (tmp_path / "log").read_text()
+        os.killpg(process.pid, signal.SIGINT)
+        time.sleep(gap)
+        os.killpg(process.pid, signal.SIGINT)
+        sent = time.monotonic()
+        process.wait(timeout=60)
+        log = (tmp_path / "log").read_text()
+        # 130 from the run, or -SIGINT when the second Ctrl-C found the interpreter shutting down.
+        assert process.returncode in (130, -signal.SIGINT), log
+        assert time.monotonic() - sent < 15, log
+        assert "Traceback" not in log and "Exception ignored" not in log, log
+        assert_complete_and_equal(out, reference)
+        assert temporaries(out) == []
 
 
 def error_lines(stderr):
