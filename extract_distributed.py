@@ -61,7 +61,11 @@ def main(args):
     try:
         check_args(args)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every process finds it: one says it
+            print(f"error: {error}", file=sys.stderr)
+            from pyramid.runs import record_refusal
+
+            record_refusal(args.output_dir, dict(sorted(vars(args).items())), str(error), exits.USAGE)
         return exits.USAGE
     # Idle OpenMP threads of the model then sleep instead of spinning on the cores that the decode
     # workers need: on a 2-core CPU run of a small model that is the difference between 0.8 and 1.0

@@ -201,8 +201,32 @@ def run(args):
     finally:
         if team.is_main and record["status"] is not None:
             _append_run_record(args, team, record)
+            _say_recorded(team)
+        elif record["status"]:
+            _wait_for_record(team)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+RECORD_WAIT_SECONDS = 10.0
+
+
+def _say_recorded(team):
+    try:
+        team.add("recorded")
+    except Exception:  # a team whose store is gone has nobody left waiting
+        pass
+
+
+def _wait_for_record(team):
+    """A process about to exit non-zero waits (a while) for the main process's runs.jsonl line: a launcher
+    that sees a process fail SIGTERMs the others, and the main one might not have written it yet."""
+    deadline = time.monotonic() + RECORD_WAIT_SECONDS
+    try:
+        while team.add("recorded", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except Exception:
+        pass
 
 
 def _append_run_record(args, team, record):
@@ -251,7 +275,7 @@ def _run(args, state, team, signals, started, record):
     if plan.error:
         if team.is_main:
             log(f"error: {plan.error}")
-            record.update(written=0, skipped=0, failed=0, per_process=[0] * team.world_size)
+            record.update(written=0, skipped=0, failed=0, per_process=[0] * team.world_size, error=plan.error)
         return exits.USAGE
 
     share = shard_for_rank(plan.todo, team.rank, team.world_size)
@@ -290,6 +314,8 @@ def _run(args, state, team, signals, started, record):
         team.add("written", tally.written)
         team.add("failed", tally.failed)
         team.add(f"done/{team.rank}", tally.done)
+        if status == exits.WRITE_ERROR:
+            team.add("write_errors")
         if team.is_main:
             _count_into(record, team, plan)
         # A second Ctrl-C waits for nobody: the launcher, or the user, is ending the run now.
@@ -310,6 +336,8 @@ def _run(args, state, team, signals, started, record):
     if stopped and status == exits.OK:
         status = exits.BY_SIGNAL.get(signals.signum, exits.BY_SIGNAL[signal.SIGTERM])
     failed = team.add("failed", 0) if team.is_main else tally.failed
+    if team.is_main and status == exits.OK and team.add("write_errors", 0):
+        status = exits.WRITE_ERROR  # another process said which file it could not write
     if team.is_main:
         finished = time.monotonic()
         encoding_seconds = finished - (tally.encoding_started or finished)

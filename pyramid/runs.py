@@ -36,6 +36,20 @@ def append_run(output_dir, record):
         os.close(fd)
 
 
+def record_refusal(output_dir, settings, message, status):
+    """The line of a run refused before it started (bad arguments), where its output directory exists."""
+    if not Path(output_dir).is_dir():
+        return
+    moment = now_iso()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        append_run(output_dir, {"run_id": new_run_id(), "status": status, "started": moment, "written": 0,
+                                "skipped": 0, "failed": 0, "per_process": [0] * processes, "finished": moment,
+                                "processes": processes, "error": message, "settings": settings})
+    except OSError:
+        pass  # the refusal itself was said on stderr; a directory that takes no line changes nothing
+
+
 def read_runs(output_dir):
     """Every complete record of runs.jsonl, oldest first; torn or foreign lines are skipped."""
     path = Path(output_dir) / RUNS_NAME
