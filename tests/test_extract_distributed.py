@@ -199,3 +199,15 @@ def test_two_processes_on_one_image(tmp_path, tiny_model):
     assert warnings == [f"warning: no GPU: 2 processes share {len(os.sched_getaffinity(0))} CPU core(s) on this "
                         f"machine; one process (python extract_distributed.py, without accelerate launch) is as "
                         f"fast and loads the model once"]
+
+
+def test_under_the_launcher_an_error_is_said_once_and_recorded(tmp_path, tiny_model):
+    write_images(tmp_path / "in", 2)
+    (tmp_path / "out").mkdir()
+    result = launch_two("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
+                        "--dtype", "fp8", env={"PYRAMID_RUN_ID": "bad-dtype"}, timeout=300)
+    assert result.returncode == 1, result.stderr  # what accelerate launch makes of any failure
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: unknown --dtype 'fp8'; use one of auto, fp16, bf16, fp32"], result.stderr
+    record, = runs(tmp_path / "out")
+    assert (record["run_id"], record["status"], record["processes"]) == ("bad-dtype", 2, 2)
