@@ -368,9 +368,8 @@ def _close_writer(writer, progress, status):
     try:
         try:
             writer.close()
-        except StopNow:  # a second Ctrl-C while waiting: still wait, so no file is left half written
-            writer.close()
-            raise
+        except StopNow:  # a second Ctrl-C while waiting: still wait, so no file is left half written;
+            writer.close()  # what is left to do after it is quick (no waiting for peers: signals.at_once)
     except OSError as error:
         if status == exits.OK:
             log(f"error: {error}", progress)
