@@ -127,3 +127,12 @@ def test_a_replacement_killed_at_any_moment_never_lets_an_old_file_count_as_done
         moments += 1
     # The manifest with the mark, every .pt, failures.jsonl, stats.pt, pack/, and the manifest again.
     assert moments == 1 + len(NAMES) + 3 + 1
+
+
+def test_verify_does_not_pass_a_tree_whose_replacement_is_unfinished():
+    from pyramid.verify import check_manifest
+    from synthetic_trees import manifest
+
+    assert check_manifest(manifest()) == []
+    problems = check_manifest({**manifest(), REPLACING_KEY: True})
+    assert len(problems) == 1 and "replacement is unfinished" in problems[0]
