@@ -238,7 +238,8 @@ def _append_run_record(args, team, record):
     try:
         append_run(args.output_dir, record)
     except OSError as error:
-        log(f"warning: cannot append this run to {Path(args.output_dir) / 'runs.jsonl'}: {error}")
+        if record["status"] != exits.USAGE:  # a refusal (an unwritable directory, say) has said its line
+            log(f"warning: cannot append this run to {Path(args.output_dir) / 'runs.jsonl'}: {error}")
 
 
 class Tally:
