@@ -5,6 +5,7 @@
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,7 +33,9 @@ def get_args_parser():
     parser.add_argument("--dtype", default="auto",
                         help="the dtype the model computes in: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, "
                              "fp32; files hold fp32 whatever it is")
-    parser.add_argument("--overwrite", action="store_true", help="recompute and replace existing files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="accept an output directory made with other settings and replace its files; "
+                             "once its manifest matches, a rerun resumes")
     parser.add_argument("--flip", action="store_true",
                         help="also store the pyramid of the image mirrored left-right, as flip/{s}x{s} levels "
                              "in the same file (one forward pass of the doubled batch)")
@@ -61,15 +64,23 @@ def main(args):
     try:
         check_args(args)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every process finds it: one says it
+            print(f"error: {error}", file=sys.stderr)
+            from pyramid.runs import record_refusal
+
+            record_refusal(args.output_dir, dict(sorted(vars(args).items())), str(error), exits.USAGE)
         return exits.USAGE
     # Idle OpenMP threads of the model then sleep instead of spinning on the cores that the decode
     # workers need: on a 2-core CPU run of a small model that is the difference between 0.8 and 1.0
     # of the decode bound. It must be set before torch loads; an explicit setting is kept.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from pyramid.run import run  # torch and transformers load only for a run that can start
+    try:
+        from pyramid.run import run  # torch and transformers load only for a run that can start
 
-    return run(args)
+        return run(args)
+    except KeyboardInterrupt:  # Ctrl-C before the run could stop cleanly, or a second one
+        print("stopped by Ctrl-C; rerun the same command to finish", file=sys.stderr)
+        return exits.BY_SIGNAL[signal.SIGINT]
 
 
 if __name__ == "__main__":

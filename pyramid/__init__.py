@@ -7,7 +7,8 @@ Module map, one stage a module:
     encoder.py   the DINOv2 model and its image processor: uint8 batch in, patch grid out
     pool.py      strip CLS/register tokens, 2x2-average the 16x16 grid down to 1x1
     writer.py    atomic .pt writes on a background thread, failures.jsonl
-    manifest.py  what made the files (manifest.json) and the refusal to mix settings
+    manifest.py  what made the files (manifest.json), the refusal to mix settings, --overwrite's replacement
+    runs.py      runs.jsonl: one line per run (status, counts, times, settings) for scripts
     shard.py     split the to-do list across processes
     team.py      the processes of a run: shared plan, counters, stop requests, an end wait that never hangs
     exits.py     exit statuses and the usage error

@@ -1,6 +1,7 @@
 """The DINOv2 model and its image processor: uint8 pixels in, the patch grid out."""
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,26 +69,91 @@ def local_weights_digest(directory):
     return f"sha256:{digest.hexdigest()}"
 
 
+# How long the one request that asks the hub whether a model exists may take.
+HUB_PROBE_SECONDS = 10
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def looks_local(name):
+    """True for a --model that can only mean a directory: '/x', './x', '../x', '~/x', 'a/b/c', or 'a/b' where
+    'a' exists here. A hub id is 'name' or 'owner/name'."""
+    name = str(name)
+    if name.startswith(("/", ".", "~")) or os.sep != "/" and os.sep in name:
+        return True
+    parts = name.split("/")
+    return len(parts) > 2 or len(parts) == 2 and os.path.exists(parts[0])
+
+
+def _hub_model_error(name):
+    """The one-line ModelError for a hub id that is not in the HF cache: offline, unreachable, or not there.
+
+    Asked once, without the hub client's retries (about 35 s of them when the hub is unreachable).
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    cache = constants.HF_HUB_CACHE
+    if constants.is_offline_mode():
+        return ModelError(f"model {name!r} is not in the HF cache ({cache}) and HF_HUB_OFFLINE=1 keeps the hub out; "
+                          f"download it once with a network, or pass a local save_pretrained directory")
+    try:
+        HfApi().model_info(name, timeout=HUB_PROBE_SECONDS)
+    except (RepositoryNotFoundError, GatedRepoError) as error:
+        return ModelError(f"the hub has no model {name!r} that you may read ({_first_line(error)}); check the id, "
+                          f"or log in (hf auth login) for a private or gated one")
+    except Exception as error:  # DNS, refused, timeout, proxy: all mean "not reachable from here"
+        return ModelError(f"model {name!r} is not in the HF cache ({cache}) and the hub "
+                          f"({constants.ENDPOINT}) could not be reached ({_first_line(error)}); check the id and "
+                          f"the network, or pass a local save_pretrained directory (HF_HUB_OFFLINE=1 uses the "
+                          f"cache alone)")
+    return None
+
+
+def _load_config_and_processor(name):
+    """AutoConfig and AutoImageProcessor of `name`: a directory; or a hub id, from the HF cache when it is
+    there, else from the hub once it answers."""
+    directory = os.path.expanduser(str(name))
+    if not os.path.isdir(directory) and looks_local(name):  # before transformers loads: fail in a moment
+        raise ModelError(f"--model {name}: no such directory (a local model is a directory saved with "
+                         f"save_pretrained: config.json, preprocessor_config.json and the weights)")
+    from transformers import AutoConfig, AutoImageProcessor
+
+    if os.path.isdir(directory):
+        return AutoConfig.from_pretrained(directory), AutoImageProcessor.from_pretrained(directory)
+    try:
+        return (AutoConfig.from_pretrained(name, local_files_only=True),
+                AutoImageProcessor.from_pretrained(name, local_files_only=True))
+    except Exception:  # not (wholly) in the cache: ask the hub
+        pass
+    error = _hub_model_error(name)
+    if error is not None:
+        raise error
+    return AutoConfig.from_pretrained(name), AutoImageProcessor.from_pretrained(name)
+
+
 def load_model_info(name):
     """Config and image processor of `name` (hub id or save_pretrained dir), checked, without weights.
 
     Returns (ModelInfo, processor). Raises ModelError with one clear line.
     """
-    from transformers import AutoConfig, AutoImageProcessor
-
     try:
-        config = AutoConfig.from_pretrained(name)
-        processor = AutoImageProcessor.from_pretrained(name)
+        config, processor = _load_config_and_processor(name)
+    except ModelError:
+        raise
     except Exception as error:  # hub, network, missing file and JSON errors all mean "cannot load"
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"cannot load model {name!r}: {first_line}") from error
+        raise ModelError(f"cannot load model {name!r}: {_first_line(error)}") from error
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"model {name!r} is a {config.model_type!r}; this tool extracts DINOv2 "
                          f"(with or without registers)")
     crop_size = _crop_size(processor)
     if crop_size % config.patch_size:
         raise ModelError(f"crop size {crop_size} is not a multiple of patch size {config.patch_size}")
-    revision = local_weights_digest(name) if Path(name).is_dir() else getattr(config, "_commit_hash", None)
+    directory = Path(os.path.expanduser(str(name)))
+    revision = local_weights_digest(directory) if directory.is_dir() else getattr(config, "_commit_hash", None)
     info = ModelInfo(name=str(name), revision=revision, crop_size=crop_size,
                      patch_size=config.patch_size, hidden_size=config.hidden_size,
                      num_register_tokens=getattr(config, "num_register_tokens", 0))

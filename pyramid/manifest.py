@@ -1,14 +1,23 @@
-"""What made the files: manifest.json, and the refusal to mix settings in one output tree."""
+"""What made the files: manifest.json, the refusal to mix settings in one output tree, and --overwrite."""
 
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
+
+from pyramid.exits import UsageError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+# Set while --overwrite removes the files of other settings: the manifest already names the new
+# settings, but old files may remain until the removal is finished (by this run or the next).
+REPLACING_KEY = "replacing"
 # Versions are recorded for the record; a different library version does not make a file different.
-UNCOMPARED_KEYS = frozenset({"versions"})
+UNCOMPARED_KEYS = frozenset({"versions", REPLACING_KEY})
+# What a replacement removes besides the .pt files: data derived from the old files (the failures
+# record, the statistics, the packed copy), so nothing is left that claims to match the new settings.
+DERIVED_NAMES = ("failures.jsonl", "stats.pt", "pack")
 
 
 def package_versions():
@@ -56,3 +65,44 @@ def write_manifest(output_dir, manifest):
     temporary = path.with_name(f".{MANIFEST_NAME}.tmp.{os.getpid()}")
     temporary.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(temporary, path)
+
+
+def adopt_output_tree(output_dir, wanted, finished, overwrite):
+    """Make `wanted` the manifest of `output_dir`; return the existing .pt files that may be kept.
+
+    `finished` are the relative paths of the .pt files there. Files of other settings are refused
+    (UsageError) or, with `overwrite`, removed; so are files without any manifest. A replacement is
+    crash-safe: the new manifest is first written with a "replacing" mark, then the old files go,
+    then the mark is cleared. A run with the new settings that finds the mark finishes the removal;
+    a run with the old settings finds the new manifest and is refused.
+    """
+    output_dir = Path(output_dir)
+    existing = read_manifest(output_dir)
+    if existing is None:
+        if finished and not overwrite:
+            raise UsageError(f"{output_dir} holds {len(finished)} .pt file(s) but no {MANIFEST_NAME}, so nothing "
+                             f"says which settings made them; use another --output_dir, or --overwrite to "
+                             f"recompute them all")
+        replace = bool(finished)
+    else:
+        differences = manifest_differences(existing, wanted)
+        if differences and not overwrite:
+            raise UsageError(f"{output_dir} holds files made with other settings ({'; '.join(differences)}); "
+                             f"use another --output_dir, or --overwrite to recompute them all")
+        replace = bool(differences) or bool(existing.get(REPLACING_KEY))
+    if not replace:
+        write_manifest(output_dir, wanted)
+        return set(finished)
+    write_manifest(output_dir, {**wanted, REPLACING_KEY: True})
+    doomed = [output_dir / relative for relative in sorted(finished)] + [output_dir / name for name in DERIVED_NAMES]
+    for path in doomed:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as error:  # the mark stays: the next run with these settings tries again
+            raise UsageError(f"--overwrite cannot remove {path}: {error.strerror or error}; fix that and "
+                             f"rerun the same command") from error
+    write_manifest(output_dir, wanted)
+    return set()

@@ -13,20 +13,24 @@ def format_duration(seconds):
 class Progress:
     """Counts images done out of `total`. `update(done)` takes the running total of all processes.
 
-    On a terminal it is a tqdm bar. Elsewhere (SLURM logs, nohup, CI) it prints one plain line
+    On a terminal it is a tqdm bar. Elsewhere (SLURM logs, nohup, CI) it prints plain lines, and
+    only once the work has lasted `quiet_seconds` (a short run's summary says all): then one line
     every `every_percent` percent or `every_seconds` seconds, whichever comes first, so a log
     never fills with carriage-return updates.
     """
 
-    def __init__(self, total, stream=None, interactive=None, every_percent=5, every_seconds=30, desc="images"):
+    def __init__(self, total, stream=None, interactive=None, every_percent=5, every_seconds=30, desc="images",
+                 quiet_seconds=30, clock=time.monotonic):
         self.total = total
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty() if interactive is None else interactive
         self.every_percent = every_percent
         self.every_seconds = every_seconds
+        self.quiet_seconds = quiet_seconds
+        self.clock = clock
         self.desc = desc
         self.done = 0
-        self.start = time.monotonic()
+        self.start = clock()
         self._last_line_time = self.start
         self._last_line_done = 0
         self._bar = None
@@ -42,7 +46,9 @@ class Progress:
         if self._bar is not None:
             self._bar.update(done - self._bar.n)
             return
-        now = time.monotonic()
+        now = self.clock()
+        if now - self.start < self.quiet_seconds:
+            return
         step = max(1, self.total * self.every_percent // 100)
         if done >= self._last_line_done + step or now - self._last_line_time >= self.every_seconds \
                 or done == self.total:

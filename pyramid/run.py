@@ -14,11 +14,12 @@ from pyramid import exits
 from pyramid.decode import Preprocess, image_loader
 from pyramid.encoder import Encoder, ModelError, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
-from pyramid.manifest import build_manifest, manifest_differences, read_manifest, write_manifest
+from pyramid.manifest import adopt_output_tree, build_manifest
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_images, images_to_do, output_path_for,
                            remove_abandoned_temporaries, scan_outputs)
 from pyramid.pool import build_pyramid, level_key, pyramid_sizes, split_twins
 from pyramid.progress import Progress, format_duration, log
+from pyramid.runs import append_run, new_run_id, now_iso
 from pyramid.shard import shard_for_rank
 from pyramid.team import Team
 from pyramid.writer import FAILURES_NAME, Writer, record_failure
@@ -48,6 +49,13 @@ def default_num_workers(device):
     if torch.device(device).type == "cuda":
         return max(1, min(16, per_process - 1))
     return per_process
+
+
+def _cpu_processes_warning(processes):
+    """One line for several processes on a machine without a GPU (an accelerate config made for GPUs)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (f"warning: no GPU: {processes} processes share {cores} CPU core(s) on this machine; one process "
+            f"(python extract_distributed.py, without accelerate launch) is as fast and loads the model once")
 
 
 def default_batch_size(device):
@@ -100,19 +108,16 @@ def plan_run(args, info, dtype):
     levels = [level_key(size) for size in pyramid_sizes(info.grid_size)]
     manifest = build_manifest(info.name, info.revision, dtype, info.crop_size, info.patch_size, levels,
                               info.hidden_size, info.num_register_tokens, flip=args.flip)
-    existing = read_manifest(output_dir)
-    if existing is not None and not args.overwrite:
-        differences = manifest_differences(existing, manifest)
-        if differences:
-            raise UsageError(f"{output_dir} holds files made with other settings ({'; '.join(differences)}); "
-                             f"use another --output_dir, or --overwrite to recompute them all")
-
     finished, temporaries = scan_outputs(output_dir)
+    finished = adopt_output_tree(output_dir, manifest, finished, args.overwrite)  # refuses, or removes old files
     remove_abandoned_temporaries(temporaries)
-    todo = list(images) if args.overwrite else images_to_do(images, finished)
+    todo = images_to_do(images, finished)
     prune_failures(output_dir, set(todo))
-    write_manifest(output_dir, manifest)
     return Plan(todo=todo, found=len(images), skipped=len(images) - len(todo), model_info=info)
+
+
+class StopNow(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, finishing only the files already handed to the writer."""
 
 
 class StopSignals:
@@ -120,6 +125,7 @@ class StopSignals:
 
     def __init__(self):
         self.signum = None
+        self.at_once = False
         self._previous = {}
 
     def __enter__(self):
@@ -130,11 +136,29 @@ class StopSignals:
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        if self.signum is not None:
+            # Stopping already: a Ctrl-C during the last clean-up (workers, atexit hooks) ends the
+            # process at once instead of printing a KeyboardInterrupt traceback from wherever it lands.
+            signal.signal(signal.SIGINT, lambda *_: os._exit(exits.BY_SIGNAL[signal.SIGINT]))
 
-    def _handle(self, signum, _frame):
+    def _handle(self, signum, frame):
+        if self.at_once:  # already stopping at once: more Ctrl-C would only interrupt the last writes
+            return
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            self.at_once = True
+            if not _in_finaliser(frame):  # raised in a __del__ it would only print "Exception ignored"
+                raise StopNow
+            return
         self.signum = signum
+
+
+def _in_finaliser(frame):
+    """True when `frame` runs inside a __del__ (a DataLoader shutting its workers down, say)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def stop_with_launcher():
@@ -160,15 +184,62 @@ def run(args):
     from accelerate import PartialState
 
     started = time.monotonic()
+    record = {"run_id": new_run_id(), "status": None, "started": now_iso()}  # the runs.jsonl line, filled in
     state = PartialState(cpu=not torch.cuda.is_available())
     team = Team.from_state(state)
     try:
         with StopSignals() as signals:
             stop_with_launcher()
-            return _run(args, state, team, signals, started)
+            try:
+                record["status"] = _run(args, state, team, signals, started, record)
+            except StopNow:
+                if team.is_main:
+                    log("stopped at once by a second Ctrl-C; every file handed to the writer is complete, "
+                        "rerun the same command to finish")
+                record["status"] = exits.BY_SIGNAL[signal.SIGINT]
+        return record["status"]
     finally:
+        if team.is_main and record["status"] is not None:
+            _append_run_record(args, team, record)
+            _say_recorded(team)
+        elif record["status"]:
+            _wait_for_record(team)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+RECORD_WAIT_SECONDS = 10.0
+
+
+def _say_recorded(team):
+    try:
+        team.add("recorded")
+    except Exception:  # a team whose store is gone has nobody left waiting
+        pass
+
+
+def _wait_for_record(team):
+    """A process about to exit non-zero waits (a while) for the main process's runs.jsonl line: a launcher
+    that sees a process fail SIGTERMs the others, and the main one might not have written it yet."""
+    deadline = time.monotonic() + RECORD_WAIT_SECONDS
+    try:
+        while team.add("recorded", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except Exception:
+        pass
+
+
+def _append_run_record(args, team, record):
+    """Append this run's line to runs.jsonl where the output directory exists; a warning if it cannot."""
+    if not Path(args.output_dir).is_dir():
+        return
+    record.update(finished=now_iso(), processes=team.world_size,
+                  settings={key: value for key, value in sorted(vars(args).items())})
+    try:
+        append_run(args.output_dir, record)
+    except OSError as error:
+        if record["status"] != exits.USAGE:  # a refusal (an unwritable directory, say) has said its line
+            log(f"warning: cannot append this run to {Path(args.output_dir) / 'runs.jsonl'}: {error}")
 
 
 class Tally:
@@ -190,7 +261,7 @@ class Tally:
         return self.written + self.failed
 
 
-def _run(args, state, team, signals, started):
+def _run(args, state, team, signals, started, record):
     device = state.device
     dtype = resolve_dtype(args.dtype, device)
     plan = Plan()
@@ -205,6 +276,7 @@ def _run(args, state, team, signals, started):
     if plan.error:
         if team.is_main:
             log(f"error: {plan.error}")
+            record.update(written=0, skipped=0, failed=0, per_process=[0] * team.world_size, error=plan.error)
         return exits.USAGE
 
     share = shard_for_rank(plan.todo, team.rank, team.world_size)
@@ -214,6 +286,8 @@ def _run(args, state, team, signals, started):
         log(f"{plan.found} images in {args.input_dir}: {plan.skipped} done already, {len(plan.todo)} to do "
             f"on {team.world_size} process(es); {args.model} in {dtype} on {device.type}, "
             f"batch {batch_size}, {num_workers} decode workers per process")
+        if device.type == "cpu" and team.world_size > 1:
+            log(_cpu_processes_warning(int(os.environ.get("LOCAL_WORLD_SIZE", team.world_size))))
 
     progress = Progress(len(plan.todo)) if team.is_main else None
     tally = Tally()
@@ -228,7 +302,8 @@ def _run(args, state, team, signals, started):
             _encode_share(args.input_dir, args.output_dir, share, preprocess, encoder, tally, team, signals,
                           progress, batch_size, num_workers)
     except ModelError as error:
-        log(f"error: {error}", progress)
+        if team.is_main:  # every process loads the same weights: one line says it
+            log(f"error: {error}", progress)
         status = exits.USAGE
     except OSError as error:
         log(f"error: {error}", progress)
@@ -239,8 +314,16 @@ def _run(args, state, team, signals, started):
         _publish_progress(team, tally, None)
         team.add("written", tally.written)
         team.add("failed", tally.failed)
-        gone = team.finish(on_wait=lambda: _update_bar(team, progress),
-                           stopping=lambda: signals.signum is not None)
+        team.add(f"done/{team.rank}", tally.done)
+        if status == exits.WRITE_ERROR:
+            team.add("write_errors")
+        if team.is_main:
+            _count_into(record, team, plan)
+        # A second Ctrl-C waits for nobody: the launcher, or the user, is ending the run now.
+        gone = [] if signals.at_once else team.finish(on_wait=lambda: _update_bar(team, progress),
+                                                      stopping=lambda: signals.signum is not None)
+        if team.is_main:
+            _count_into(record, team, plan)  # now with every process's counts
         if gone and team.is_main:
             log(f"warning: process(es) {gone} stopped answering; their share may be unfinished, "
                 f"rerun to complete it")
@@ -249,17 +332,34 @@ def _run(args, state, team, signals, started):
             progress.close()
 
     stopped = signals.signum is not None or tally.peer_stopped or team.stop_requested()
+    # A stop that came after the last image was done stopped nothing: the run is complete.
+    stopped = stopped and not _all_done(team, len(plan.todo))
     if stopped and status == exits.OK:
         status = exits.BY_SIGNAL.get(signals.signum, exits.BY_SIGNAL[signal.SIGTERM])
     failed = team.add("failed", 0) if team.is_main else tally.failed
+    if team.is_main and status == exits.OK and team.add("write_errors", 0):
+        status = exits.WRITE_ERROR  # another process said which file it could not write
     if team.is_main:
         finished = time.monotonic()
         encoding_seconds = finished - (tally.encoding_started or finished)
         _print_summary(team.add("written", 0), plan.skipped, failed, finished - started, encoding_seconds,
-                       Path(args.output_dir) / FAILURES_NAME, stopped)
+                       Path(args.output_dir) / FAILURES_NAME, stopped, record["per_process"])
     if failed and status == exits.OK:
         status = exits.IMAGES_FAILED
     return status
+
+
+def _count_into(record, team, plan):
+    record.update(written=team.add("written", 0), skipped=plan.skipped, failed=team.add("failed", 0),
+                  per_process=[team.add(f"done/{rank}", 0) for rank in range(team.world_size)])
+
+
+def _all_done(team, total):
+    """True when the processes wrote or recorded as failed all `total` images of the to-do list."""
+    try:
+        return team.add("written", 0) + team.add("failed", 0) >= total
+    except Exception:  # the store is gone with the main process: nothing says the work is complete
+        return False
 
 
 def _close_writer(writer, progress, status):
@@ -267,7 +367,10 @@ def _close_writer(writer, progress, status):
     if writer is None:
         return status
     try:
-        writer.close()
+        try:
+            writer.close()
+        except StopNow:  # a second Ctrl-C while waiting: still wait, so no file is left half written;
+            writer.close()  # what is left to do after it is quick (no waiting for peers: signals.at_once)
     except OSError as error:
         if status == exits.OK:
             log(f"error: {error}", progress)
@@ -275,11 +378,12 @@ def _close_writer(writer, progress, status):
     return status
 
 
-def _print_summary(written, skipped, failed, seconds, encoding_seconds, failures_path, stopped):
+def _print_summary(written, skipped, failed, seconds, encoding_seconds, failures_path, stopped, per_process):
     """The run's one summary line; images/s counts the time spent encoding, not loading the model."""
     rate = written / encoding_seconds if encoding_seconds > 0 else 0.0
+    shares = f"; per process: {', '.join(map(str, per_process))}" if len(per_process) > 1 else ""
     log(f"done: {written} written, {skipped} skipped (already there), {failed} failed "
-        f"in {format_duration(seconds)} ({seconds:.1f} s; {rate:.2f} images/s while encoding)")
+        f"in {format_duration(seconds)} ({seconds:.1f} s; {rate:.2f} images/s while encoding){shares}")
     if failed:
         log(f"the failed images are listed in {failures_path}; fix or remove them and rerun")
     if stopped:

@@ -10,7 +10,9 @@ level, so a colour means the same thing in every cell of the picture. Projection
 coarse cell's colour (before clipping) is the mean of the four finer cells it was pooled from.
 """
 
+import pickle
 import sys
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,7 +65,16 @@ def levels_finest_first(pyramid):
 def load_pyramid(path):
     """Load a pyramid file and check it is one: a dict of 'sxs' -> float tensor [1, s*s, D], one D."""
     try:
-        pyramid = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a pickle's protocol before it refuses the file
+            warnings.simplefilter("ignore")
+            pyramid = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message is a paragraph on weights_only and trusted sources; its last part says what it met
+        detail = str(error).partition("WeightsUnpickler error:")[2].strip()
+        detail = detail.splitlines()[0].split(" was not an allowed global")[0] if detail else first_line(error)
+        if "Unsupported global" in detail:
+            raise ShowError(f"{path}: not a pyramid (it holds Python objects other than tensors; {detail})") from None
+        raise ShowError(f"{path}: not a readable torch file ({detail})") from None
     except Exception as error:
         raise ShowError(f"{path}: not a readable torch file ({first_line(error)})") from None
     if not isinstance(pyramid, dict) or not pyramid:

@@ -11,7 +11,7 @@ from pathlib import Path
 from pyramid import exits
 from pyramid.cli import LazyModule, argument_parser, command_name
 from pyramid.exits import UsageError
-from pyramid.manifest import FORMAT_VERSION, MANIFEST_NAME, read_manifest
+from pyramid.manifest import FORMAT_VERSION, MANIFEST_NAME, REPLACING_KEY, read_manifest
 from pyramid.paths import find_images, output_path_for, scan_outputs
 from pyramid.pool import level_key, level_side, pyramid_sizes
 from pyramid.progress import Progress
@@ -96,6 +96,9 @@ def check_manifest(manifest):
     if not isinstance(manifest, dict):
         return ["is not a JSON object"]
     problems = []
+    if manifest.get(REPLACING_KEY):
+        problems.append("says an --overwrite replacement is unfinished: files of the old settings may remain; "
+                        "rerun the extractor with the manifest's settings to finish it")
     if manifest.get("format") != FORMAT_VERSION:
         problems.append(f"format is {manifest.get('format')!r}, this verify knows format {FORMAT_VERSION}")
     hidden_size = manifest.get("hidden_size")

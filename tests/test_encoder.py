@@ -1,13 +1,16 @@
 """pyramid/encoder.py: dtype resolution, model checks without weights, the encoder's output."""
 
+import http.server
 import json
+import threading
+import time
 
 import pytest
 import torch
 
 from conftest import TINY_HIDDEN, save_tiny_dinov2
 from pyramid.decode import Preprocess
-from pyramid.encoder import Encoder, ModelError, load_model_info, local_weights_digest, resolve_dtype
+from pyramid.encoder import Encoder, ModelError, load_model_info, local_weights_digest, looks_local, resolve_dtype
 
 
 def test_resolve_dtype():
@@ -38,8 +41,9 @@ def test_weights_digest_changes_with_the_weights(tmp_path):
 
 
 def test_unusable_models_are_refused_in_one_line(tmp_path, tiny_model):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="cannot load model"):
-        load_model_info(tmp_path / "missing")
+        load_model_info(tmp_path / "empty")
     (tmp_path / "vit").mkdir()
     (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
     (tmp_path / "vit" / "preprocessor_config.json").write_text((tiny_model / "preprocessor_config.json").read_text())
@@ -58,3 +62,80 @@ def test_encoder_returns_fp32_patches_without_special_tokens(tiny_model_register
     with torch.no_grad():
         full = encoder.model(pixel_values=preprocess.normaliser("cpu")(pixels).to(torch.bfloat16)).last_hidden_state
     assert torch.equal(patches, full[:, 5:].float())  # CLS and 4 registers dropped
+
+
+def test_which_names_can_only_be_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for name in ("/no/such/dir", "./m", "../m", "~/m", "a/b/c", "models/dinov2"):
+        assert looks_local(name), name
+    for name in ("facebook/dinov2-base", "dinov2-base", "facebok/dinov2-base"):
+        assert not looks_local(name), name
+
+
+def test_a_missing_local_directory_is_named_at_once(tmp_path):
+    for name in ("/no/such/dir", str(tmp_path / "missing"), "./no_such_model", "a/b/c"):
+        started = time.monotonic()
+        with pytest.raises(ModelError) as error:
+            load_model_info(name)
+        assert time.monotonic() - started < 2, name  # no hub round trips, no retries
+        assert str(error.value).startswith(f"--model {name}: no such directory"), error.value
+        assert "\n" not in str(error.value) and "Repo id" not in str(error.value)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Point the hub client at `endpoint` (a stand-in hub); the HF cache stays as it is."""
+    from huggingface_hub import constants
+
+    def point_at(endpoint):
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return point_at
+
+
+def test_an_unreachable_hub_fails_fast_naming_the_cache_and_offline_mode(hub):
+    hub("http://127.0.0.1:9")  # nothing listens on the discard port: refused at once
+    started = time.monotonic()
+    with pytest.raises(ModelError) as error:
+        load_model_info("facebok/dinov2-base")
+    assert time.monotonic() - started < 8  # one request, not ~35 s of retries
+    message = str(error.value)
+    assert message.startswith("model 'facebok/dinov2-base' is not in the HF cache (") and "\n" not in message
+    assert "could not be reached" in message and "HF_HUB_OFFLINE=1" in message
+
+
+def test_offline_mode_says_so(hub, monkeypatch):
+    from huggingface_hub import constants
+
+    hub("http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match=r"not in the HF cache \(.*\) and HF_HUB_OFFLINE=1 keeps the hub out"):
+        load_model_info("facebok/dinov2-base")
+
+
+class NoSuchRepo(http.server.BaseHTTPRequestHandler):
+    """A hub that answers every request as the real one answers for a repository that does not exist."""
+
+    def do_GET(self):
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_hub_id_the_hub_does_not_have(hub):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        hub(f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(ModelError, match=r"^the hub has no model 'facebok/dinov2-base' that you may read .*"
+                                             r"check the id, or log in"):
+            load_model_info("facebok/dinov2-base")
+    finally:
+        server.shutdown()

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import torch
 from PIL import Image
@@ -14,9 +15,9 @@ from conftest import REPO, write_images, run_cli
 TWO_CPU_PROCESSES = REPO / "tests" / "accelerate_cpu_2proc.yaml"
 
 
-def launch_two(*args, timeout=600):
+def launch_two(*args, timeout=600, env=None):
     """`accelerate launch` with two real CPU processes."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_CPU_PROCESSES),
                str(REPO / "extract_distributed.py"), *map(str, args)]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
@@ -34,6 +35,10 @@ def summary_line(stderr):
     return [line for line in stderr.splitlines() if line.startswith("done: ")][-1]
 
 
+def runs(output_dir):
+    return [json.loads(line) for line in (output_dir / "runs.jsonl").read_text().splitlines()]
+
+
 def test_resume_writes_only_what_is_missing(tmp_path, tiny_model):
     write_images(tmp_path / "in", 6)
     args = ("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
@@ -41,8 +46,10 @@ def test_resume_writes_only_what_is_missing(tmp_path, tiny_model):
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
     assert summary_line(first.stderr).startswith("done: 6 written, 0 skipped")
-    # Output to a file or pipe (a log): plain progress lines, never carriage-return bar updates.
-    assert "\r" not in first.stderr and "progress: 6/6 images (100%)" in first.stderr
+    assert "per process" not in summary_line(first.stderr)  # one process
+    # Output to a file or pipe (a log): no carriage-return bar updates, and for a run of seconds no
+    # progress lines either (they start after 30 s: tests/test_progress.py).
+    assert "\r" not in first.stderr and "progress:" not in first.stderr
     assert outputs(tmp_path / "out") == [f"{i:05d}.pt" for i in range(6)]
     before = mtimes(tmp_path / "out")
 
@@ -58,6 +65,15 @@ def test_resume_writes_only_what_is_missing(tmp_path, tiny_model):
     assert summary_line(third.stderr).startswith("done: 2 written, 4 skipped")
     after = mtimes(tmp_path / "out")
     assert sorted(name for name in after if after[name] != before.get(name)) == ["00001.pt", "00004.pt"]
+    # One runs.jsonl line per run, appended at its end.
+    records = runs(tmp_path / "out")
+    assert [(r["status"], r["written"], r["skipped"], r["failed"], r["per_process"], r["processes"])
+            for r in records] == [(0, 6, 0, 0, [6], 1), (0, 0, 6, 0, [0], 1), (0, 2, 4, 0, [2], 1)]
+    assert len({r["run_id"] for r in records}) == 3
+    for record in records:
+        started, finished = datetime.fromisoformat(record["started"]), datetime.fromisoformat(record["finished"])
+        assert started.tzinfo is not None and started <= finished
+        assert record["settings"]["model"] == str(tiny_model) and record["settings"]["batch_size"] == 4
 
 
 def test_broken_image_is_recorded_and_exits_3(tmp_path, tiny_model):
@@ -93,9 +109,15 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path, tiny_model):
     dtype = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--dtype", "fp8")
     assert dtype.returncode == 2 and "fp8" in dtype.stderr
     assert len(dtype.stderr.strip().splitlines()) == 1
+    started = time.monotonic()
     no_model = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out",
                        "--model", tmp_path / "no_such_model")
-    assert no_model.returncode == 2 and "cannot load model" in no_model.stderr
+    assert time.monotonic() - started < 20  # interpreter and torch start included; no hub retries
+    assert no_model.returncode == 2
+    assert no_model.stderr.strip().splitlines() == [f"error: --model {tmp_path / 'no_such_model'}: no such "
+                                                    f"directory (a local model is a directory saved with "
+                                                    f"save_pretrained: config.json, preprocessor_config.json "
+                                                    f"and the weights)"]
     assert not (tmp_path / "out").exists()
 
 
@@ -147,10 +169,15 @@ def test_two_processes_write_each_image_once_and_match_one_process(tmp_path, tin
     common = ("--input_dir", tmp_path / "in", "--model", tiny_model, "--batch_size", 2, "--num_workers", 1)
     single = run_cli(*common, "--output_dir", tmp_path / "one")
     assert single.returncode == 0, single.stderr
-    double = launch_two(*common, "--output_dir", tmp_path / "two")
+    double = launch_two(*common, "--output_dir", tmp_path / "two", env={"PYRAMID_RUN_ID": "two-processes"})
     assert double.returncode == 0, double.stdout + double.stderr
     assert "on 2 process(es)" in double.stderr
-    assert summary_line(double.stderr).startswith("done: 7 written, 0 skipped (already there), 0 failed")  # not 14
+    summary = summary_line(double.stderr)
+    assert summary.startswith("done: 7 written, 0 skipped (already there), 0 failed")  # not 14
+    record, = runs(tmp_path / "two")  # one line, from the main process
+    assert (record["run_id"], record["status"], record["written"], record["processes"]) == ("two-processes", 0, 7, 2)
+    assert len(record["per_process"]) == 2 and sum(record["per_process"]) == 7
+    assert summary.endswith(f"; per process: {record['per_process'][0]}, {record['per_process'][1]}")
     assert outputs(tmp_path / "two") == outputs(tmp_path / "one") and len(outputs(tmp_path / "one")) == 7
     for name in outputs(tmp_path / "one"):
         one = torch.load(tmp_path / "one" / name, weights_only=True)
@@ -167,3 +194,20 @@ def test_two_processes_on_one_image(tmp_path, tiny_model):
     assert result.returncode == 0, result.stdout + result.stderr
     assert summary_line(result.stderr).startswith("done: 1 written")
     assert outputs(tmp_path / "out") == ["00000.pt"]
+    # accelerate_config.yaml on a machine without GPUs: said once, by the main process.
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: no GPU")]
+    assert warnings == [f"warning: no GPU: 2 processes share {len(os.sched_getaffinity(0))} CPU core(s) on this "
+                        f"machine; one process (python extract_distributed.py, without accelerate launch) is as "
+                        f"fast and loads the model once"]
+
+
+def test_under_the_launcher_an_error_is_said_once_and_recorded(tmp_path, tiny_model):
+    write_images(tmp_path / "in", 2)
+    (tmp_path / "out").mkdir()
+    result = launch_two("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
+                        "--dtype", "fp8", env={"PYRAMID_RUN_ID": "bad-dtype"}, timeout=300)
+    assert result.returncode == 1, result.stderr  # what accelerate launch makes of any failure
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: unknown --dtype 'fp8'; use one of auto, fp16, bf16, fp32"], result.stderr
+    record, = runs(tmp_path / "out")
+    assert (record["run_id"], record["status"], record["processes"]) == ("bad-dtype", 2, 2)

@@ -8,6 +8,7 @@ exist are complete and equal to it, and a rerun ends with exactly its files.
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -244,6 +245,52 @@ def test_sigint_and_sigterm_stop_after_the_files_in_flight(tmp_path, tiny_model,
     assert rerun.returncode == 0, rerun.stderr
     assert f"{NUM_IMAGES - stopped_with} written, {stopped_with} skipped" in rerun.stderr
     assert_finished_like_reference(out, input_dir, reference)
+    # runs.jsonl holds every run, the stopped ones included, with the status each reported.
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [run["status"] for run in runs] == [130, 143, 0]
+    assert sum(run["written"] for run in runs) == NUM_IMAGES and runs[-1]["skipped"] == stopped_with
+    assert [run["per_process"] for run in runs] == [[run["written"]] for run in runs]
+
+
+def test_ctrl_c_during_the_last_batch_ends_complete(tmp_path, tiny_model):
+    """A Ctrl-C that leaves nothing undone is a normal end: the one batch is finished and written."""
+    write_images(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    process = start(extractor_command(1, "--input_dir", tmp_path / "in", "--output_dir", out, "--model", tiny_model,
+                                      "--batch_size", 3, "--num_workers", 0), tmp_path / "log")
+    deadline = time.monotonic() + 120
+    while "to do on" not in (tmp_path / "log").read_text():  # planned; the model's weights load next
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=60)
+    log = (tmp_path / "log").read_text()
+    assert process.returncode == 0, log
+    assert "stopped" not in log and "done: 3 written" in log
+    assert outputs(out) == ["00000.pt", "00001.pt", "00002.pt"]
+    assert json.loads((out / "runs.jsonl").read_text())["status"] == 0
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, tiny_model, corpus):
+    input_dir, reference = corpus
+    out = tmp_path / "out"
+    command = extractor_command(1, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                                "--batch_size", 1, "--num_workers", 1)
+    for gap in (0.02, 0.2):
+        process = start(command, tmp_path / "log")
+        assert wait_for_outputs(out, len(outputs(out)) + 2, process), (tmp_path / "log").read_text()
+        os.killpg(process.pid, signal.SIGINT)
+        time.sleep(gap)
+        os.killpg(process.pid, signal.SIGINT)
+        sent = time.monotonic()
+        process.wait(timeout=60)
+        log = (tmp_path / "log").read_text()
+        # 130 from the run, or -SIGINT when the second Ctrl-C found the interpreter shutting down.
+        assert process.returncode in (130, -signal.SIGINT), log
+        assert time.monotonic() - sent < 15, log
+        assert "Traceback" not in log and "Exception ignored" not in log, log
+        assert_complete_and_equal(out, reference)
+        assert temporaries(out) == []
 
 
 def error_lines(stderr):
@@ -368,3 +415,70 @@ def test_killing_only_the_launcher_stops_its_ranks_cleanly(tmp_path, tiny_model,
     assert len(outputs(out)) < NUM_IMAGES
     assert_complete_and_equal(out, reference)
     rerun_finishes_like_reference(command, out, input_dir, reference)
+
+
+@pytest.fixture(scope="module")
+def other_model_reference(tmp_path_factory, corpus):
+    """(model B, output dir of one uninterrupted run of model B on the corpus)."""
+    root = tmp_path_factory.mktemp("model_b")
+    model = save_tiny_dinov2(root / "model", seed=1)
+    result = run_cli("--input_dir", corpus[0], "--output_dir", root / "reference", "--model", model,
+                     "--num_workers", 1)
+    assert result.returncode == 0, result.stderr
+    return model, root / "reference"
+
+
+def file_identity(path):
+    """Inode and mtime: a file rewritten through a temporary name and a rename changes both."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def equal_files(directory, reference):
+    """Names of the .pt files in `directory` whose values equal those of the same name in `reference`."""
+    equal = set()
+    for name in outputs(directory):
+        got = torch.load(Path(directory) / name, weights_only=True)
+        want = torch.load(Path(reference) / name, weights_only=True)
+        if list(got) == list(want) and all(torch.allclose(got[k], want[k], atol=1e-5) for k in want):
+            equal.add(name)
+    return equal
+
+
+def test_overwrite_killed_at_random_moments_never_leaves_old_files_counted_as_done(tmp_path, tiny_model, corpus,
+                                                                                   other_model_reference):
+    input_dir, reference_a = corpus
+    model_b, reference_b = other_model_reference
+    out = tmp_path / "out"
+    shutil.copytree(reference_a, out)  # a finished tree of model A
+    common = ("--input_dir", input_dir, "--output_dir", out, "--batch_size", 1, "--num_workers", 1)
+    rng = random.Random(12)
+    landed_mid_run = 0
+    for kill in range(2):
+        kept_b = {name: file_identity(out / name) for name in equal_files(out, reference_b)}
+        process = start(extractor_command(1, *common, "--model", model_b, "--overwrite"), tmp_path / f"kill{kill}.log")
+        deadline = time.monotonic() + 120
+        while json.loads((out / "manifest.json").read_text())["model"] != str(model_b) and process.poll() is None:
+            assert time.monotonic() < deadline, (tmp_path / f"kill{kill}.log").read_text()
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.5))  # during the removal of model A's files, or the first writes
+        kill_tree(process.pid)
+        process.wait(timeout=60)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["model"] == str(model_b)
+        files_b = equal_files(out, reference_b)
+        landed_mid_run += len(files_b) < NUM_IMAGES
+        if not manifest.get("replacing"):
+            # Settled on model B: every file there is B's, and a rerun counts them as done.
+            assert set(outputs(out)) == files_b, (kill, sorted(set(outputs(out)) - files_b))
+        # Files of model B made before this run were kept, not recomputed: --overwrite resumes.
+        if kill and not manifest.get("replacing"):
+            assert {name: file_identity(out / name) for name in kept_b} == kept_b
+    assert landed_mid_run, "every kill came after the run had finished; the test proved nothing"
+
+    # A plain rerun finishes the replacement (the old settings are refused: tests/test_manifest.py).
+    rerun = run_cli(*common, "--model", model_b)
+    assert rerun.returncode == 0, rerun.stderr
+    assert outputs(out) == outputs(reference_b) and equal_files(out, reference_b) == set(outputs(reference_b))
+    assert "replacing" not in json.loads((out / "manifest.json").read_text())
+    assert_verify_passes(out, input_dir)

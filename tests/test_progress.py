@@ -10,9 +10,18 @@ def test_format_duration():
     assert format_duration(0) == "0:00:00"
 
 
-def test_plain_lines_without_carriage_returns():
-    stream = io.StringIO()
-    progress = Progress(200, stream=stream, interactive=False, every_percent=10, every_seconds=3600)
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_plain_lines_without_carriage_returns_once_the_run_lasts():
+    stream, clock = io.StringIO(), FakeClock()
+    progress = Progress(200, stream=stream, interactive=False, every_percent=10, every_seconds=3600, clock=clock)
+    clock.now += 30  # past the quiet start
     for done in range(1, 201):
         progress.update(done)
     progress.close()
@@ -22,6 +31,22 @@ def test_plain_lines_without_carriage_returns():
     assert len(lines) == 10  # one line every 10 %, the last at 200/200
     assert lines[-1].startswith("progress: 200/200 images (100%)")
     assert all(line.startswith("progress: ") for line in lines)
+
+
+def test_a_short_run_prints_no_lines_a_long_one_every_step_or_interval():
+    stream, clock = io.StringIO(), FakeClock()
+    short = Progress(200, stream=stream, interactive=False, clock=clock)
+    for done in range(1, 201):
+        clock.now += 0.005  # a one-second check
+        short.update(done)
+    assert stream.getvalue() == ""
+
+    long = Progress(1000, stream=stream, interactive=False, every_percent=5, every_seconds=30, clock=clock)
+    for done in range(1, 11):
+        clock.now += 10  # 100 s for 1 %: the 30 s interval, not the 5 % step, sets the pace
+        long.update(done)
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["3/1000", "6/1000", "9/1000"]
 
 
 def test_interactive_uses_a_bar():

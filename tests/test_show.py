@@ -1,6 +1,8 @@
 """pyramid/show.py: the PCA colours, the crop as the model saw it, and the picture the CLI writes."""
 
+import argparse
 import json
+import pickle
 import subprocess
 import sys
 
@@ -226,6 +228,19 @@ def test_cli_refuses_a_missing_image_before_drawing(tmp_path, capsys):
     assert run_show(tmp_path / "pyramids", "--image", tmp_path / "images", "-o", tmp_path / "o.png") == 2
     assert "no image for 00000.pt" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_a_pickle_that_is_not_a_pyramid_is_refused_in_one_short_line(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1)}, path)  # a training checkpoint, say
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps({"a": 1}, protocol=4))  # torch warns about protocol 4
+    for bad, message in [(path, "not a pyramid (it holds Python objects other than tensors; Unsupported global: "
+                                "GLOBAL argparse.Namespace)"),
+                         (tmp_path / "plain.pt", "not a readable torch file (Unsupported operand 149)")]:
+        result = subprocess.run([sys.executable, "-m", "pyramid.show", str(bad)], cwd=REPO, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [f"error: {bad}: {message}"], result.stderr
 
 
 def test_python_dash_m_runs(tmp_path):

@@ -5,6 +5,7 @@ machine (config in $PYRAMID_SLURM_DIR, default /tmp/pyramid-slurm) with two fake
 set, points the tests at another. Without either they skip and say why.
 """
 
+import json
 import os
 import re
 import shutil
@@ -38,21 +39,47 @@ def test_templates_pass_shellcheck():
 
 # The requeue decision of slurm/common.sh, with scontrol and scancel replaced by functions that
 # record their calls (scancel also delivers its SIGTERM, to the background job), and a command that
-# stands for the extractor: it exits with STATUS on SIGTERM. With SEND_USR1=1 it first sends SIGUSR1
-# to the shell that runs it, as SLURM would before the time limit, and exits 99 if no SIGTERM follows
-# within 10 s; otherwise it exits with STATUS on its own after 0.3 s.
+# stands for the extractor (or its launcher): it exits with STATUS on SIGTERM, after appending a
+# runs.jsonl line with status RECORDED for its $PYRAMID_RUN_ID to the --output_dir it was given when
+# RECORDED is set. With SEND_USR1=1 it first sends SIGUSR1 to the shell that runs it, as SLURM would
+# before the time limit, and exits 99 if no SIGTERM follows within 10 s; otherwise it ends on its own
+# after 0.3 s the same way.
 REQUEUE_HARNESS = r"""
 source slurm/common.sh
 scontrol() { echo "scontrol $*" >>"$CALLS"; }
 scancel() { echo "scancel $*" >>"$CALLS"; kill -TERM $(jobs -p); }
 SLURM_JOB_ID=42
-run_and_requeue_on_usr1 "$STOP" bash -c 'trap "exit $STATUS" TERM
-    if [ "$SEND_USR1" = 0 ]; then sleep 0.3; exit $STATUS; fi
+SLURM_RESTART_COUNT=1
+# shellcheck disable=SC2016
+run_and_requeue_on_usr1 "$STOP" bash -c 'end() {
+        if [ -n "$RECORDED" ]; then
+            echo "{\"run_id\": \"$PYRAMID_RUN_ID\", \"status\": $RECORDED}" >>"$OUT/runs.jsonl"
+        fi
+        exit "$STATUS"
+    }
+    trap end TERM
+    if [ "$SEND_USR1" = 0 ]; then sleep 0.3; end; fi
     sleep 0.1; kill -USR1 $PPID
     for _ in $(seq 200); do sleep 0.05; done
-    exit 99'
+    exit 99' extractor $OUTPUT_ARGS
 echo "returned $?"
 """
+
+
+def run_requeue_harness(tmp_path, send_usr1, status, stop, recorded="", output_args=None):
+    """(last stdout line, scontrol/scancel calls, stderr) of the harness; the output dir is tmp_path/out."""
+    calls, out = tmp_path / "calls", tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    # The line of the job's previous run (restart 0) must not be taken for this one's (restart 1).
+    (out / "runs.jsonl").write_text('{"run_id": "slurm-42-0", "status": 0}\n')
+    env = dict(os.environ, CALLS=str(calls), SEND_USR1=str(int(send_usr1)), STATUS=str(status), STOP=stop,
+               RECORDED=str(recorded), OUT=str(out),
+               OUTPUT_ARGS=" ".join(output_args if output_args is not None else ["--output_dir", str(out)]),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    result = subprocess.run(["bash", "-c", REQUEUE_HARNESS], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=30)
+    recorded_calls = calls.read_text().splitlines() if calls.exists() else []
+    return result.stdout.strip().splitlines()[-1], recorded_calls, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("send_usr1, status, stop, expected_calls", [
@@ -64,13 +91,41 @@ echo "returned $?"
     (True, 1, "steps", ["scancel --signal=TERM 42", "scontrol requeue 42"]),
 ])
 def test_requeue_only_when_stopped_before_the_end(tmp_path, send_usr1, status, stop, expected_calls):
-    calls = tmp_path / "calls"
-    env = dict(os.environ, CALLS=str(calls), SEND_USR1=str(int(send_usr1)), STATUS=str(status), STOP=stop)
-    result = subprocess.run(["bash", "-c", REQUEUE_HARNESS], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=30)
-    assert result.stdout.strip().splitlines()[-1] == f"returned {status}", result.stdout + result.stderr
-    recorded = calls.read_text().splitlines() if calls.exists() else []
-    assert recorded == expected_calls, result.stderr
+    """Without a runs.jsonl line (a killed run), the decision rests on the command's own status."""
+    returned, calls, output = run_requeue_harness(tmp_path, send_usr1, status, stop)
+    assert returned == f"returned {status}", output
+    assert calls == expected_calls, output
+
+
+@pytest.mark.parametrize("send_usr1, recorded, expected_calls", [
+    (True, 143, ["scontrol requeue 42"]),   # stopped by the signal
+    (True, 130, ["scontrol requeue 42"]),
+    (True, 0, []),                          # finished as the signal came: the launcher's 1 is no stop
+    (True, 3, []),                          # finished with broken images
+    (True, 2, []),                          # refused: a requeue would be refused again
+    (False, 143, []),                       # stopped by someone else
+])
+def test_the_runs_own_status_decides_under_a_launcher(tmp_path, send_usr1, recorded, expected_calls):
+    """`accelerate launch` returns 1 whatever happened: the run's runs.jsonl line says what it was."""
+    returned, calls, output = run_requeue_harness(tmp_path, send_usr1, 1, "process", recorded=recorded)
+    assert returned == f"returned {recorded}", output
+    assert calls == expected_calls, output
+    if recorded != 1:
+        assert f"the launcher returned 1; the run reported {recorded}" in output
+
+
+@pytest.mark.parametrize("form", ["separate", "equals", "default"])
+def test_the_output_dir_is_found_among_the_arguments(tmp_path, form):
+    out = tmp_path / "out"
+    args = {"separate": ["--model", "m", "--output_dir", str(out), "--limit", "2"],
+            "equals": ["--output_dir=elsewhere", f"--output_dir={out}"],
+            "default": ["--model", "m"]}[form]
+    found = subprocess.run(["bash", "-c", 'source slurm/common.sh; output_dir_of "$@"', "sh", *args], cwd=REPO,
+                           capture_output=True, text=True, timeout=30).stdout.strip()
+    assert found == (str(out) if form != "default" else "data/feature_pyramids")
+    if form != "default":
+        returned, calls, output = run_requeue_harness(tmp_path, True, 1, "process", recorded=0, output_args=args)
+        assert returned == "returned 0" and calls == [], output
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +235,24 @@ def test_extract_sh_runs_the_extraction_to_the_end(tmp_path, tiny_model, submit)
     assert_every_pyramid_written(images, input_dir, output_dir)
     assert f"job {job.id} run 1 on" in log and ": 1 process(es)" in log, log
     assert SUMMARY.findall(log) == [("6", "0")], log
+
+
+def test_extract_sh_takes_the_runs_own_status_from_runs_jsonl(tmp_path, tiny_model, submit):
+    """Under `accelerate launch` (two fake GPUs) a broken image exits 1 from the launcher; the job ends
+    with the run's own status 3, read from its runs.jsonl line, and is not requeued."""
+    input_dir, output_dir = tmp_path / "images", tmp_path / "pyramids"
+    write_images(input_dir, 3)
+    (input_dir / "00001.png").write_bytes((input_dir / "00001.png").read_bytes()[:200])
+    # --output_dir=DIR: the template finds it in this form too.
+    job = submit("extract.sh", ["--gres=gpu:2"], ["--input_dir", input_dir, f"--output_dir={output_dir}",
+                                                  "--model", tiny_model, "--num_workers", 0])
+    info = job.wait_to_end()
+    log = job.log()
+    assert info == {"JobState": "FAILED", "Restarts": "0", "ExitCode": "3:0"}, log
+    assert "the launcher returned 1; the run reported 3" in log, log
+    record, = [json.loads(line) for line in (output_dir / "runs.jsonl").read_text().splitlines()]
+    assert (record["run_id"], record["status"], record["failed"]) == (f"slurm-{job.id}-0", 3, 1)
+    assert sorted(p.name for p in output_dir.glob("*.pt")) == ["00000.pt", "00002.pt"]
 
 
 @pytest.mark.parametrize("script, nodes", [("extract.sh", []), ("extract_multinode.sh", ["--nodes=1"])])

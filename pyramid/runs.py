@@ -1,0 +1,90 @@
+"""runs.jsonl: one JSON line per run in the output directory, for scripts a launcher hides the exit status from.
+
+    python -m pyramid.runs status OUTPUT_DIR RUN_ID    # prints that run's exit status; exit 1 if it has no line
+"""
+
+import json
+import os
+import socket
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+RUNS_NAME = "runs.jsonl"
+RUN_ID_VARIABLE = "PYRAMID_RUN_ID"
+
+
+def new_run_id():
+    """$PYRAMID_RUN_ID when set (a script names its run, to find its line), else a fresh unique id."""
+    return os.environ.get(RUN_ID_VARIABLE) or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def now_iso():
+    """The current time in ISO 8601 with its UTC offset: '2026-11-26T08:06:23.123456+00:00'."""
+    return datetime.now(timezone.utc).isoformat()
+
+
+def append_run(output_dir, record):
+    """Append `record` as one line of runs.jsonl: a single write with O_APPEND, so a line is never torn
+    by another run's line."""
+    line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+    fd = os.open(Path(output_dir) / RUNS_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def record_refusal(output_dir, settings, message, status):
+    """The line of a run refused before it started (bad arguments), where its output directory exists."""
+    if not Path(output_dir).is_dir():
+        return
+    moment = now_iso()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        append_run(output_dir, {"run_id": new_run_id(), "status": status, "started": moment, "written": 0,
+                                "skipped": 0, "failed": 0, "per_process": [0] * processes, "finished": moment,
+                                "processes": processes, "error": message, "settings": settings})
+    except OSError:
+        pass  # the refusal itself was said on stderr; a directory that takes no line changes nothing
+
+
+def read_runs(output_dir):
+    """Every complete record of runs.jsonl, oldest first; torn or foreign lines are skipped."""
+    path = Path(output_dir) / RUNS_NAME
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def status_of(output_dir, run_id):
+    """The exit status the last line of run `run_id` reports, or None when it has no line."""
+    for record in reversed(read_runs(output_dir)):
+        if record.get("run_id") == run_id and isinstance(record.get("status"), int):
+            return record["status"]
+    return None
+
+
+def main(argv):
+    if len(argv) != 3 or argv[0] != "status":
+        print("usage: python -m pyramid.runs status OUTPUT_DIR RUN_ID", file=sys.stderr)
+        return 2
+    status = status_of(argv[1], argv[2])
+    if status is None:
+        print(f"no run {argv[2]!r} in {Path(argv[1]) / RUNS_NAME}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

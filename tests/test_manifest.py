@@ -1,0 +1,138 @@
+"""pyramid/manifest.py: --overwrite replaces files of other settings, crash-safely, and never mixes trees."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import pyramid.manifest as manifest_module
+from pyramid.exits import UsageError
+from pyramid.manifest import MANIFEST_NAME, REPLACING_KEY, adopt_output_tree, read_manifest
+
+A = {"format": 1, "model": "model-a", "dtype": "fp32", "versions": {"torch": "1"}}
+B = {"format": 1, "model": "model-b", "dtype": "fp32", "versions": {"torch": "2"}}
+NAMES = ["x/0.pt", "x/1.pt", "2.pt", "3.pt"]
+
+
+def pt_files(root):
+    return {str(p.relative_to(root)) for p in Path(root).rglob("*.pt") if p.name != "stats.pt"}
+
+
+def make_tree(root, settings):
+    """A tree made with `settings`: each .pt holds the model name, plus the derived data a replacement removes."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in NAMES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(settings["model"])
+    (root / MANIFEST_NAME).write_text(json.dumps(settings))
+    (root / "failures.jsonl").write_text('{"path": "5.png", "error": "x"}\n')
+    (root / "stats.pt").write_text(settings["model"])
+    (root / "pack").mkdir()
+    (root / "pack" / "16x16.npy").write_text(settings["model"])
+
+
+def adopt(root, settings, overwrite):
+    return adopt_output_tree(root, settings, pt_files(root), overwrite)
+
+
+class Crash(BaseException):
+    """A SIGKILL at this moment: nothing after it runs."""
+
+
+def crash_at(monkeypatch, moment):
+    """Make the `moment`-th file-system change of adopt_output_tree (0-based) never happen, nor any after it."""
+    count = [0]
+
+    def counted(real):
+        def change(*args, **kwargs):
+            if count[0] == moment:
+                raise Crash
+            count[0] += 1
+            return real(*args, **kwargs)
+        return change
+
+    monkeypatch.setattr(manifest_module, "write_manifest", counted(manifest_module.write_manifest))
+    monkeypatch.setattr(Path, "unlink", counted(Path.unlink))
+    monkeypatch.setattr(shutil, "rmtree", counted(shutil.rmtree))
+    return count
+
+
+def test_matching_manifest_keeps_every_file_with_or_without_overwrite(tmp_path):
+    make_tree(tmp_path, A)
+    for overwrite in (False, True):  # a requeued --overwrite job resumes
+        assert adopt(tmp_path, {**A, "versions": {"torch": "9"}}, overwrite) == set(NAMES)
+    assert pt_files(tmp_path) == set(NAMES) and (tmp_path / "stats.pt").exists()
+
+
+def test_other_settings_refused_then_replaced_with_derived_data(tmp_path):
+    make_tree(tmp_path, A)
+    with pytest.raises(UsageError, match="model: 'model-a' -> 'model-b'.*--overwrite"):
+        adopt(tmp_path, B, overwrite=False)
+    assert pt_files(tmp_path) == set(NAMES) and read_manifest(tmp_path) == A
+    assert adopt(tmp_path, B, overwrite=True) == set()
+    assert pt_files(tmp_path) == set()
+    assert not any((tmp_path / name).exists() for name in ("failures.jsonl", "stats.pt", "pack"))
+    assert read_manifest(tmp_path) == B  # the mark is cleared
+
+
+def test_files_without_a_manifest_are_refused_unless_overwrite(tmp_path):
+    make_tree(tmp_path, A)
+    (tmp_path / MANIFEST_NAME).unlink()
+    with pytest.raises(UsageError, match=r"4 \.pt file\(s\) but no manifest.json.*--overwrite"):
+        adopt(tmp_path, A, overwrite=False)
+    assert pt_files(tmp_path) == set(NAMES)
+    assert adopt(tmp_path, A, overwrite=True) == set() and pt_files(tmp_path) == set()
+    (tmp_path / "new").mkdir()
+    assert adopt(tmp_path / "new", A, overwrite=False) == set()  # an empty directory needs no --overwrite
+    assert read_manifest(tmp_path / "new") == A
+
+
+def test_old_manifests_without_the_mark_are_read_as_settled(tmp_path):
+    make_tree(tmp_path, A)
+    assert REPLACING_KEY not in json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert adopt(tmp_path, A, overwrite=False) == set(NAMES)
+
+
+def test_a_replacement_killed_at_any_moment_never_lets_an_old_file_count_as_done(tmp_path, monkeypatch):
+    """Kill --overwrite (B over A) before each of its file-system changes; then every rerun, with
+    either settings, with or without --overwrite, keeps only files of its own settings or refuses,
+    and a plain rerun with the new settings always finishes the replacement."""
+    moments = 0
+    while True:
+        root = tmp_path / f"kill{moments}"
+        make_tree(root, A)
+        with monkeypatch.context() as patch:
+            done = crash_at(patch, moments)
+            try:
+                adopt(root, B, overwrite=True)
+                break  # no change left to kill before: every moment was tried
+            except Crash:
+                pass
+        assert done[0] == moments
+        for settings in (A, B):
+            for overwrite in (False, True):
+                tree = tmp_path / f"kill{moments}-{settings['model']}-{overwrite}"
+                shutil.copytree(root, tree)
+                try:
+                    kept = adopt(tree, settings, overwrite)
+                except UsageError as error:
+                    assert not overwrite and "--overwrite" in str(error)
+                    continue
+                assert {(tree / name).read_text() for name in kept} <= {settings["model"]}, (moments, settings)
+                assert read_manifest(tree) == settings
+                if settings is B and moments > 0:  # once the replacement began, a plain B rerun completes it
+                    assert kept == set() and pt_files(tree) == set()
+                    assert not (tree / "stats.pt").exists() and not (tree / "pack").exists()
+        moments += 1
+    # The manifest with the mark, every .pt, failures.jsonl, stats.pt, pack/, and the manifest again.
+    assert moments == 1 + len(NAMES) + 3 + 1
+
+
+def test_verify_does_not_pass_a_tree_whose_replacement_is_unfinished():
+    from pyramid.verify import check_manifest
+    from synthetic_trees import manifest
+
+    assert check_manifest(manifest()) == []
+    problems = check_manifest({**manifest(), REPLACING_KEY: True})
+    assert len(problems) == 1 and "replacement is unfinished" in problems[0]
