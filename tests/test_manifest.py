@@ -10,8 +10,8 @@ import pyramid.manifest as manifest_module
 from pyramid.exits import UsageError
 from pyramid.manifest import MANIFEST_NAME, REPLACING_KEY, adopt_output_tree, read_manifest
 
-A = {"format": 1, "model": "model-a", "dtype": "fp32", "versions": {"torch": "1"}}
-B = {"format": 1, "model": "model-b", "dtype": "fp32", "versions": {"torch": "2"}}
+A = {"format": 1, "model": "model-a", "dtype": "fp32", "flip": False, "versions": {"torch": "1"}}
+B = {"format": 1, "model": "model-b", "dtype": "fp32", "flip": False, "versions": {"torch": "2"}}
 NAMES = ["x/0.pt", "x/1.pt", "2.pt", "3.pt"]
 
 
