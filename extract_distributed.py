@@ -33,6 +33,9 @@ def get_args_parser():
                         help="the dtype the model computes in: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, "
                              "fp32; files hold fp32 whatever it is")
     parser.add_argument("--overwrite", action="store_true", help="recompute and replace existing files")
+    parser.add_argument("--fsync", action="store_true",
+                        help="flush each file and its directory entry to disk before counting it done, so "
+                             "files survive a node crash or power loss too (slower; see docs/scale.md)")
     return parser
 
 
