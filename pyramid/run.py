@@ -217,6 +217,10 @@ def _run(args, state, team, signals, started, lock):
             plan.processor = processor
         except (UsageError, ModelError) as error:
             plan = Plan(error=str(error))
+    else:
+        # Unpickling the plan imports the model's image processor: seconds of transformers imports,
+        # done here while the main process plans, so the others start encoding about when it does.
+        import transformers.image_processing_utils  # noqa: F401
     plan = team.share("plan", plan)
     if plan.error:
         if team.is_main:
