@@ -97,7 +97,10 @@ class OutputLock:
             return self
         me = this_run()
         mine = self.output_dir / f".pyramid.lock.{me['token']}"
-        mine.write_text(json.dumps(me), encoding="utf-8")
+        try:
+            mine.write_text(json.dumps(me), encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"--output_dir {self.output_dir} is not writable") from error
         try:
             for _ in range(3):  # a takeover raced by another launch goes round again
                 try:
