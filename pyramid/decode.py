@@ -254,12 +254,15 @@ def worker_init(_worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def image_loader(input_dir, relative_paths, preprocess, batch_size, num_workers, pin_memory=False):
+def image_loader(input_dir, relative_paths, preprocess, batch_size, num_workers, pin_memory=False, sampler=None):
     """The DataLoader of the run: decoding in `num_workers` processes, batches as `collate` makes them.
 
     Each worker keeps up to two batches ready (torch's default prefetch): enough to hide the jitter of
     decoding, and the memory held stays a fixed few batches however many images there are.
+    `sampler` picks which of `relative_paths` this process does (shard.ChunkSampler); all of them in
+    order without one.
     """
     return torch.utils.data.DataLoader(
         ImageDataset(input_dir, relative_paths, preprocess), batch_size=batch_size, num_workers=num_workers,
-        collate_fn=collate, worker_init_fn=worker_init if num_workers else None, pin_memory=pin_memory)
+        collate_fn=collate, worker_init_fn=worker_init if num_workers else None, pin_memory=pin_memory,
+        sampler=sampler)

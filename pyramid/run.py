@@ -14,13 +14,14 @@ from pyramid import exits
 from pyramid.decode import Preprocess, image_loader
 from pyramid.encoder import Encoder, ModelError, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
+from pyramid.lock import OutputLock
 from pyramid.manifest import adopt_output_tree, build_manifest
-from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_images, images_to_do, output_path_for,
-                           remove_abandoned_temporaries, scan_outputs)
+from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_damaged_outputs, find_images, images_to_do,
+                           output_path_for, remove_abandoned_temporaries, scan_outputs)
 from pyramid.pool import build_pyramid, level_key, pyramid_sizes, split_twins
 from pyramid.progress import Progress, format_duration, log
 from pyramid.runs import append_run, new_run_id, now_iso
-from pyramid.shard import shard_for_rank
+from pyramid.shard import CLAIM_KEY, ChunkSampler, chunk_size_for
 from pyramid.team import Team
 from pyramid.writer import FAILURES_NAME, Writer, record_failure
 
@@ -84,8 +85,9 @@ def prune_failures(output_dir, retried):
         path.unlink()
 
 
-def plan_run(args, info, dtype):
-    """Find the images, refuse clashes and foreign manifests, and list the work left. Main process only."""
+def plan_run(args, info, dtype, lock=None):
+    """Find the images, refuse clashes and foreign manifests, take the directory's `lock` (an OutputLock),
+    and list the work left. Main process only."""
     images = find_images(args.input_dir)
     if args.limit:
         images = images[:args.limit]
@@ -104,6 +106,10 @@ def plan_run(args, info, dtype):
         raise UsageError(f"cannot create --output_dir {output_dir}: {error.strerror}") from error
     if not os.access(output_dir, os.W_OK | os.X_OK):
         raise UsageError(f"--output_dir {output_dir} is not writable")
+    if lock is not None:
+        lock.acquire()
+        if lock.taken_over:
+            log(lock.taken_over)
 
     levels = [level_key(size) for size in pyramid_sizes(info.grid_size)]
     manifest = build_manifest(info.name, info.revision, dtype, info.crop_size, info.patch_size, levels,
@@ -111,7 +117,11 @@ def plan_run(args, info, dtype):
     finished, temporaries = scan_outputs(output_dir)
     finished = adopt_output_tree(output_dir, manifest, finished, args.overwrite)  # refuses, or removes old files
     remove_abandoned_temporaries(temporaries)
-    todo = images_to_do(images, finished)
+    damaged = find_damaged_outputs(output_dir, finished & {output_path_for(image) for image in images})
+    if damaged:
+        log(f"{len(damaged)} file(s) cut short by a crash (empty or truncated) will be written again, "
+            f"e.g. {min(damaged)}")
+    todo = images_to_do(images, finished - damaged)
     prune_failures(output_dir, set(todo))
     return Plan(todo=todo, found=len(images), skipped=len(images) - len(todo), model_info=info)
 
@@ -187,11 +197,12 @@ def run(args):
     record = {"run_id": new_run_id(), "status": None, "started": now_iso()}  # the runs.jsonl line, filled in
     state = PartialState(cpu=not torch.cuda.is_available())
     team = Team.from_state(state)
+    lock = OutputLock(args.output_dir)
     try:
         with StopSignals() as signals:
             stop_with_launcher()
             try:
-                record["status"] = _run(args, state, team, signals, started, record)
+                record["status"] = _run(args, state, team, signals, started, record, lock)
             except StopNow:
                 if team.is_main:
                     log("stopped at once by a second Ctrl-C; every file handed to the writer is complete, "
@@ -199,6 +210,7 @@ def run(args):
                 record["status"] = exits.BY_SIGNAL[signal.SIGINT]
         return record["status"]
     finally:
+        lock.release()
         if team.is_main and record["status"] is not None:
             _append_run_record(args, team, record)
             _say_recorded(team)
@@ -261,17 +273,23 @@ class Tally:
         return self.written + self.failed
 
 
-def _run(args, state, team, signals, started, record):
+def _run(args, state, team, signals, started, record, lock):
     device = state.device
     dtype = resolve_dtype(args.dtype, device)
     plan = Plan()
     if team.is_main:
         try:
+            if Path(args.output_dir).is_dir():
+                lock.acquire()  # before the model loads: a second launch is refused at once
             info, processor = load_model_info(args.model)
-            plan = plan_run(args, info, dtype)
+            plan = plan_run(args, info, dtype, lock)
             plan.processor = processor
         except (UsageError, ModelError) as error:
             plan = Plan(error=str(error))
+    else:
+        # Unpickling the plan imports the model's image processor: seconds of transformers imports,
+        # done here while the main process plans, so the others start encoding about when it does.
+        import transformers.image_processing_utils  # noqa: F401
     plan = team.share("plan", plan)
     if plan.error:
         if team.is_main:
@@ -279,13 +297,13 @@ def _run(args, state, team, signals, started, record):
             record.update(written=0, skipped=0, failed=0, per_process=[0] * team.world_size, error=plan.error)
         return exits.USAGE
 
-    share = shard_for_rank(plan.todo, team.rank, team.world_size)
     batch_size = args.batch_size or default_batch_size(device)
     num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
     if team.is_main:
         log(f"{plan.found} images in {args.input_dir}: {plan.skipped} done already, {len(plan.todo)} to do "
             f"on {team.world_size} process(es); {args.model} in {dtype} on {device.type}, "
-            f"batch {batch_size}, {num_workers} decode workers per process")
+            f"batch {batch_size}, {num_workers} decode workers per process, "
+            f"chunks of {chunk_size_for(len(plan.todo), team.world_size)}")
         if device.type == "cpu" and team.world_size > 1:
             log(_cpu_processes_warning(int(os.environ.get("LOCAL_WORLD_SIZE", team.world_size))))
 
@@ -294,12 +312,12 @@ def _run(args, state, team, signals, started, record):
     status = exits.OK
     team.start_heartbeat(on_beat=lambda: _publish_progress(team, tally, progress))
     try:
-        if share:
+        if plan.todo:
             preprocess = Preprocess(plan.processor, flip=args.flip)
             encoder = Encoder(plan.model_info, preprocess.normaliser(device), device, dtype)
-            tally.writer = Writer(args.output_dir)
+            tally.writer = Writer(args.output_dir, fsync=args.fsync)
             tally.encoding_started = time.monotonic()
-            _encode_share(args.input_dir, args.output_dir, share, preprocess, encoder, tally, team, signals,
+            _encode_share(args.input_dir, args.output_dir, plan.todo, preprocess, encoder, tally, team, signals,
                           progress, batch_size, num_workers)
     except ModelError as error:
         if team.is_main:  # every process loads the same weights: one line says it
@@ -314,7 +332,6 @@ def _run(args, state, team, signals, started, record):
         _publish_progress(team, tally, None)
         team.add("written", tally.written)
         team.add("failed", tally.failed)
-        team.add(f"done/{team.rank}", tally.done)
         if status == exits.WRITE_ERROR:
             team.add("write_errors")
         if team.is_main:
@@ -379,7 +396,8 @@ def _close_writer(writer, progress, status):
 
 
 def _print_summary(written, skipped, failed, seconds, encoding_seconds, failures_path, stopped, per_process):
-    """The run's one summary line; images/s counts the time spent encoding, not loading the model."""
+    """The run's one summary line; images/s counts the time spent encoding, not loading the model.
+    With several processes it ends with the images each did, in rank order."""
     rate = written / encoding_seconds if encoding_seconds > 0 else 0.0
     shares = f"; per process: {', '.join(map(str, per_process))}" if len(per_process) > 1 else ""
     log(f"done: {written} written, {skipped} skipped (already there), {failed} failed "
@@ -395,6 +413,7 @@ def _publish_progress(team, tally, progress):
     done = tally.done
     if done != tally.published:
         team.add("done", done - tally.published)
+        team.add(f"done/{team.rank}", done - tally.published)
         tally.published = done
     _update_bar(team, progress)
     if team.world_size > 1 and team.stop_requested():
@@ -406,22 +425,24 @@ def _update_bar(team, progress):
         progress.update(team.add("done", 0))
 
 
-def _encode_share(input_dir, output_dir, share, preprocess, encoder, tally, team, signals, progress,
+def _encode_share(input_dir, output_dir, todo, preprocess, encoder, tally, team, signals, progress,
                   batch_size, num_workers):
-    """Decode, encode and pool every image of this process's share, handing the pyramids to the writer."""
-    loader = image_loader(input_dir, share, preprocess, batch_size, num_workers,
-                          pin_memory=encoder.device.type == "cuda")
+    """Decode, encode and pool the chunks of the to-do list this process claims, handing the pyramids
+    to the writer. Claims go through the team's store as the loader asks for more: no collectives."""
+    sampler = ChunkSampler(len(todo), chunk_size_for(len(todo), team.world_size), lambda: team.add(CLAIM_KEY) - 1)
+    loader = image_loader(input_dir, todo, preprocess, batch_size, num_workers,
+                          pin_memory=encoder.device.type == "cuda", sampler=sampler)
     grid_size = encoder.info.grid_size
     for indices, pixels, failures in loader:
         for index, message in failures:
-            record_failure(output_dir, share[index], message)
+            record_failure(output_dir, todo[index], message)
             tally.failed += 1
-            log(f"failed: {share[index]}: {message}", progress)
+            log(f"failed: {todo[index]}: {message}", progress)
         if pixels is not None:
             levels = build_pyramid(encoder(pixels), grid_size)  # {"16x16": (B, 256, D), ...} fp32
             if preprocess.flip:  # one forward pass of the 2B images and their mirrors
                 levels = split_twins(levels)  # {"16x16": (B, 256, D), ..., "flip/16x16": (B, 256, D), ...}
-            tally.writer.submit_batch([output_path_for(share[i]) for i in indices.tolist()],
+            tally.writer.submit_batch([output_path_for(todo[i]) for i in indices.tolist()],
                                       {key: value.cpu() for key, value in levels.items()})
         if signals.signum is not None:
             team.request_stop()

@@ -11,10 +11,12 @@ from pyramid.paths import temporary_name, writer_tag
 from pyramid.pool import split_pyramids
 
 FAILURES_NAME = "failures.jsonl"
-def save_atomic(obj, path):
+def save_atomic(obj, path, fsync=False):
     """torch.save `obj` to `path` through a hidden temporary in the same directory and a rename.
 
-    A path that exists is therefore complete; on any error the temporary is removed.
+    A path that exists is therefore complete while the machine stays up; on any error the temporary is
+    removed. With `fsync` the file's data reaches the disk before the rename and the rename before
+    returning, so the file also survives a node crash or power loss (see docs/scale.md for the cost).
     """
     import torch  # here, not at the top: verify reads FAILURES_NAME from this module and starts without torch
 
@@ -28,10 +30,23 @@ def save_atomic(obj, path):
     try:
         with open(temporary, "wb") as file:
             file.write(buffer.getbuffer())
+            if fsync:
+                os.fsync(file.fileno())
         os.replace(temporary, path)
+        if fsync:
+            _fsync_directory(path.parent)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _fsync_directory(directory):
+    """Make a rename in `directory` durable: its entry is data of the directory, not of the file."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def record_failure(output_dir, relative_path, message):
@@ -53,8 +68,9 @@ class Writer:
     writer; `check` raises it in the caller's thread. `close` waits for every submitted file.
     """
 
-    def __init__(self, output_dir, max_pending=4):
+    def __init__(self, output_dir, max_pending=4, fsync=False):
         self.output_dir = Path(output_dir)
+        self.fsync = fsync
         self.queue = queue.Queue(maxsize=max_pending)
         self.error = None
         self.written = 0
@@ -88,7 +104,7 @@ class Writer:
                 if path.parent not in self._made_dirs:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     self._made_dirs.add(path.parent)
-                save_atomic(pyramid, path)
+                save_atomic(pyramid, path, fsync=self.fsync)
             except Exception as error:
                 self.error = OSError(f"cannot write {path}: {error}")
                 return

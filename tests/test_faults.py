@@ -213,7 +213,8 @@ def test_killing_one_rank_ends_the_launch_soon_and_a_rerun_completes(tmp_path, t
     assert launcher.returncode != 0, log
     assert ended_after < LAUNCH_TEARDOWN_SECONDS, f"launch ended {ended_after:.0f} s after the kill\n{log}"
     assert not alive(ranks[1 - victim]), "the surviving rank outlived its launcher"
-    assert len(outputs(out)) < NUM_IMAGES
+    # No bound on the count: until the launcher stops it, the survivor claims the chunks the dead rank
+    # would have taken, and may finish the whole list. Whatever exists must be complete and right.
     assert_complete_and_equal(out, reference)
 
     rerun_finishes_like_reference(command, out, input_dir, reference)

@@ -7,11 +7,13 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import run_cli, write_images
-
-from pyramid.paths import (find_clashes, find_images, images_to_do, is_abandoned_temporary, is_temporary_name,
-                           output_path_for, scan_outputs, temporary_name, writer_tag)
+from pyramid.paths import (find_clashes, find_damaged_outputs, find_images, images_to_do, is_abandoned_temporary,
+                           is_complete_archive, is_temporary_name, output_path_for, scan_outputs, temporary_name,
+                           writer_tag)
+from pyramid.writer import save_atomic
 
 
 def touch(path):
@@ -129,3 +131,51 @@ def test_cli_through_a_link_loop_writes_each_image_once(tmp_path, tiny_model):
     assert [record["path"] for record in records] == ["gone.png"]
     assert records[0]["error"] == "FileNotFoundError: dangling symbolic link to 'missing.png'"
     assert result.stderr.count("gone.png") == 1
+def pyramid_file(path, hidden=8):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic({"16x16": torch.randn(1, 256, hidden), "1x1": torch.randn(1, 1, hidden)}, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("keep", [None, 0, 10, 0.5, -1])
+def test_a_file_cut_short_is_not_complete(tmp_path, keep):
+    data = pyramid_file(tmp_path / "a.pt")
+    if keep is not None:
+        (tmp_path / "a.pt").write_bytes(data[:int(len(data) * keep) if isinstance(keep, float) else keep])
+    assert is_complete_archive(tmp_path / "a.pt") == (keep is None)
+
+
+def test_a_file_whose_last_blocks_are_zeros_is_not_complete(tmp_path):
+    data = pyramid_file(tmp_path / "a.pt")
+    (tmp_path / "a.pt").write_bytes(data[:-4096] + bytes(4096))  # size kept, data lost: a crash on ext4
+    assert not is_complete_archive(tmp_path / "a.pt")
+    assert not is_complete_archive(tmp_path / "missing.pt")
+
+
+def test_find_damaged_outputs_names_exactly_the_broken_files(tmp_path):
+    for name in ["a.pt", "s/b.pt", "s/c.pt", "d.pt"]:
+        pyramid_file(tmp_path / name, hidden=4 + len(name))  # sizes differ: the footer alone decides
+    (tmp_path / "s" / "b.pt").write_bytes(b"")
+    (tmp_path / "d.pt").write_bytes((tmp_path / "d.pt").read_bytes()[:100])
+    assert find_damaged_outputs(tmp_path, {"a.pt", "s/b.pt", "s/c.pt", "d.pt"}) == {"s/b.pt", "d.pt"}
+
+
+def test_rerun_redoes_exactly_the_files_a_crash_cut_short(tmp_path, tiny_model):
+    write_images(tmp_path / "in", 5)
+    args = ("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
+            "--num_workers", 0)
+    assert run_cli(*args).returncode == 0
+    out = tmp_path / "out"
+    expected = {name: (out / name).read_bytes() for name in ["00001.pt", "00003.pt"]}
+    (out / "00001.pt").write_bytes(b"")  # what a node crash leaves of a file renamed before its data landed
+    (out / "00003.pt").write_bytes(expected["00003.pt"][:len(expected["00003.pt"]) // 2])
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")}
+    rerun = run_cli(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "2 file(s) cut short by a crash" in rerun.stderr
+    assert [line for line in rerun.stderr.splitlines() if line.startswith("done: ")][0].startswith(
+        "done: 2 written, 3 skipped")
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.pt")}
+    assert sorted(name for name in after if after[name] != before[name]) == ["00001.pt", "00003.pt"]
+    for name, data in expected.items():
+        assert (out / name).read_bytes() == data  # the same bytes as the first run wrote

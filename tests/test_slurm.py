@@ -1,8 +1,9 @@
-"""slurm/: the requeue decision in isolation, then the templates on a real one-node SLURM cluster.
+"""slurm/: the requeue decision in isolation, then the templates on a real SLURM cluster of one or two nodes.
 
 The cluster tests need `sbatch` and a cluster that answers: .ci/slurm-up starts a private one on this
-machine (config in $PYRAMID_SLURM_DIR, default /tmp/pyramid-slurm) with two fake GPUs; SLURM_CONF, if
-set, points the tests at another. Without either they skip and say why.
+machine (config in $PYRAMID_SLURM_DIR, default /tmp/pyramid-slurm), two nodes in network namespaces
+with two fake GPUs each; SLURM_CONF, if set, points the tests at another. Without either they skip and
+say why; the two-node tests also skip, with slurm-up's reason, where the cluster has one node.
 """
 
 import json
@@ -17,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_HIDDEN, write_images
+from conftest import REPO, TINY_HIDDEN, run_cli, write_images
 
 CI_CLUSTER_CONF = Path(os.environ.get("PYRAMID_SLURM_DIR", "/tmp/pyramid-slurm")) / "slurm.conf"
 JOB_NAME = "pyramid-test"
 LEVEL_TOKENS = {"16x16": 256, "8x8": 64, "4x4": 16, "2x2": 4, "1x1": 1}
 SUMMARY = re.compile(r"^done: (\d+) written, (\d+) skipped", re.MULTILINE)
+PER_PROCESS = re.compile(r"^done: .*; per process: ([\d, ]+)$", re.MULTILINE)
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
 
@@ -146,6 +148,19 @@ def slurm_env():
     return env
 
 
+@pytest.fixture(scope="module")
+def two_nodes(slurm_env):
+    """The names of two idle nodes of the cluster, or a skip with the reason slurm-up gave."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=slurm_env, capture_output=True, text=True,
+                         timeout=60).stdout
+    idle = sorted({name for name, state in (line.split() for line in out.splitlines()) if state == "idle"})
+    if len(idle) < 2:
+        reason_file = Path(slurm_env["SLURM_CONF"]).parent / "multinode"
+        reason = reason_file.read_text().strip() if reason_file.exists() else "see .ci/slurm-up"
+        pytest.skip(f"the cluster has {len(idle)} idle node(s), two-node tests need 2: {reason}")
+    return idle[:2]
+
+
 class Job:
     """A batch job submitted from the repository root, as a user would; cancelled if a test leaves it running."""
 
@@ -255,11 +270,45 @@ def test_extract_sh_takes_the_runs_own_status_from_runs_jsonl(tmp_path, tiny_mod
     assert sorted(p.name for p in output_dir.glob("*.pt")) == ["00000.pt", "00002.pt"]
 
 
-@pytest.mark.parametrize("script, nodes", [("extract.sh", []), ("extract_multinode.sh", ["--nodes=1"])])
-def test_signalled_job_requeues_and_the_second_run_finishes(tmp_path, tiny_model, submit, script, nodes):
+def test_two_nodes_two_processes_each_write_every_image_once(tmp_path, tiny_model, submit, two_nodes,
+                                                             monkeypatch):
+    input_dir = tmp_path / "images"
+    images = write_images(input_dir, 24, names=[f"{i % 3}/{i:05d}.png" for i in range(24)])
+    # Two processes per node on CPUs (gloo): what PYRAMID_NUM_PROCESSES is for; the job inherits it.
+    monkeypatch.setenv("PYRAMID_NUM_PROCESSES", "2")
+    job = submit("extract_multinode.sh", ["--nodes=2", "--gres=gpu:2"],
+                 extractor_args(tiny_model, input_dir, tmp_path / "two_nodes"))
+    single = run_cli(*extractor_args(tiny_model, input_dir, tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    info = job.wait_to_end()
+    log = job.log()
+    assert info == {"JobState": "COMPLETED", "Restarts": "0", "ExitCode": "0:0"}, log
+    for rank, node in enumerate(two_nodes):  # each node in the log under its own hostname
+        assert f"pyramid: node {rank} ({node}): 2 process(es)" in log, log
+    assert "on 4 process(es)" in log, log
+    assert_every_pyramid_written(images, input_dir, tmp_path / "two_nodes")
+    # Written exactly once: 24 files, 24 writes over all processes, not more.
+    assert SUMMARY.findall(log) == [("24", "0")], log
+    per_process = [int(count) for count in PER_PROCESS.findall(log)[0].split(", ")]
+    assert len(per_process) == 4 and sum(per_process) == 24, log
+    for image in images:
+        name = image.relative_to(input_dir).with_suffix(".pt")
+        one = torch.load(tmp_path / "one" / name, weights_only=True)
+        two = torch.load(tmp_path / "two_nodes" / name, weights_only=True)
+        assert list(one) == list(two)
+        for key in one:
+            assert torch.allclose(one[key], two[key], atol=1e-5), (name, key)
+
+
+@pytest.mark.parametrize("script, nodes", [("extract.sh", []), ("extract_multinode.sh", ["--nodes=1"]),
+                                           ("extract_multinode.sh", ["--nodes=2"])])
+def test_signalled_job_requeues_and_the_second_run_finishes(request, tmp_path, tiny_model, submit, script, nodes):
+    if nodes == ["--nodes=2"]:
+        request.getfixturevalue("two_nodes")
     input_dir, output_dir = tmp_path / "images", tmp_path / "pyramids"
-    # Enough work (several seconds on two processes) that the signal lands while the first run is writing.
-    images = write_images(input_dir, 400, size=(256, 256))
+    # Enough work (several seconds on two processes) that the signal lands while the first run is writing;
+    # the two-node job starts its four processes close together, and half of it is as many seconds.
+    images = write_images(input_dir, 200 if nodes == ["--nodes=2"] else 400, size=(256, 256))
     job = submit(script, ["--gres=gpu:2", *nodes], extractor_args(tiny_model, input_dir, output_dir))
 
     deadline = time.monotonic() + 180

@@ -1,0 +1,114 @@
+"""pyramid/lock.py: a live run's lock refuses a second one; a gone run's lock never blocks the next."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyramid.exits import UsageError
+from pyramid.lock import LOCK_NAME, OutputLock, why_stale
+from conftest import run_cli, write_images
+
+
+def write_lock(directory, age_seconds=0, **holder):
+    path = directory / LOCK_NAME
+    path.write_text(json.dumps({"token": "old", **holder}))
+    then = time.time() - age_seconds
+    os.utime(path, (then, then))
+    return path
+
+
+def dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_second_lock_is_refused_naming_host_and_process(tmp_path):
+    first = OutputLock(tmp_path).acquire()
+    try:
+        with pytest.raises(UsageError, match=f"host {socket.gethostname()}, process {os.getpid()}"):
+            OutputLock(tmp_path).acquire()
+    finally:
+        first.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    OutputLock(tmp_path).acquire().release()  # free again once released
+
+
+def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+    write_lock(tmp_path, host=socket.gethostname(), pid=dead_pid())
+    lock = OutputLock(tmp_path).acquire()
+    try:
+        assert "its process is gone" in lock.taken_over
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    finally:
+        lock.release()
+
+
+def test_lock_of_another_host_counts_until_its_heartbeat_is_old(tmp_path):
+    write_lock(tmp_path, age_seconds=5, host="node-elsewhere", pid=1, slurm_job="77", slurm_restart=0)
+    with pytest.raises(UsageError, match=r"host node-elsewhere, process 1 \(SLURM job 77, run 1\)"):
+        OutputLock(tmp_path, stale_after=60).acquire()
+    write_lock(tmp_path, age_seconds=600, host="node-elsewhere", pid=1)
+    lock = OutputLock(tmp_path, stale_after=60).acquire()
+    assert "no heartbeat for" in lock.taken_over
+    lock.release()
+
+
+def test_heartbeat_keeps_a_held_lock_fresh(tmp_path):
+    lock = OutputLock(tmp_path, refresh_seconds=0.05).acquire()
+    try:
+        then = time.time() - 600
+        os.utime(tmp_path / LOCK_NAME, (then, then))
+        time.sleep(0.5)
+        assert time.time() - (tmp_path / LOCK_NAME).stat().st_mtime < 5
+    finally:
+        lock.release()
+
+
+@pytest.mark.parametrize("holder, me, stale", [
+    # A requeued SLURM job, restarted on another node: the lock of its earlier run is gone at once.
+    ({"host": "n1", "pid": 5, "slurm_job": "9", "slurm_restart": 0},
+     {"host": "n2", "slurm_job": "9", "slurm_restart": 1}, True),
+    ({"host": "n1", "pid": 5, "slurm_job": "9", "slurm_restart": 1},
+     {"host": "n2", "slurm_job": "9", "slurm_restart": 1}, False),   # the same run's other node
+    ({"host": "n1", "pid": 5, "slurm_job": "8", "slurm_restart": 0},
+     {"host": "n2", "slurm_job": "9", "slurm_restart": 3}, False),   # another job: only its heartbeat says
+    ({}, {"host": "n2"}, False),                                     # unreadable: by its age alone
+])
+def test_why_stale(holder, me, stale):
+    assert (why_stale(holder, 1.0, me) is not None) == stale
+
+
+def test_a_live_run_refuses_a_second_launch_at_once(tmp_path, tiny_model):
+    write_images(tmp_path / "in", 2)
+    (tmp_path / "out").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                               "from pyramid.lock import OutputLock; OutputLock(sys.argv[2]).acquire();"
+                               "print('held', flush=True); time.sleep(60)",
+                               str(os.path.dirname(os.path.dirname(__file__))), str(tmp_path / "out")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        result = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
+                         "--num_workers", 0)
+        assert result.returncode == 2, result.stderr
+        assert f"host {socket.gethostname()}, process {holder.pid}" in result.stderr
+        assert not list((tmp_path / "out").glob("*.pt"))
+        refused_after = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    # Once the holder is gone (killed, its lock left behind) the next run goes ahead.
+    assert (tmp_path / "out" / LOCK_NAME).exists()
+    result = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
+                     "--num_workers", 0)
+    assert result.returncode == 0, result.stderr
+    assert "took over the lock" in result.stderr and len(list((tmp_path / "out").glob("*.pt"))) == 2
+    assert not (tmp_path / "out" / LOCK_NAME).exists()  # released at the end
+    assert refused_after < 60
