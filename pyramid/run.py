@@ -12,7 +12,7 @@ import torch
 
 from pyramid import exits
 from pyramid.decode import Preprocess, image_loader
-from pyramid.encoder import Encoder, ModelError, load_model_info, resolve_dtype
+from pyramid.encoder import Encoder, HostCopies, ModelError, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
 from pyramid.manifest import build_manifest, manifest_differences, read_manifest, write_manifest
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_images, images_to_do, output_path_for,
@@ -21,7 +21,7 @@ from pyramid.pool import build_pyramid, level_key, pyramid_sizes
 from pyramid.progress import Progress, format_duration, log
 from pyramid.shard import shard_for_rank
 from pyramid.team import Team
-from pyramid.writer import FAILURES_NAME, Writer, record_failure
+from pyramid.writer import FAILURES_NAME, Writer, default_writer_threads, record_failure
 
 
 @dataclass
@@ -223,7 +223,7 @@ def _run(args, state, team, signals, started):
         if share:
             preprocess = Preprocess(plan.processor)
             encoder = Encoder(plan.model_info, preprocess.normaliser(device), device, dtype)
-            tally.writer = Writer(args.output_dir)
+            tally.writer = Writer(args.output_dir, threads=default_writer_threads())
             tally.encoding_started = time.monotonic()
             _encode_share(args.input_dir, args.output_dir, share, preprocess, encoder, tally, team, signals,
                           progress, batch_size, num_workers)
@@ -308,6 +308,7 @@ def _encode_share(input_dir, output_dir, share, preprocess, encoder, tally, team
     loader = image_loader(input_dir, share, preprocess, batch_size, num_workers,
                           pin_memory=encoder.device.type == "cuda")
     grid_size = encoder.info.grid_size
+    copies = HostCopies(encoder.device, batch_size)
     for indices, pixels, failures in loader:
         for index, message in failures:
             record_failure(output_dir, share[index], message)
@@ -315,8 +316,10 @@ def _encode_share(input_dir, output_dir, share, preprocess, encoder, tally, team
             log(f"failed: {share[index]}: {message}", progress)
         if pixels is not None:
             levels = build_pyramid(encoder(pixels), grid_size)  # {"16x16": (B, 256, D), ...} fp32
-            tally.writer.submit_batch([output_path_for(share[i]) for i in indices.tolist()],
-                                      {key: value.cpu() for key, value in levels.items()})
+            # Copied to the host on the side while the next batch computes; the writer waits, not us.
+            host_levels, ready, release = copies.start(levels)
+            tally.writer.submit_batch([output_path_for(share[i]) for i in indices.tolist()], host_levels,
+                                      ready=ready, release=release)
         if signals.signum is not None:
             team.request_stop()
             return
