@@ -432,6 +432,11 @@ def run_table(args):
                     "write_bound_mb": write_bounds[batch][1], "ideal": ideal, "end_to_end": end_to_end,
                     "end_to_end_over_ideal": end_to_end / ideal, "bound": bound_name(rates),
                     "peak_rss_mib": peak_rss})
+                # Each row as it comes: a run cut short by a time limit still leaves what it measured.
+                print(f"measured: {label}, batch {batch}: end to end {end_to_end:.1f} images/s, "
+                      f"{end_to_end / ideal:.2f} of ideal, {bound_name(rates)}-bound", file=sys.stderr, flush=True)
+                if args.save:
+                    Path(args.save).write_text(json.dumps(figures, indent=2) + "\n")
         fidelity_names = find_images(inputs[256])[:min(64, TABLE_UNIQUE["quick" if args.quick else "full"] * 2)]
         figures["fidelity"] = measure_fidelity(info, preprocess, inputs[256], fidelity_names, device)
         figures["fidelity_images"] = len(fidelity_names)

@@ -127,6 +127,22 @@ class Encoder:
         return strip_special_tokens(hidden, self.info.num_register_tokens).to(torch.float32)  # (B, G*G, D)
 
 
+class CopyDone:
+    """The CUDA event of one batch's device-to-host copy, to wait on from any thread.
+
+    The wait runs with the copy's device current: a fresh thread's current device is GPU 0, and a CUDA
+    call there would open a second context on GPU 0 in every process of a multi-GPU node.
+    """
+
+    def __init__(self, event, device_index):
+        self.event = event
+        self.device_index = device_index
+
+    def synchronize(self):
+        with torch.cuda.device(self.device_index):
+            self.event.synchronize()  # releases the GIL while it waits
+
+
 class HostCopies:
     """Device-to-host copies of batched pyramids that keep the GPU computing.
 
@@ -148,6 +164,9 @@ class HostCopies:
         self._made = 0
         self._free = queue.Queue()  # pinned buffer sets the writer has released
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._device_index = None
+        if self._stream is not None:
+            self._device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
 
     def start(self, levels):
         """Begin copying {"16x16": (B, 256, D) on the device, ...}; returns (host levels, ready, release)."""
@@ -163,9 +182,9 @@ class HostCopies:
                 host[key].copy_(value, non_blocking=True)
                 # The caching allocator must not hand this memory to batch k+1 while the copy reads it.
                 value.record_stream(self._stream)
-            ready = torch.cuda.Event(blocking=True)  # a writer waiting on it sleeps instead of spinning a core
-            ready.record(self._stream)
-        return host, ready, lambda: self._free.put(buffer)
+            event = torch.cuda.Event(blocking=True)  # a writer waiting on it sleeps instead of spinning a core
+            event.record(self._stream)
+        return host, CopyDone(event, self._device_index), lambda: self._free.put(buffer)
 
     def _take_buffer(self, levels):
         """A free pinned buffer set that fits `levels`; a new one while fewer than `buffers` exist."""
