@@ -437,7 +437,9 @@ def run_table(args):
                       f"{end_to_end / ideal:.2f} of ideal, {bound_name(rates)}-bound", file=sys.stderr, flush=True)
                 if args.save:
                     Path(args.save).write_text(json.dumps(figures, indent=2) + "\n")
-        fidelity_names = find_images(inputs[256])[:min(64, TABLE_UNIQUE["quick" if args.quick else "full"] * 2)]
+        # 64 images on a GPU; a few on a CPU, where fp16 is slow.
+        fidelity_count = 4 if args.quick else 64 if device.type == "cuda" else 8
+        fidelity_names = find_images(inputs[256])[:fidelity_count]
         figures["fidelity"] = measure_fidelity(info, preprocess, inputs[256], fidelity_names, device)
         figures["fidelity_images"] = len(fidelity_names)
 
@@ -450,8 +452,9 @@ def run_table(args):
 def format_markdown_table(figures):
     """The table's figures as markdown: one row per input and batch size, then the fidelity."""
     ideal = "min(decode, model, write)" if figures["device"].startswith("cuda") else "1/(1/decode + 1/model)"
-    lines = [f"{figures['model']} DINOv2 in {figures['dtype']} on {figures['device_name']} "
-             f"({figures['cpus']} CPUs), {figures['num_workers']} decode workers, "
+    cpus = f" with {figures['cpus']} CPUs" if figures["device"].startswith("cuda") else ""
+    lines = [f"{figures['model']} DINOv2 in {figures['dtype']} on {figures['device_name']}{cpus}, "
+             f"{figures['num_workers']} decode workers, "
              f"{figures['write_threads']} writer threads; images/s (write: files/s); ideal = {ideal}",
              "",
              "| input | batch | images | decode | model | write | ideal | end to end | end to end / ideal | bound |",
