@@ -412,6 +412,8 @@ def run_table(args):
         encoder = Encoder(info, preprocess.normaliser(device), device, dtype)
         model_bounds = {batch: measure_model(encoder, batch, max(counts.values()) // 2) for batch in batch_sizes}
         encoder = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the end-to-end runs are other processes: leave them the GPU's memory
         write_bounds = {batch: measure_write(write_dir, info.hidden_size, info.grid_size, batch,
                                              max(counts[1024], 2 * batch), threads) for batch in batch_sizes}
         inputs = {side: write_table_inputs(scratch / f"in{side}", side, counts[side],
