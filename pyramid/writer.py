@@ -48,10 +48,11 @@ def record_failure(output_dir, relative_path, message):
 def default_writer_threads():
     """Writer threads per process: up to 4, and no more than the CPUs this process may use.
 
-    A base-size pyramid is a 1 MB file. Of its time, the write into the page cache and the copy out
-    of the batch release the GIL; pickling holds it. Threads therefore add up until the GIL or the
-    disk is the limit, which four threads reach (the write bound of pyramid.bench measures it); a
-    GPU fed 256x256 PNGs needs more than one. Idle threads sleep, so a CPU-only run loses nothing.
+    A base-size pyramid is a 1 MB file, about 1 ms of a core: the copy out of the batch and the write
+    into the page cache release the GIL, torch.save (its CRC32 most of all) holds it for about a
+    third. Threads therefore add up until the GIL or the disk is the limit, which four reach (the
+    write bound of pyramid.bench measures it; docs/gpu.md has the figures); a GPU fed 256x256 PNGs
+    needs more than one. Idle threads sleep, so a CPU-only run loses nothing.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
