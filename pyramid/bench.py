@@ -218,7 +218,7 @@ def get_args_parser():
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     parser.add_argument("--output_dir", default=None,
                         help="a directory on the disk the run will write to: the write bound and the end-to-end "
-                             "run write there (in temporary directories they remove); default: the system's temp")
+                             "run write there (in temporary directories they remove); none: the system's temp directory")
     parser.add_argument("--write_threads", type=int, nargs="+", default=None, metavar="N",
                         help="also measure the write bound with each of these writer thread counts")
     table = parser.add_argument_group("the GPU table (--table): no data and no weights needed")
@@ -235,6 +235,8 @@ def get_args_parser():
 
 def check_args(args):
     """One sentence on what is wrong with the arguments, or None."""
+    if args.output_dir is not None and not Path(args.output_dir).is_dir():
+        return f"--output_dir {args.output_dir} does not exist"
     if args.table:
         if args.input_dir is not None or args.synthetic is not None:
             return "--table makes its own 1024x1024 and 256x256 inputs; drop --input_dir / --synthetic"
@@ -245,8 +247,6 @@ def check_args(args):
         return "one of --input_dir or --synthetic is required"
     if args.input_dir is not None and not Path(args.input_dir).is_dir():
         return f"--input_dir {args.input_dir} does not exist"
-    if args.output_dir is not None and not Path(args.output_dir).is_dir():
-        return f"--output_dir {args.output_dir} does not exist"
     return None
 
 

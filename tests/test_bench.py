@@ -50,7 +50,8 @@ def test_table_inputs_are_prepare_sized_pngs(tmp_path):
 def test_bench_refuses_mixed_or_missing_sources_before_work(capsys):
     for args, message in ((["--table", "--synthetic", "4"], "--table makes its own"),
                           (["--synthetic", "4"], "--model or --random"),
-                          (["--random", "tiny"], "--input_dir or --synthetic")):
+                          (["--random", "tiny"], "--input_dir or --synthetic"),
+                          (["--table", "--output_dir", "/no/such/dir"], "--output_dir /no/such/dir does not exist")):
         assert main(get_args_parser().parse_args(args)) == 2, args
         assert message in capsys.readouterr().err, args
 
