@@ -1,9 +1,12 @@
-"""Throughput side by side on the same images: decode bound, model bound, the real job end to end,
-and (with --baseline) the straightforward version that the peers ship.
+"""Throughput side by side: decode, model and write bounds, and the real job end to end.
+
+On the same images, device, dtype and batch size; with --baseline also the straightforward version
+that the peers ship; with --table the whole GPU table (docs/gpu.md).
 
     python -m pyramid.bench --model facebook/dinov2-base --input_dir data/raw_images --limit 256
     python -m pyramid.bench --random base --synthetic 64 --baseline     # no weights, no data needed
     python -m pyramid.bench --reader --synthetic_tree 2000              # the training-side readers
+    python -m pyramid.bench --table                                      # the GPU table (docs/gpu.md)
 """
 
 import json
@@ -102,24 +105,51 @@ def measure_model(encoder, batch_size, count):
     pixels = torch.randint(0, 256, (batch_size, 3, side, side), dtype=torch.uint8, device=encoder.device)
 
     def step():
-        levels = build_pyramid(encoder(pixels), encoder.info.grid_size)
-        next(iter(levels.values())).sum().item()  # waits for the device
+        return build_pyramid(encoder(pixels), encoder.info.grid_size)
 
-    step()  # warm-up: allocator, kernels, lazy initialisation
+    next(iter(step().values())).sum().item()  # warm-up: allocator, kernels, lazy initialisation
     batches = max(2, math.ceil(count / batch_size))
     started = time.perf_counter()
     for _ in range(batches):
-        step()
+        levels = step()
+    # One wait at the end: the device runs the batches back to back, as in the run, with no host
+    # round trip between them.
+    next(iter(levels.values())).sum().item()
     return batches * batch_size / (time.perf_counter() - started)
 
 
-def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype, extra_args=()):
-    """The real job, `python extract_distributed.py`, into a temporary directory.
+def measure_write(output_dir, hidden_size, grid_size, batch_size, count, threads):
+    """Files/s and MB/s of the run's Writer alone: ready CPU fp32 batches split into files on the disk
+    of `output_dir` (in a temporary directory inside it, removed after). Returns (files/s, MB/s)."""
+    from pyramid.pool import build_pyramid
+    from pyramid.writer import Writer
+
+    levels = build_pyramid(torch.randn(batch_size, grid_size * grid_size, hidden_size), grid_size)
+    directory = Path(tempfile.mkdtemp(prefix="pyramid-write-bound-", dir=output_dir))
+    try:
+        writer = Writer(directory, threads=threads)
+        batches = max(1, math.ceil(count / batch_size))
+        started = time.perf_counter()
+        for batch in range(batches):
+            writer.submit_batch([f"{batch * batch_size + i:06d}.pt" for i in range(batch_size)], levels)
+        writer.close()
+        seconds = time.perf_counter() - started
+        file_bytes = (directory / "000000.pt").stat().st_size
+    finally:
+        subprocess.run(["rm", "-rf", str(directory)], check=False)
+    files = batches * batch_size
+    return files / seconds, files * file_bytes / seconds / 1e6
+
+
+def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype, output_parent=None,
+                       extra_args=()):
+    """The real job, `python extract_distributed.py`, into a temporary directory (inside `output_parent`
+    where given).
 
     Returns (images/s while encoding, as its summary line reports, peak RSS of its main process in MiB,
     the output directory). The caller removes the directory.
     """
-    output_dir = tempfile.mkdtemp(prefix="pyramid-bench-")
+    output_dir = tempfile.mkdtemp(prefix="pyramid-bench-", dir=output_parent)
     command = [sys.executable, str(REPO / "extract_distributed.py"), "--input_dir", str(input_dir),
                "--output_dir", output_dir, "--model", str(model), "--batch_size", str(batch_size),
                "--num_workers", str(num_workers), "--dtype", dtype, "--limit", str(limit), *extra_args]
@@ -137,7 +167,8 @@ def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype, 
 def flip_figures(model, input_dir, limit, batch_size, num_workers, dtype, end_to_end):
     """End to end with --flip on the same images: images/s, and its ratio to the plain run. The decode is
     shared and the model runs on the doubled batch, so on a GPU the ratio is the model's share of the time."""
-    rate, _, output_dir = measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype, ("--flip",))
+    rate, _, output_dir = measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype,
+                                             extra_args=("--flip",))
     subprocess.run(["rm", "-rf", str(output_dir)], check=False)
     return {"end_to_end_flip": rate, "flip_over_plain": rate / end_to_end}
 
@@ -212,14 +243,46 @@ def get_args_parser():
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     parser.add_argument("--flip", action="store_true", help="also run end to end with --flip: what the twins cost")
     add_reader_arguments(parser)
+    parser.add_argument("--output_dir", default=None,
+                        help="a directory on the disk the run will write to: the write bound and the end-to-end "
+                             "run write there (in temporary directories they remove); none: the system's temp directory")
+    parser.add_argument("--write_threads", type=int, nargs="+", default=None, metavar="N",
+                        help="also measure the write bound with each of these writer thread counts")
+    table = parser.add_argument_group("the GPU table (--table): no data and no weights needed")
+    table.add_argument("--table", action="store_true",
+                       help="decode, model, write and end-to-end images/s and fp16-vs-fp32 fidelity for 1024x1024 "
+                            "and 256x256 PNG inputs at several batch sizes, as a markdown table (--random base "
+                            "unless --model or --random says otherwise)")
+    table.add_argument("--batch_sizes", type=int, nargs="+", default=None, metavar="B",
+                       help="batch sizes of the table [64 128 256 on GPU, 16 on CPU]")
+    table.add_argument("--quick", action="store_true", help="a few images only: a check that the table runs")
+    table.add_argument("--save", default=None, metavar="FILE.json", help="also write the table's figures here")
     return parser
 
 
-def ideal_rate(model_rate, decode_rate, device):
-    """What a perfect pipeline would reach: on a GPU decoding and the model overlap, so the slower
-    one sets the pace; on a CPU they share the same cores, so their times add up."""
+def check_args(args):
+    """One sentence on what is wrong with the arguments, or None."""
+    if args.output_dir is not None and not Path(args.output_dir).is_dir():
+        return f"--output_dir {args.output_dir} does not exist"
+    if args.table:
+        if args.input_dir is not None or args.synthetic is not None:
+            return "--table makes its own 1024x1024 and 256x256 inputs; drop --input_dir / --synthetic"
+        return None
+    if args.model is None and args.random is None:
+        return "one of --model or --random is required"
+    if args.input_dir is None and args.synthetic is None:
+        return "one of --input_dir or --synthetic is required"
+    if args.input_dir is not None and not Path(args.input_dir).is_dir():
+        return f"--input_dir {args.input_dir} does not exist"
+    return None
+
+
+def ideal_rate(model_rate, decode_rate, device, write_rate=None):
+    """What a perfect pipeline would reach: on a GPU decoding, the model and writing overlap, so the
+    slowest sets the pace; on a CPU the model and decoding share the same cores, so their times add
+    up (writing, a small share there, is left out: the ideal stays the stricter one)."""
     if device.type == "cuda":
-        return min(model_rate, decode_rate)
+        return min(model_rate, decode_rate, write_rate or math.inf)
     return 1 / (1 / model_rate + 1 / decode_rate)
 
 
@@ -228,16 +291,17 @@ def main(args):
         from pyramid.readbench import reader_main
 
         return reader_main(args)
-    if (args.model, args.random) == (None, None) or (args.input_dir, args.synthetic) == (None, None):
-        print("error: one of --model/--random and one of --input_dir/--synthetic are required", file=sys.stderr)
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return exits.USAGE
-    if args.input_dir is not None and not Path(args.input_dir).is_dir():
-        print(f"error: --input_dir {args.input_dir} does not exist", file=sys.stderr)
-        return exits.USAGE
+    if args.table:
+        return run_table(args)
     from pyramid.decode import Preprocess
     from pyramid.encoder import Encoder, load_model_info, resolve_dtype
     from pyramid.paths import find_images
     from pyramid.run import default_batch_size, default_num_workers
+    from pyramid.writer import default_writer_threads
 
     with tempfile.TemporaryDirectory(prefix="pyramid-bench-") as scratch:
         model = args.model or save_random_dinov2(Path(scratch) / f"random-{args.random}", args.random)
@@ -252,21 +316,30 @@ def main(args):
         num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
         info, processor = load_model_info(model)
         preprocess = Preprocess(processor)
+        threads = default_writer_threads()
         figures = {"images": len(names), "device": str(device), "device_name": device_name(device),
-                   "dtype": dtype, "batch_size": batch_size, "num_workers": num_workers,
+                   "dtype": dtype, "batch_size": batch_size, "num_workers": num_workers, "write_threads": threads,
                    "model": str(args.model or f"random {args.random}")}
 
         figures["decode_bound"] = measure_decode(input_dir, names, preprocess, batch_size, num_workers)
         encoder = Encoder(info, preprocess.normaliser(device), device, dtype)
         figures["model_bound"] = measure_model(encoder, batch_size, len(names))
         del encoder
+        write_dir = args.output_dir or scratch
+        figures["write_bound"], figures["write_bound_mb"] = measure_write(
+            write_dir, info.hidden_size, info.grid_size, batch_size, max(len(names), 4 * batch_size), threads)
+        if args.write_threads:
+            figures["write_bound_by_threads"] = {
+                str(count): measure_write(write_dir, info.hidden_size, info.grid_size, batch_size,
+                                          max(len(names), 4 * batch_size), count)[0]
+                for count in args.write_threads}
         end_to_end, peak_rss, output_dir = measure_end_to_end(model, input_dir, len(names), batch_size,
-                                                              num_workers, dtype)
+                                                              num_workers, dtype, args.output_dir)
         figures["end_to_end"], figures["peak_rss_mib"] = end_to_end, peak_rss
-        figures["ideal"] = ideal_rate(figures["model_bound"], figures["decode_bound"], device)
+        figures["ideal"] = ideal_rate(figures["model_bound"], figures["decode_bound"], device, figures["write_bound"])
         if args.flip:
             figures.update(flip_figures(model, input_dir, len(names), batch_size, num_workers, dtype, end_to_end))
-        for name in ("decode_bound", "model_bound", "ideal"):
+        for name in ("decode_bound", "model_bound", "write_bound", "ideal"):
             figures[f"end_to_end_over_{name}"] = end_to_end / figures[name]
         if args.baseline:
             baseline_dir = Path(scratch) / "baseline"
@@ -281,6 +354,163 @@ def main(args):
     return exits.OK
 
 
+# The table's inputs: (label, side); 256 is what `prepare --resolution 256` makes of a 1024x1024 image.
+TABLE_INPUTS = (("1024x1024 PNG", 1024), ("256x256 PNG", 256))
+# Images per input in the table: enough for seconds of steady state on one GPU; --quick: a check that it runs.
+TABLE_IMAGES = {"cuda": {1024: 3072, 256: 16384}, "cpu": {1024: 64, 256: 128}, "quick": {1024: 8, 256: 16}}
+TABLE_UNIQUE = {"full": 32, "quick": 2}
+
+
+def write_table_inputs(directory, side, count, unique, seed=0):
+    """`count` PNGs in `directory`: `unique` synthetic faces at 1024x1024, brought to `side` by
+    prepare's own resize (shortest edge, bicubic), then hard-linked (copied where links fail)
+    under new names up to `count`. Decoding a link costs what decoding a distinct file costs."""
+    from pyramid.prepare import to_png
+
+    sources = write_synthetic_faces(Path(directory).with_name(Path(directory).name + "-unique"), unique, seed=seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    originals = []
+    for i, source in enumerate(sorted(sources.iterdir())):
+        target = directory / f"{i:05d}.png"
+        data = source.read_bytes()
+        target.write_bytes(data if side == 1024 else to_png(data, side))
+        originals.append(target)
+    for i in range(unique, count):
+        target = directory / f"{i:05d}.png"
+        try:
+            os.link(originals[i % unique], target)
+        except OSError:
+            target.write_bytes(originals[i % unique].read_bytes())
+    return directory
+
+
+def measure_fidelity(info, preprocess, input_dir, names, device, dtypes=("fp16", "bf16")):
+    """Per dtype and level, the smallest cosine similarity over images and patch vectors between the
+    pyramid computed in that dtype and the one computed in fp32, on the same pixels, on `device`.
+
+    {"fp16": {"16x16": 0.99999, ...}, ...}; a dtype the device cannot compute in is left out."""
+    from pyramid.decode import load_rgb
+    from pyramid.encoder import Encoder
+    from pyramid.pool import build_pyramid
+
+    pixels = torch.stack([preprocess(load_rgb(Path(input_dir) / name)) for name in names])  # (N, 3, H, W) uint8
+    pyramids = {}
+    for dtype in ("fp32", *dtypes):
+        try:
+            encoder = Encoder(info, preprocess.normaliser(device), device, dtype)
+            pyramids[dtype] = {key: value.cpu() for key, value in
+                               build_pyramid(encoder(pixels), info.grid_size).items()}  # {"16x16": (N, 256, D)}
+        except RuntimeError:  # e.g. bf16 on a GPU without it
+            continue
+        finally:
+            encoder = None
+    return {dtype: {key: torch.nn.functional.cosine_similarity(pyramid[key], pyramids["fp32"][key],
+                                                               dim=-1).min().item()
+                    for key in pyramid}
+            for dtype, pyramid in pyramids.items() if dtype != "fp32"}
+
+
+def bound_name(rates):
+    """The name of the smallest of {"decode": ..., "model": ..., "write": ...}."""
+    return min(rates, key=rates.get)
+
+
+def run_table(args):
+    """The GPU table: every bound and the end-to-end run per input size and batch size, one command."""
+    from pyramid.decode import Preprocess
+    from pyramid.encoder import Encoder, load_model_info, resolve_dtype
+    from pyramid.paths import find_images
+    from pyramid.run import default_num_workers
+    from pyramid.writer import default_writer_threads
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.dtype, device)
+    size = "quick" if args.quick else device.type if device.type in TABLE_IMAGES else "cpu"
+    counts = TABLE_IMAGES[size]
+    batch_sizes = args.batch_sizes or ([64, 128, 256] if device.type == "cuda" else [16])
+    num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
+    threads = default_writer_threads()
+    with tempfile.TemporaryDirectory(prefix="pyramid-table-") as scratch:
+        scratch = Path(scratch)
+        random_size = args.random or ("base" if args.model is None else None)
+        model = args.model or save_random_dinov2(scratch / f"random-{random_size}", random_size)
+        info, processor = load_model_info(model)
+        preprocess = Preprocess(processor)
+        write_dir = args.output_dir or scratch
+        figures = {"device": str(device), "device_name": device_name(device), "cpus": cpu_count(),
+                   "model": str(args.model or f"random {random_size}"), "dtype": dtype,
+                   "num_workers": num_workers, "write_threads": threads, "rows": []}
+
+        encoder = Encoder(info, preprocess.normaliser(device), device, dtype)
+        model_bounds = {batch: measure_model(encoder, batch, max(counts.values()) // 2) for batch in batch_sizes}
+        encoder = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the end-to-end runs are other processes: leave them the GPU's memory
+        write_bounds = {batch: measure_write(write_dir, info.hidden_size, info.grid_size, batch,
+                                             max(counts[1024], 2 * batch), threads) for batch in batch_sizes}
+        inputs = {side: write_table_inputs(scratch / f"in{side}", side, counts[side],
+                                           TABLE_UNIQUE["quick" if args.quick else "full"])
+                  for _, side in TABLE_INPUTS}
+        for label, side in TABLE_INPUTS:
+            names = find_images(inputs[side])
+            for batch in batch_sizes:
+                decode = measure_decode(inputs[side], names, preprocess, batch, num_workers)
+                end_to_end, peak_rss, output_dir = measure_end_to_end(model, inputs[side], len(names), batch,
+                                                                      num_workers, dtype, args.output_dir)
+                subprocess.run(["rm", "-rf", str(output_dir)], check=False)
+                rates = {"decode": decode, "model": model_bounds[batch], "write": write_bounds[batch][0]}
+                ideal = ideal_rate(rates["model"], rates["decode"], device, rates["write"])
+                figures["rows"].append({
+                    "input": label, "batch_size": batch, "images": len(names), "decode_bound": decode,
+                    "model_bound": rates["model"], "write_bound": rates["write"],
+                    "write_bound_mb": write_bounds[batch][1], "ideal": ideal, "end_to_end": end_to_end,
+                    "end_to_end_over_ideal": end_to_end / ideal, "bound": bound_name(rates),
+                    "peak_rss_mib": peak_rss})
+                # Each row as it comes: a run cut short by a time limit still leaves what it measured.
+                print(f"measured: {label}, batch {batch}: end to end {end_to_end:.1f} images/s, "
+                      f"{end_to_end / ideal:.2f} of ideal, {bound_name(rates)}-bound", file=sys.stderr, flush=True)
+                if args.save:
+                    Path(args.save).write_text(json.dumps(figures, indent=2) + "\n")
+        # 64 images on a GPU; a few on a CPU, where fp16 is slow.
+        fidelity_count = 4 if args.quick else 64 if device.type == "cuda" else 8
+        fidelity_names = find_images(inputs[256])[:fidelity_count]
+        figures["fidelity"] = measure_fidelity(info, preprocess, inputs[256], fidelity_names, device)
+        figures["fidelity_images"] = len(fidelity_names)
+
+    if args.save:
+        Path(args.save).write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures, indent=2) if args.json else format_markdown_table(figures))
+    return exits.OK
+
+
+def format_markdown_table(figures):
+    """The table's figures as markdown: one row per input and batch size, then the fidelity."""
+    ideal = "min(decode, model, write)" if figures["device"].startswith("cuda") else "1/(1/decode + 1/model)"
+    cpus = f" with {figures['cpus']} CPUs" if figures["device"].startswith("cuda") else ""
+    lines = [f"{figures['model']} DINOv2 in {figures['dtype']} on {figures['device_name']}{cpus}, "
+             f"{figures['num_workers']} decode workers, "
+             f"{figures['write_threads']} writer threads; images/s (write: files/s); ideal = {ideal}",
+             "",
+             "| input | batch | images | decode | model | write | ideal | end to end | end to end / ideal | bound |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in figures["rows"]:
+        lines.append(f"| {row['input']} | {row['batch_size']} | {row['images']} | {row['decode_bound']:.1f} "
+                     f"| {row['model_bound']:.1f} | {row['write_bound']:.1f} ({row['write_bound_mb']:.0f} MB/s) "
+                     f"| {row['ideal']:.1f} | {row['end_to_end']:.1f} | {row['end_to_end_over_ideal']:.2f} "
+                     f"| {row['bound']} |")
+    levels = next(iter(figures["fidelity"].values()), {})
+    lines += ["", f"Fidelity against fp32, min cosine per patch vector over {figures['fidelity_images']} images:",
+              "", "| dtype | " + " | ".join(levels) + " |", "|---|" + "---|" * len(levels)]
+    for dtype, per_level in figures["fidelity"].items():
+        lines.append(f"| {dtype} | " + " | ".join(f"{value:.6f}" for value in per_level.values()) + " |")
+    return "\n".join(lines)
+
+
+def cpu_count():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -291,9 +521,11 @@ def format_table(figures):
     """The figures as a small table for people."""
     rows = [("decode bound", f"{figures['decode_bound']:.1f} images/s", "read + preprocess, no model"),
             ("model bound", f"{figures['model_bound']:.1f} images/s", "forward + pooling on ready batches"),
+            ("write bound", f"{figures['write_bound']:.1f} files/s",
+             f"{figures['write_bound_mb']:.0f} MB/s, {figures['write_threads']} writer threads, ready CPU tensors"),
             ("end to end", f"{figures['end_to_end']:.1f} images/s", "python extract_distributed.py"),
             ("ideal", f"{figures['ideal']:.1f} images/s",
-             "min(model, decode)" if figures["device"].startswith("cuda") else "1 / (1/model + 1/decode)"),
+             "min(model, decode, write)" if figures["device"].startswith("cuda") else "1 / (1/model + 1/decode)"),
             ("end to end / decode", f"{figures['end_to_end_over_decode_bound']:.2f}", ""),
             ("end to end / model", f"{figures['end_to_end_over_model_bound']:.2f}", ""),
             ("end to end / ideal", f"{figures['end_to_end_over_ideal']:.2f}", ""),
@@ -301,6 +533,8 @@ def format_table(figures):
     if "end_to_end_flip" in figures:
         rows += [("end to end --flip", f"{figures['end_to_end_flip']:.1f} images/s", "the image and its mirror, one file"),
                  ("--flip / plain", f"{figures['flip_over_plain']:.2f}", "decode shared, model on the doubled batch")]
+    for count, rate in figures.get("write_bound_by_threads", {}).items():
+        rows.append((f"write, {count} threads", f"{rate:.1f} files/s", ""))
     if "baseline" in figures:
         rows += [("baseline", f"{figures['baseline']:.1f} images/s", "processor in the loop, inline save"),
                  ("end to end / baseline", f"{figures['end_to_end_over_baseline']:.2f}", ""),

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import queue
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +177,9 @@ class Encoder:
             model = AutoModel.from_pretrained(info.name, dtype=DTYPES[dtype])
         except Exception as error:
             raise ModelError(f"cannot load the weights of {info.name!r}: {error}") from error
+        if torch.device(device).type == "cuda" and dtype == "fp32":
+            # cuDNN runs fp32 convolutions (the patch embedding) in TF32 by default: fp32 means fp32 here.
+            torch.backends.cudnn.allow_tf32 = False
         self.model = model.to(device).eval().requires_grad_(False)
         self.info = info
         self.normalise = normalise
@@ -187,3 +191,79 @@ class Encoder:
         pixels = self.normalise(pixels.to(self.device, non_blocking=True))  # (B, 3, H, W) fp32
         hidden = self.model(pixel_values=pixels.to(self.dtype)).last_hidden_state  # (B, 1+R+G*G, D)
         return strip_special_tokens(hidden, self.info.num_register_tokens).to(torch.float32)  # (B, G*G, D)
+
+
+class CopyDone:
+    """The CUDA event of one batch's device-to-host copy, to wait on from any thread.
+
+    The wait runs with the copy's device current: a fresh thread's current device is GPU 0, and a CUDA
+    call there would open a second context on GPU 0 in every process of a multi-GPU node.
+    """
+
+    def __init__(self, event, device_index):
+        self.event = event
+        self.device_index = device_index
+
+    def synchronize(self):
+        with torch.cuda.device(self.device_index):
+            self.event.synchronize()  # releases the GIL while it waits
+
+
+class HostCopies:
+    """Device-to-host copies of batched pyramids that keep the GPU computing.
+
+    On CUDA, `start` queues the copy of a batch's levels on a side stream, into pinned host buffers
+    with non_blocking copies, and returns at once: the GPU runs batch k+1's forward pass while batch
+    k's pyramid crosses to the host, and the host never waits for the GPU. It returns the host
+    tensors, a CUDA event that completes once they hold their values (the writer waits on it, on its
+    own thread), and a `release` that gives the buffers back. A fixed number of pinned buffer sets
+    is reused: `start` blocks while all are lent out, so memory stays flat and a GPU that outruns
+    the writer waits for it instead of queueing without end.
+
+    Elsewhere the levels are already on the host: they are returned as they are, with no event.
+    """
+
+    def __init__(self, device, batch_size, buffers=4):
+        self.device = torch.device(device)
+        self.batch_size = batch_size  # the rows of a buffer: a batch with failures is shorter, never longer
+        self.buffers = buffers
+        self._made = 0
+        self._free = queue.Queue()  # pinned buffer sets the writer has released
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._device_index = None
+        if self._stream is not None:
+            self._device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def start(self, levels):
+        """Begin copying {"16x16": (B, 256, D) on the device, ...}; returns (host levels, ready, release)."""
+        if self._stream is None:
+            return {key: value.cpu() for key, value in levels.items()}, None, None
+        buffer = self._take_buffer(levels)
+        # The copy may read the levels only once the default stream has computed them.
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        host = {}
+        with torch.cuda.stream(self._stream):
+            for key, value in levels.items():
+                host[key] = buffer[key][:value.shape[0]]  # (B, S*S, D) view of the pinned buffer
+                host[key].copy_(value, non_blocking=True)
+                # The caching allocator must not hand this memory to batch k+1 while the copy reads it.
+                value.record_stream(self._stream)
+            event = torch.cuda.Event(blocking=True)  # a writer waiting on it sleeps instead of spinning a core
+            event.record(self._stream)
+        return host, CopyDone(event, self._device_index), lambda: self._free.put(buffer)
+
+    def _take_buffer(self, levels):
+        """A free pinned buffer set that fits `levels`; a new one while fewer than `buffers` exist."""
+        if self._free.empty() and self._made < self.buffers:
+            self._made += 1
+            return self._allocate(levels)
+        buffer = self._free.get()  # blocks while the writer still holds every buffer
+        fits = buffer.keys() == levels.keys() and all(
+            buffer[key].shape[1:] == value.shape[1:] and buffer[key].shape[0] >= value.shape[0]
+            and buffer[key].dtype == value.dtype for key, value in levels.items())
+        return buffer if fits else self._allocate(levels)
+
+    def _allocate(self, levels):
+        return {key: torch.empty((max(self.batch_size, value.shape[0]), *value.shape[1:]), dtype=value.dtype,
+                                 pin_memory=True)
+                for key, value in levels.items()}

@@ -12,7 +12,7 @@ import torch
 
 from pyramid import exits
 from pyramid.decode import Preprocess, image_loader
-from pyramid.encoder import Encoder, ModelError, load_model_info, resolve_dtype
+from pyramid.encoder import Encoder, HostCopies, ModelError, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
 from pyramid.lock import OutputLock
 from pyramid.manifest import adopt_output_tree, build_manifest
@@ -23,7 +23,7 @@ from pyramid.progress import Progress, format_duration, log
 from pyramid.runs import append_run, new_run_id, now_iso
 from pyramid.shard import CLAIM_KEY, ChunkSampler, chunk_size_for
 from pyramid.team import Team
-from pyramid.writer import FAILURES_NAME, Writer, record_failure
+from pyramid.writer import FAILURES_NAME, Writer, default_writer_threads, record_failure
 
 
 @dataclass
@@ -315,7 +315,7 @@ def _run(args, state, team, signals, started, record, lock):
         if plan.todo:
             preprocess = Preprocess(plan.processor, flip=args.flip)
             encoder = Encoder(plan.model_info, preprocess.normaliser(device), device, dtype)
-            tally.writer = Writer(args.output_dir, fsync=args.fsync)
+            tally.writer = Writer(args.output_dir, threads=default_writer_threads(), fsync=args.fsync)
             tally.encoding_started = time.monotonic()
             _encode_share(args.input_dir, args.output_dir, plan.todo, preprocess, encoder, tally, team, signals,
                           progress, batch_size, num_workers)
@@ -433,6 +433,7 @@ def _encode_share(input_dir, output_dir, todo, preprocess, encoder, tally, team,
     loader = image_loader(input_dir, todo, preprocess, batch_size, num_workers,
                           pin_memory=encoder.device.type == "cuda", sampler=sampler)
     grid_size = encoder.info.grid_size
+    copies = HostCopies(encoder.device, batch_size)
     for indices, pixels, failures in loader:
         for index, message in failures:
             record_failure(output_dir, todo[index], message)
@@ -442,8 +443,10 @@ def _encode_share(input_dir, output_dir, todo, preprocess, encoder, tally, team,
             levels = build_pyramid(encoder(pixels), grid_size)  # {"16x16": (B, 256, D), ...} fp32
             if preprocess.flip:  # one forward pass of the 2B images and their mirrors
                 levels = split_twins(levels)  # {"16x16": (B, 256, D), ..., "flip/16x16": (B, 256, D), ...}
-            tally.writer.submit_batch([output_path_for(todo[i]) for i in indices.tolist()],
-                                      {key: value.cpu() for key, value in levels.items()})
+            # Copied to the host on the side while the next batch computes; the writer waits, not us.
+            host_levels, ready, release = copies.start(levels)
+            tally.writer.submit_batch([output_path_for(todo[i]) for i in indices.tolist()], host_levels,
+                                      ready=ready, release=release)
         if signals.signum is not None:
             team.request_stop()
             return

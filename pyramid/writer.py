@@ -1,4 +1,4 @@
-"""Atomic .pt writes on a background thread, and the failures.jsonl record."""
+"""Atomic .pt writes on background threads, and the failures.jsonl record."""
 
 import io
 import json
@@ -60,52 +60,102 @@ def record_failure(output_dir, relative_path, message):
         os.close(fd)
 
 
-class Writer:
-    """Splits batches into per-image pyramids and saves them on a background thread, so neither the
-    clones nor torch.save ever stall the forward pass.
+def default_writer_threads():
+    """Writer threads per process: up to 4, and no more than the CPUs this process may use.
 
-    `submit_batch` blocks only when `max_pending` batches wait. The first write error stops the
+    A base-size pyramid is a 1 MB file, about 1 ms of a core: the copy out of the batch and the write
+    into the page cache release the GIL, torch.save (its CRC32 most of all) holds it for about a
+    third. Threads therefore add up until the GIL or the disk is the limit, which four reach (the
+    write bound of pyramid.bench measures it; docs/gpu.md has the figures); a GPU fed 256x256 PNGs
+    needs more than one. Idle threads sleep, so a CPU-only run loses nothing.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(4, per_process)
+
+
+class Writer:
+    """Splits batches into per-image pyramids and saves them on `threads` background threads, so
+    neither the clones nor torch.save ever stall the forward pass.
+
+    Each thread takes a whole batch, copies its images out (after waiting for the batch's `ready`
+    event when the values are still arriving from the GPU), hands the batch's memory back through
+    its `release`, then saves the files. `submit_batch` blocks only when `max_pending` batches wait,
+    so the memory held stays a few batches whatever the run's size. The first write error stops the
     writer; `check` raises it in the caller's thread. `close` waits for every submitted file.
     """
 
-    def __init__(self, output_dir, max_pending=4, fsync=False):
+    def __init__(self, output_dir, max_pending=4, threads=1, fsync=False):
         self.output_dir = Path(output_dir)
         self.fsync = fsync
         self.queue = queue.Queue(maxsize=max_pending)
         self.error = None
-        self.written = 0
+        self._error_lock = threading.Lock()
+        self._written = [0] * threads  # one counter per thread: no lock on the hot path
         self._made_dirs = set()
-        self._thread = threading.Thread(target=self._loop, name="pyramid-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, args=(slot,), name=f"pyramid-writer-{slot}",
+                                          daemon=True) for slot in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
-    def submit_batch(self, relative_outputs, levels):
-        """Queue one batch: output paths (B,) and {"16x16": (B, 256, D), ...} CPU fp32 tensors."""
+    @property
+    def written(self):
+        return sum(self._written)
+
+    def submit_batch(self, relative_outputs, levels, ready=None, release=None):
+        """Queue one batch: output paths (B,) and {"16x16": (B, 256, D), ...} CPU fp32 tensors.
+
+        `ready` (a CUDA event, or None) completes once `levels` hold their values: the writer waits
+        for it, never the caller. `release()` is called once the batch has been copied out of
+        `levels` (also after an error), so the caller may reuse that memory.
+        """
         self.check()
-        self.queue.put((relative_outputs, levels))
+        self.queue.put((relative_outputs, levels, ready, release))
 
     def check(self):
         if self.error is not None:
             raise self.error
 
     def close(self):
-        self.queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self.queue.put(None)
+        for thread in self._threads:
+            thread.join()
         self.check()
 
-    def _loop(self):
-        while (item := self.queue.get()) is not None:
-            if self.error is None:  # after an error, drain so submit_batch never blocks forever
-                self._write_batch(*item)
+    def _fail(self, error):
+        with self._error_lock:
+            if self.error is None:
+                self.error = error
 
-    def _write_batch(self, relative_outputs, levels):
-        for relative_output, pyramid in zip(relative_outputs, split_pyramids(levels)):
+    def _loop(self, slot):
+        while (item := self.queue.get()) is not None:
+            relative_outputs, levels, ready, release = item
+            pyramids = []
+            try:
+                if self.error is None:  # after an error, drain so submit_batch never blocks forever
+                    if ready is not None:
+                        ready.synchronize()
+                    pyramids = split_pyramids(levels)
+            except Exception as error:  # a failed device copy: raised in the run loop by check()
+                self._fail(error)
+            finally:
+                del item, levels  # the batch's memory goes back now, not when the next batch arrives
+                if release is not None:
+                    release()
+            self._write_files(slot, relative_outputs, pyramids)
+
+    def _write_files(self, slot, relative_outputs, pyramids):
+        for relative_output, pyramid in zip(relative_outputs, pyramids):
+            if self.error is not None:
+                return
             path = self.output_dir / relative_output
             try:
                 if path.parent not in self._made_dirs:
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.parent.mkdir(parents=True, exist_ok=True)  # exist_ok: another thread may race us
                     self._made_dirs.add(path.parent)
                 save_atomic(pyramid, path, fsync=self.fsync)
             except Exception as error:
-                self.error = OSError(f"cannot write {path}: {error}")
+                self._fail(OSError(f"cannot write {path}: {error}"))
                 return
-            self.written += 1
+            self._written[slot] += 1

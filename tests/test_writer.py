@@ -54,3 +54,70 @@ def test_record_failure_appends_json_lines(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert lines == [{"path": "a/b.png", "error": "OSError: truncated"},
                      {"path": "c d.jpg", "error": "ValueError: empty file"}]
+
+
+class LateValues:
+    """Stands in for a CUDA event: the batch's values arrive only when the writer waits on it."""
+
+    def __init__(self, levels, values):
+        self.levels, self.values, self.waited = levels, values, 0
+
+    def synchronize(self):
+        self.waited += 1
+        for key, value in self.values.items():
+            self.levels[key].copy_(value)
+
+
+def test_several_writer_threads_write_every_file_once_with_its_own_values(tmp_path):
+    writer = Writer(tmp_path, max_pending=2, threads=3)
+    batches = [build_pyramid(torch.randn(4, 16, 5), 4) for _ in range(7)]
+    for number, levels in enumerate(batches):
+        writer.submit_batch([f"{number}/{i}.pt" for i in range(4)], levels)
+    writer.close()
+    assert writer.written == 28
+    assert len(scan_outputs(tmp_path)[0]) == 28
+    for number, levels in enumerate(batches):
+        for i in range(4):
+            loaded = torch.load(tmp_path / f"{number}/{i}.pt", weights_only=True)
+            for key, value in levels.items():
+                assert torch.equal(loaded[key], value[i:i + 1]), (number, i, key)
+                assert loaded[key].untyped_storage().nbytes() == loaded[key].numel() * 4
+
+
+def test_writer_waits_for_ready_before_reading_and_releases_after(tmp_path):
+    # The values arrive when the writer waits on `ready`, as a side-stream copy completes its event:
+    # a writer that read first would save zeros.
+    values = build_pyramid(torch.randn(3, 16, 5), 4)
+    levels = {key: torch.zeros_like(value) for key, value in values.items()}
+    ready = LateValues(levels, values)
+    released = []
+    writer = Writer(tmp_path, threads=2)
+    writer.submit_batch(["a.pt", "b.pt", "c.pt"], levels, ready=ready, release=lambda: released.append(True))
+    writer.close()
+    assert ready.waited == 1 and released == [True]
+    assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=True)["4x4"], values["4x4"][2:3])
+
+
+def test_after_an_error_every_batch_is_released_and_nothing_hangs(tmp_path):
+    (tmp_path / "blocker").write_text("a file where a directory should be")
+    released, submitted = [], []
+    writer = Writer(tmp_path, max_pending=1, threads=2)
+    with pytest.raises(OSError, match="blocker"):
+        for number in range(50):  # the error surfaces in submit_batch once a thread has hit it
+            writer.submit_batch(["blocker/a.pt" if number == 0 else f"ok{number}.pt"],
+                                build_pyramid(torch.randn(1, 4, 2), 2),
+                                release=lambda number=number: released.append(number))
+            submitted.append(number)
+    with pytest.raises(OSError, match="blocker"):
+        writer.close()
+    assert sorted(released) == submitted and len(submitted) < 50
+    assert not (tmp_path / "blocker.pt").exists() and scan_outputs(tmp_path)[1] == []
+
+
+def test_host_copies_off_cuda_hand_the_levels_through():
+    from pyramid.encoder import HostCopies
+
+    levels = build_pyramid(torch.randn(2, 16, 3), 4)
+    host, ready, release = HostCopies("cpu", batch_size=2).start(levels)
+    assert ready is None and release is None
+    assert all(host[key] is value for key, value in levels.items())
