@@ -1,9 +1,11 @@
 """The run loop: plan once, split the work, decode in workers, encode, pool, write, report."""
 
+import _thread
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,17 +157,25 @@ class StopSignals:
         if self.at_once:  # already stopping at once: more Ctrl-C would only interrupt the last writes
             return
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            if _in_finaliser(frame):
+                # Raised in a __del__ or a weakref callback it would only print "Exception ignored":
+                # the same signal again in a moment, once that code has returned.
+                threading.Timer(0.05, _thread.interrupt_main, args=(signal.SIGINT,)).start()
+                return
             self.at_once = True
-            if not _in_finaliser(frame):  # raised in a __del__ it would only print "Exception ignored"
-                raise StopNow
-            return
+            raise StopNow
         self.signum = signum
 
 
+# Code run by the garbage collector, where an exception is printed and dropped instead of raised.
+FINALISER_FILES = ("weakref.py", "_weakrefset.py")
+
+
 def _in_finaliser(frame):
-    """True when `frame` runs inside a __del__ (a DataLoader shutting its workers down, say)."""
+    """True when `frame` runs inside a __del__ (a DataLoader shutting its workers down, say) or a
+    weakref callback."""
     while frame is not None:
-        if frame.f_code.co_name == "__del__":
+        if frame.f_code.co_name == "__del__" or os.path.basename(frame.f_code.co_filename) in FINALISER_FILES:
             return True
         frame = frame.f_back
     return False

@@ -28,7 +28,8 @@ def test_write_bound_writes_real_files_and_cleans_up(tmp_path, monkeypatch):
 
     saved = []
     real_save = pyramid.writer.save_atomic
-    monkeypatch.setattr(pyramid.writer, "save_atomic", lambda obj, path: (saved.append(obj), real_save(obj, path)))
+    monkeypatch.setattr(pyramid.writer, "save_atomic",
+                        lambda obj, path, **options: (saved.append(obj), real_save(obj, path, **options)))
     files_per_second, megabytes_per_second = measure_write(tmp_path, 8, 4, 3, 7, threads=2)
     assert len(saved) == 9  # whole batches: 7 files asked, 3 batches of 3
     assert all(value.shape == (1, side * side, 8) for pyramid in saved
