@@ -2,8 +2,11 @@
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
+
+from pyramid.exits import UsageError
 
 # Console command -> the module it runs; pyproject.toml's [project.scripts] points each at a function below.
 COMMANDS = {
@@ -40,6 +43,23 @@ def command_name(module):
 def argument_parser(prog, description):
     """An ArgumentParser with the shared help layout: `prog` is what the user types."""
     return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+
+
+def output_tree_parser(module, description, output_help, workers_help):
+    """The parser of a tool that reads an output tree (verify, stats, pack): the tree, and --workers."""
+    parser = argument_parser(command_name(module), description)
+    parser.add_argument("output_dir", type=Path, help=output_help)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help=f"{workers_help} (default: %(default)s = min(8, CPUs))")
+    return parser
+
+
+def check_output_tree_args(args):
+    """The checks of `output_tree_parser`'s arguments; raises UsageError."""
+    if not args.output_dir.is_dir():
+        raise UsageError(f"{args.output_dir} is not a directory; pass the extractor's --output_dir")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {args.workers}")
 
 
 def run_tool(module):

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from pyramid import exits
-from pyramid.cli import argument_parser, command_name
+from pyramid.cli import check_output_tree_args, output_tree_parser
 from pyramid.exits import UsageError
 
 PACK_DIR = "pack"
@@ -234,25 +234,17 @@ def remove_abandoned_packs(root):
 
 
 def get_args_parser():
-    parser = argument_parser(command_name("pyramid.pack"), __doc__)
-    parser.add_argument("output_dir", type=Path, help="the extractor's --output_dir; the pack goes to OUTPUT_DIR/pack/")
+    parser = output_tree_parser("pyramid.pack", __doc__, "the extractor's --output_dir; the pack goes to "
+                                "OUTPUT_DIR/pack/", "threads that read files")
     parser.add_argument("--levels", nargs="+", default=None, metavar="LEVEL",
                         help="pack only these levels, e.g. --levels 4x4 1x1 (16x16 is 3/4 of the bytes) "
                              "[every level, flip/ levels included]")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads that read files")
     return parser
-
-
-def check_args(args):
-    if not args.output_dir.is_dir():
-        raise UsageError(f"{args.output_dir} is not a directory; pass the extractor's --output_dir")
-    if args.workers < 1:
-        raise UsageError(f"--workers must be at least 1, not {args.workers}")
 
 
 def main(args):
     try:
-        check_args(args)
+        check_output_tree_args(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return exits.USAGE

@@ -20,12 +20,11 @@ has N values), and the variance follows by the law of total variance: mean of th
 variances plus the variance of the position means.
 """
 
-import os
 import sys
 from pathlib import Path
 
 from pyramid import exits
-from pyramid.cli import argument_parser, command_name
+from pyramid.cli import check_output_tree_args, output_tree_parser
 from pyramid.exits import UsageError
 
 STATS_NAME = "stats.pt"
@@ -129,23 +128,13 @@ def compute_stats(root, workers=4, progress=None, use_pack=True):
 
 
 def get_args_parser():
-    parser = argument_parser(command_name("pyramid.stats"), __doc__)
-    parser.add_argument("output_dir", type=Path, help="the extractor's --output_dir; writes OUTPUT_DIR/stats.pt")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="threads that read files (the result does not depend on it)")
-    return parser
-
-
-def check_args(args):
-    if not args.output_dir.is_dir():
-        raise UsageError(f"{args.output_dir} is not a directory; pass the extractor's --output_dir")
-    if args.workers < 1:
-        raise UsageError(f"--workers must be at least 1, not {args.workers}")
+    return output_tree_parser("pyramid.stats", __doc__, "the extractor's --output_dir; writes OUTPUT_DIR/stats.pt",
+                              "threads that read files (the result does not depend on it)")
 
 
 def main(args):
     try:
-        check_args(args)
+        check_output_tree_args(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return exits.USAGE

@@ -2,14 +2,13 @@
 and a pack under it holds the files' values."""
 
 import json
-import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pyramid import exits
-from pyramid.cli import LazyModule, argument_parser, command_name
+from pyramid.cli import LazyModule, check_output_tree_args, output_tree_parser
 from pyramid.exits import UsageError
 from pyramid.manifest import FORMAT_VERSION, MANIFEST_NAME, REPLACING_KEY, read_manifest
 from pyramid.paths import find_images, output_path_for, scan_outputs
@@ -215,22 +214,16 @@ def read_failures(output_dir):
 
 
 def get_args_parser():
-    parser = argument_parser(command_name("pyramid.verify"), __doc__)
-    parser.add_argument("output_dir", type=Path, help="the extractor's --output_dir")
+    parser = output_tree_parser("pyramid.verify", __doc__, "the extractor's --output_dir", "threads that load files")
     parser.add_argument("--input_dir", type=Path, default=None,
                         help="the images it was made from: lists images without a file and files without an image")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="threads that load files (default: %(default)s = min(8, CPUs))")
     return parser
 
 
 def check_args(args):
-    if not args.output_dir.is_dir():
-        raise UsageError(f"{args.output_dir} is not a directory; pass the extractor's --output_dir")
+    check_output_tree_args(args)
     if args.input_dir is not None and not args.input_dir.is_dir():
         raise UsageError(f"--input_dir {args.input_dir} is not a directory; pass the extractor's --input_dir")
-    if args.workers < 1:
-        raise UsageError(f"--workers must be at least 1, not {args.workers}")
 
 
 def main(args):
