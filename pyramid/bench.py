@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pyramid import exits
 from pyramid.cli import LazyModule, argument_parser, command_name
+from pyramid.team import usable_cpus
 
 # Loaded by the first measurement, so --help and bad arguments answer at once.
 np = LazyModule("numpy")
@@ -438,7 +439,7 @@ def run_table(args):
         info, processor = load_model_info(model)
         preprocess = Preprocess(processor)
         write_dir = args.output_dir or scratch
-        figures = {"device": str(device), "device_name": device_name(device), "cpus": cpu_count(),
+        figures = {"device": str(device), "device_name": device_name(device), "cpus": usable_cpus(),
                    "model": str(args.model or f"random {random_size}"), "dtype": dtype,
                    "num_workers": num_workers, "write_threads": threads, "rows": []}
 
@@ -507,14 +508,10 @@ def format_markdown_table(figures):
     return "\n".join(lines)
 
 
-def cpu_count():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
+    return f"{usable_cpus()} CPU cores, {torch.get_num_threads()} torch threads"
 
 
 def format_table(figures):

@@ -24,7 +24,7 @@ from pyramid.pool import build_pyramid, level_key, pyramid_sizes, split_twins
 from pyramid.progress import Progress, format_duration, log
 from pyramid.runs import append_run, new_run_id, now_iso
 from pyramid.shard import CLAIM_KEY, ChunkSampler, chunk_size_for
-from pyramid.team import Team
+from pyramid.team import Team, cpus_per_process, usable_cpus
 from pyramid.writer import FAILURES_NAME, Writer, default_writer_threads, record_failure
 
 
@@ -47,8 +47,7 @@ def default_num_workers(device):
     every core too: they sleep once their prefetched batches wait, so a heavy model gets the cores
     back, and a light one is not starved of decoding.
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_process = cpus_per_process()
     if torch.device(device).type == "cuda":
         return max(1, min(16, per_process - 1))
     return per_process
@@ -56,8 +55,7 @@ def default_num_workers(device):
 
 def _cpu_processes_warning(processes):
     """One line for several processes on a machine without a GPU (an accelerate config made for GPUs)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return (f"warning: no GPU: {processes} processes share {cores} CPU core(s) on this machine; one process "
+    return (f"warning: no GPU: {processes} processes share {usable_cpus()} CPU core(s) on this machine; one process "
             f"(python extract_distributed.py, without accelerate launch) is as fast and loads the model once")
 
 

@@ -5,6 +5,7 @@ by the others, counts are added to store counters, and each process beats a hear
 that a process waiting at the end can tell a slow peer from a dead one and never hangs.
 """
 
+import os
 import pickle
 import threading
 import time
@@ -18,6 +19,16 @@ STALE_AFTER_SECONDS = 120.0
 # (torchrun SIGTERMs the survivors of a dead rank and SIGKILLs them 30 s later), so it waits only
 # for peers still beating, long enough to hear a few of their beats.
 STOPPING_STALE_AFTER_SECONDS = 5.0
+
+
+def usable_cpus():
+    """The CPUs this process may run on (its affinity mask: a SLURM allocation, taskset), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpus_per_process():
+    """This process's share of `usable_cpus()` among the node's processes of the run (LOCAL_WORLD_SIZE), at least 1."""
+    return max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class Team:

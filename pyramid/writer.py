@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from pyramid.paths import temporary_name, writer_tag
+from pyramid.team import cpus_per_process
 from pyramid.pool import split_pyramids
 
 FAILURES_NAME = "failures.jsonl"
@@ -69,9 +70,7 @@ def default_writer_threads():
     write bound of pyramid.bench measures it; docs/gpu.md has the figures); a GPU fed 256x256 PNGs
     needs more than one. Idle threads sleep, so a CPU-only run loses nothing.
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return min(4, per_process)
+    return min(4, cpus_per_process())
 
 
 class Writer:
