@@ -169,7 +169,9 @@ def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(tmp_p
         before = len(outputs(out)) if out.exists() else 0
         process = start(command, tmp_path / f"kill{kill}.log")
         if wait_for_outputs(out, before + rng.randint(1, 4), process):
-            time.sleep(rng.uniform(0.0, 0.2))
+            # A moment inside the next few writes: the pipeline writes these small images at hundreds a
+            # second, so a longer wait would often land after the last file.
+            time.sleep(rng.uniform(0.0, 0.02))
             killed = kill_tree(process.pid)
             process.wait(timeout=60)
             time.sleep(0.2)
