@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 from pyramid.exits import UsageError
+from pyramid.paths import pid_alive
 
 LOCK_NAME = ".pyramid.lock"
 # The holder touches its lock this often; a lock untouched for STALE_AFTER_SECONDS belongs to a run
@@ -33,16 +34,6 @@ def this_run():
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
 def why_stale(holder, age_seconds, me, stale_after=STALE_AFTER_SECONDS):
     """Why the run that wrote `holder` is gone, or None while it may be alive.
 
@@ -53,7 +44,7 @@ def why_stale(holder, age_seconds, me, stale_after=STALE_AFTER_SECONDS):
     if holder.get("slurm_job") and holder.get("slurm_job") == me.get("slurm_job") \
             and int(holder.get("slurm_restart", 0)) < int(me.get("slurm_restart", 0)):
         return "an earlier run of this requeued SLURM job"  # SLURM ends every step of a run before it requeues
-    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"]):
         return "its process is gone"
     return None
 

@@ -105,6 +105,17 @@ def writer_tag():
     return f"{socket.gethostname()}@{os.getpid()}.{threading.get_ident()}"
 
 
+def pid_alive(pid):
+    """True while process `pid` exists on this host (also when another user owns it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
 def is_abandoned_temporary(path, now=None):
     """True for a temporary whose writer is gone: a dead pid on this host, or older than
     FOREIGN_TEMPORARY_SECONDS when written elsewhere (another node of a cluster, an unknown tag)."""
@@ -112,13 +123,7 @@ def is_abandoned_temporary(path, now=None):
     host, _, rest = path.name.rpartition(TEMPORARY_MARK)[2].partition("@")
     pid = rest.split(".")[0]
     if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # alive, owned by another user
-            return False
-        return False
+        return not pid_alive(int(pid))
     return (now or time.time()) - path.stat().st_mtime > FOREIGN_TEMPORARY_SECONDS
 
 
