@@ -10,6 +10,7 @@ from pyramid.exits import UsageError
 
 # Console command -> the module it runs; pyproject.toml's [project.scripts] points each at a function below.
 COMMANDS = {
+    "pyramid-extract": "pyramid.extract",
     "pyramid-prepare": "pyramid.prepare",
     "pyramid-verify": "pyramid.verify",
     "pyramid-show": "pyramid.show",
@@ -69,6 +70,10 @@ def run_tool(module):
     """
     tool = importlib.import_module(module)
     sys.exit(tool.main(tool.get_args_parser().parse_args()))
+
+
+def extract():
+    run_tool("pyramid.extract")
 
 
 def prepare():
