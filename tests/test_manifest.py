@@ -177,7 +177,7 @@ def test_a_manifest_from_before_the_pixel_pipeline_was_recorded_is_refused_unles
     assert adopt(tmp_path, {**A, **PIXELS}, overwrite=True) == set() and read_manifest(tmp_path) == {**A, **PIXELS}
 
 
-def test_the_run_records_its_pipeline_refuses_another_and_notes_other_versions(tmp_path, tiny_model):
+def test_the_run_records_its_pipeline_and_notes_other_versions(tmp_path, tiny_model):
     import pyspng
     import torch
 
@@ -189,13 +189,6 @@ def test_the_run_records_its_pipeline_refuses_another_and_notes_other_versions(t
     made = read_manifest(tmp_path / "out")
     assert made["image_processor"] == PIXELS["image_processor"]  # with torchvision installed too
     assert sorted(made["decoders"]) == ["pillow", "pyspng"] and made["decoders"]["pyspng"] == pyspng.__version__
-
-    (tmp_path / "out" / MANIFEST_NAME).write_text(json.dumps({**made, "image_processor": TORCHVISION_PROCESSOR}))
-    refused = run_cli(*command)
-    assert refused.returncode == 2
-    assert ("image_processor: {'class': 'BitImageProcessor', 'backend': 'torchvision'} -> {'class': "
-            "'BitImageProcessorPil', 'backend': 'pil'}") in refused.stderr
-    assert (tmp_path / "out" / "00000.pt").exists()
 
     older = {**made, "decoders": {**made["decoders"], "pyspng": "0.0.1"}, "versions": {**made["versions"],
                                                                                         "torch": "2.0.0"}}
