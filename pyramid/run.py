@@ -120,9 +120,10 @@ def plan_run(args, info, dtype, lock=None, pixels=None):
     finished = adopt_output_tree(output_dir, manifest, finished, args.overwrite)  # refuses, or removes old files
     changes = version_changes(previous, manifest) if previous and finished else {}
     if changes:
-        log(f"note: the {len(finished)} file(s) already in {output_dir} were made with other versions "
-            f"({', '.join(f'{name} {old} -> {new}' for name, (old, new) in changes.items())}); they are kept, and "
-            f"runs.jsonl records it (`python -m pyramid.verify --recompute` compares a sample)")
+        said = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changes.items())
+        log(f"note: the {len(finished)} file(s) already in {output_dir} were made with other versions ({said}); "
+            f"they are kept, and runs.jsonl records it; `python -m pyramid.verify {output_dir} --input_dir "
+            f"{args.input_dir} --recompute 64` compares a sample")
     remove_abandoned_temporaries(temporaries)
     damaged = find_damaged_outputs(output_dir, finished & {output_path_for(image) for image in images})
     if damaged:

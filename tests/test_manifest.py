@@ -198,7 +198,8 @@ def test_the_run_records_its_pipeline_and_notes_other_versions(tmp_path, tiny_mo
     note = [line for line in kept.stderr.splitlines() if line.startswith("note: ")]
     assert note == [f"note: the 1 file(s) already in {tmp_path / 'out'} were made with other versions (pyspng 0.0.1 "
                     f"-> {pyspng.__version__}, torch 2.0.0 -> {torch.__version__}); they are kept, and runs.jsonl "
-                    f"records it (`python -m pyramid.verify --recompute` compares a sample)"]
+                    f"records it; `python -m pyramid.verify {tmp_path / 'out'} --input_dir {tmp_path / 'in'} "
+                    f"--recompute 64` compares a sample"]
     assert read_runs(tmp_path / "out")[-1]["version_changes"] == {"pyspng": ["0.0.1", pyspng.__version__],
                                                                    "torch": ["2.0.0", torch.__version__]}
     assert read_manifest(tmp_path / "out") == {**made, "versions": read_manifest(tmp_path / "out")["versions"]}
