@@ -3,8 +3,10 @@
 import importlib.util
 import io
 import json
-import resource
+import os
 import struct
+import subprocess
+import sys
 import time
 import warnings
 import zlib
@@ -20,7 +22,7 @@ from pyramid import decode
 from pyramid.decode import (EXIF_ORIENTATION, PNG_SIGNATURE, PYSPNG_MISSING, DecoderMissing, ImageDataset,
                             ImageTooLarge, Preprocess, collate, exif_orientation, load_rgb, scale_16_to_8)
 
-from conftest import KNOWN_IMAGE, run_cli, write_images
+from conftest import KNOWN_IMAGE, REPO, run_cli, write_images
 
 RNG = np.random.default_rng(0)
 
@@ -707,6 +709,12 @@ def test_max_pixels_is_checked_from_the_header_for_every_decoder(tmp_path, suffi
     assert Image.MAX_IMAGE_PIXELS == 1000  # restored for everyone else
 
 
+# Runs a command and prints, last on stderr, the peak RSS (KiB) of every process it started and waited for: the
+# extractor and its decode workers.
+WITH_PEAK_RSS = ("import resource, subprocess, sys; status = subprocess.call(sys.argv[1:]); "
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(status)")
+
+
 def test_a_huge_png_is_a_failure_in_a_moment(tmp_path, tiny_model):
     """A 200 KB valid PNG of 40000 x 40000 pixels (1.6 gigapixels): once decoded in 82 s and 11.4 GB by a
     worker. Refused from its IHDR: the run writes the others and exits 3."""
@@ -717,14 +725,15 @@ def test_a_huge_png_is_a_failure_in_a_moment(tmp_path, tiny_model):
     with pytest.raises(ImageTooLarge):
         load_rgb(tmp_path / "in" / "huge.png")
     assert time.monotonic() - started < 1
-    result = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
-                     "--num_workers", 1)
+    result = subprocess.run([sys.executable, "-c", WITH_PEAK_RSS, sys.executable, REPO / "extract_distributed.py",
+                             "--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
+                             "--num_workers", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert result.returncode == 3, result.stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("*.pt")) == ["00000.pt", "00001.pt"]
     failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
     assert [(failure["path"], failure["error"]) for failure in failures] == [
         ("huge.png", "ImageTooLarge: 40000x40000 is 1600000000 pixels, more than --max_pixels 178956970 (read from "
                      "its header; not decoded); raise --max_pixels to decode it")]
-    # Every process this test has waited for, the run's decode worker included, stayed far below the
-    # 4.8 GB that the decoded image alone would take.
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 3 * 1024 ** 2  # KiB
+    # The extractor and its decode worker stayed far below the 4.8 GB that the decoded image alone would take.
+    assert int(result.stderr.splitlines()[-1]) < 3 * 1024 ** 2  # KiB
