@@ -709,6 +709,17 @@ def test_max_pixels_is_checked_from_the_header_for_every_decoder(tmp_path, suffi
     assert Image.MAX_IMAGE_PIXELS == 1000  # restored for everyone else
 
 
+def test_max_pixels_defaults_to_pillows_limit_and_must_be_positive(tmp_path):
+    from pyramid.exits import UsageError
+    from pyramid.extract import check_args, get_args_parser
+
+    args = get_args_parser().parse_args(["--input_dir", str(tmp_path)])
+    check_args(args)
+    assert args.max_pixels == decode.pillow_pixel_limit() == 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(UsageError, match="^--max_pixels must be at least 1, not 0$"):
+        check_args(get_args_parser().parse_args(["--input_dir", str(tmp_path), "--max_pixels", "0"]))
+
+
 # Runs a command and prints, last on stderr, the peak RSS (KiB) of every process it started and waited for: the
 # extractor and its decode workers.
 WITH_PEAK_RSS = ("import resource, subprocess, sys; status = subprocess.call(sys.argv[1:]); "
