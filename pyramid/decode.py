@@ -1,31 +1,68 @@
 """Open an image by the contract's input rules and preprocess it with the model's own processor.
 
-The input rules: EXIF orientation applied; converted to RGB (alpha dropped; grey, palette, CMYK
-converted); 16-bit images scaled to 8 bits by value / 257 (rounded), not clipped.
+The input rules: the orientation applied wherever Pillow's getexif() finds it (EXIF, eXIf, EXIF in PNG
+text chunks, XMP); converted to RGB (alpha dropped; grey, palette, CMYK converted); 16-bit images scaled
+to 8 bits by value / 257 (rounded), not clipped.
 
 Accepted: every valid PNG (each colour type at each bit depth, interlaced or not; 1, 2 and 4-bit
 samples expanded as Pillow does, value * 255 / (2**depth - 1); tRNS, gAMA and sBIT ignored), JPEG
 (grey, RGB, CMYK with Adobe's inverted ink, progressive), WebP (lossy, lossless, alpha) and
 uncompressed BMP (1, 8, 24, 32-bit; rows bottom-up or top-down; 32-bit with or without bitfields).
 tests/test_decode.py checks each against a decoder that shares no code with pyspng or Pillow.
+
+One decoder per format, whatever else is installed: PNG by pyspng (libspng), the others by Pillow. Without
+pyspng a PNG is refused, never handed to Pillow, which truncates 16-bit colour to its high byte.
 """
 
 import io
 import os
 import signal
+import struct
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 try:
-    import pyspng  # libspng: the same pixels as Pillow for PNG, at about twice the speed
+    import pyspng  # libspng: the same pixels as Pillow for PNG up to 8 bits, the 16 bits Pillow drops, twice as fast
 except ImportError:
     pyspng = None
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXIF_ORIENTATION = 0x0112
+PYSPNG_MISSING = ("pyspng is not installed, and PNGs are decoded by pyspng alone (Pillow would truncate 16-bit "
+                  "colour): pip install pyspng (it is in requirements.txt)")
+
+
+class DecoderMissing(ImportError):
+    """The decoder a format needs is not installed; the message says how to install it."""
+
+
+class ImageTooLarge(ValueError):
+    """An image with more pixels than --max_pixels, found from its header before any decoding."""
+
+
+def decoders():
+    """{decoder: version} of the decoders load_rgb uses (the manifest records them); raises DecoderMissing
+    where one is not installed."""
+    if pyspng is None:
+        raise DecoderMissing(PYSPNG_MISSING)
+    return {"pyspng": pyspng.__version__, "pillow": PIL.__version__}
+
+
+def pillow_pixel_limit():
+    """Pillow's own refusal limit (Image.open raises DecompressionBombError above it): 2 x
+    Image.MAX_IMAGE_PIXELS, the default of --max_pixels."""
+    return 2 * Image.MAX_IMAGE_PIXELS
+
+
+def check_pixels(width, height, max_pixels):
+    """Raise ImageTooLarge for a `width` x `height` image of more than `max_pixels` pixels."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} is {width * height} pixels, more than --max_pixels {max_pixels} "
+                            f"(read from its header; not decoded); raise --max_pixels to decode it")
 
 
 def scale_16_to_8(values):
@@ -50,43 +87,92 @@ def _rgb_from_16bit_png(data):
 ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                          6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+# The PNG chunks Pillow reads EXIF or XMP from: eXIf, and text chunks (tEXt, zTXt, iTXt) under these keywords.
+# "Raw profile type exif" is ImageMagick's: EXIF as hexadecimal text.
+PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+ORIENTATION_KEYWORDS = (b"exif", b"Raw profile type exif", b"XML:com.adobe.xmp")
 
 
-def _png_orientation(data):
-    """The EXIF orientation of PNG bytes (1 when none), read by Pillow from the eXIf chunk."""
-    with Image.open(io.BytesIO(data)) as opened:
-        return opened.getexif().get(EXIF_ORIENTATION, 1)
+def _png_may_hold_orientation(data):
+    """True when PNG bytes have a chunk that Pillow's getexif() can read an orientation from.
+
+    Walks the chunk headers only (a few hundred at most, whatever the image size): for a PNG without
+    such a chunk, the common case, Pillow's getexif() would decode the whole image looking for one.
+    """
+    position = len(PNG_SIGNATURE)
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"eXIf":
+            return True
+        if kind in PNG_TEXT_CHUNKS:  # the keyword comes first, at most 79 bytes, then a zero byte
+            start = position + 8
+            if data[start:start + min(length, 80)].split(b"\0", 1)[0] in ORIENTATION_KEYWORDS:
+                return True
+        if kind == b"IEND":
+            return False
+        position += 12 + length  # length, type, data, CRC
+    return False
+
+
+def _open_with_pillow(data):
+    """Image.open of image bytes (lazy: header only) with Pillow's own pixel limit off.
+
+    load_rgb applies --max_pixels itself, from the header; Pillow's limit, a second one at another
+    number, would turn images that --max_pixels allows into errors. Decoding runs in one thread per
+    process (the DataLoader workers), so the module-wide setting is restored before anyone else opens.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def exif_orientation(data, opened=None):
+    """The EXIF orientation (1 to 8; 1 when none) of image bytes, as Pillow's getexif() reads it for any
+    format: EXIF (JPEG APP1, WebP EXIF, PNG eXIf, PNG text chunks "exif" or "Raw profile type exif"),
+    else XMP's tiff:Orientation. `opened`: the bytes already opened by Pillow (_open_with_pillow).
+
+    Every decoder's orientation comes from here. A PNG without a chunk that can hold one is 1 at once.
+    """
+    if data.startswith(PNG_SIGNATURE) and not _png_may_hold_orientation(data):
+        return 1
+    if opened is None:
+        with _open_with_pillow(data) as image:
+            return exif_orientation(data, image)
+    value = opened.getexif().get(EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) else 1  # a malformed tag is no turn
+
+
+def apply_orientation(image, orientation):
+    """The Pillow image as shown by EXIF `orientation` (ImageOps.exif_transpose's turns and mirrors)."""
+    transpose = ORIENTATION_TRANSPOSE.get(orientation)
+    return image if transpose is None else image.transpose(transpose)
 
 
 def _decode_png(data):
-    """RGB Image from PNG bytes via pyspng, turned by its EXIF orientation where it has an eXIf chunk.
-
-    The pixels always come from pyspng, even with EXIF: Pillow truncates 16-bit colour to its high byte.
-    """
+    """RGB Image from PNG bytes via pyspng (the 16 bits of 16-bit PNGs kept, then scaled by the rules)."""
     # IHDR is always the first chunk: signature(8) + length(4) + type(4) + w(4) + h(4), then the depth;
     # a file too short to hold it is left to pyspng, whose error names the problem.
     bit_depth = data[24] if len(data) > 24 else 0
     if bit_depth == 16:
-        image = Image.fromarray(_rgb_from_16bit_png(data))
-    else:
-        image = Image.fromarray(pyspng.load(data, format="RGB"))
-    if b"eXIf" in data:  # rare; the bytes may also occur by chance in compressed data: then orientation 1
-        transpose = ORIENTATION_TRANSPOSE.get(_png_orientation(data))
-        if transpose is not None:
-            image = image.transpose(transpose)
-    return image
+        return Image.fromarray(_rgb_from_16bit_png(data))
+    return Image.fromarray(pyspng.load(data, format="RGB"))
 
 
 def _to_rgb(image):
-    """A new RGB image from an opened Pillow image, by the input rules (after EXIF orientation)."""
+    """A new RGB image from an opened Pillow image, by the input rules (before orientation)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         grey = scale_16_to_8(np.clip(np.asarray(image), 0, 65535))
         return Image.fromarray(grey).convert("RGB")
     return image.convert("RGB")  # a copy even when already RGB: the opened file is closed below
 
 
-def load_rgb(path):
-    """Read the image at `path` as an RGB Pillow image by the input rules. Raises on a broken file."""
+def load_rgb(path, max_pixels=None):
+    """Read the image at `path` as an RGB Pillow image by the input rules. Raises on a broken file, on an
+    image of more than `max_pixels` pixels (default: Pillow's own limit) before decoding it, and on a
+    PNG where pyspng is not installed (DecoderMissing)."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -95,13 +181,16 @@ def load_rgb(path):
         raise
     if not data:
         raise ValueError("empty file")
-    if pyspng is not None and data.startswith(PNG_SIGNATURE):
-        return _decode_png(data)
-    with Image.open(path) as opened:
-        image = opened
-        if opened.getexif().get(EXIF_ORIENTATION, 1) != 1:
-            image = ImageOps.exif_transpose(opened)
-        return _to_rgb(image)
+    max_pixels = pillow_pixel_limit() if max_pixels is None else max_pixels
+    if data.startswith(PNG_SIGNATURE):
+        if pyspng is None:
+            raise DecoderMissing(PYSPNG_MISSING)
+        if len(data) >= 24 and data[12:16] == b"IHDR":  # else pyspng's error names the problem
+            check_pixels(*struct.unpack_from(">II", data, 16), max_pixels)
+        return apply_orientation(_decode_png(data), exif_orientation(data))
+    with _open_with_pillow(data) as opened:
+        check_pixels(*opened.size, max_pixels)
+        return apply_orientation(_to_rgb(opened), exif_orientation(data, opened))
 
 
 # Shapes the fast path is checked on against the processor: odd margins, both orientations, upscaling.
@@ -126,17 +215,34 @@ def resize_and_crop(image, shortest_edge, crop_height, crop_width, resample=Imag
     return image.crop((left, top, left + crop_width, top + crop_height))
 
 
+def is_pillow_processor(processor):
+    """True for an image processor of transformers' Pillow backend, the one whose pixels the contract
+    promises (the torchvision backend's differ for non-square images)."""
+    from transformers.image_processing_backends import PilBackend
+
+    return isinstance(processor, PilBackend)
+
+
+def pixel_pipeline(processor):
+    """What decides the pixels, for the manifest: the image processor (class, backend) and the decoders
+    with their versions."""
+    return {"image_processor": {"class": type(processor).__name__, "backend": processor.backend},
+            "decoders": decoders()}
+
+
 class Preprocess:
-    """The model's own image processor up to (not including) rescale and normalise.
+    """The model's own image processor, its Pillow backend, up to (not including) rescale and normalise.
 
     Returns the resized, centre-cropped pixels as uint8 (3, H, W): four times less to move from the
     workers to the model than float32. `normaliser` applies the processor's rescale and mean/std on
     the model's device, so the pixels reaching the model are the processor's own.
 
-    For Pillow-backed processors that resize the shortest edge and centre-crop (every DINOv2's), the
-    same two Pillow calls are made directly, skipping the processor's three array conversions (about
-    a tenth of a worker's time per 1024x1024 image). That path is used only after it has given the
-    processor's exact pixels on PROBE_SIZES; otherwise, and for any other processor, it is the processor.
+    Only a Pillow-backed processor is taken (encoder.load_model_info loads one whatever is installed):
+    the torchvision backend's pixels differ from it on non-square images. For processors that resize
+    the shortest edge and centre-crop (every DINOv2's), the same two Pillow calls are made directly,
+    skipping the processor's three array conversions (about a tenth of a worker's time per 1024x1024
+    image). That path is used only after it has given the processor's exact pixels on PROBE_SIZES;
+    otherwise it is the processor.
 
     With `flip`, a call returns (2, 3, H, W): the image and the image mirrored left-right, each through
     the whole processor. The mirror is taken of the decoded image, before the resize and crop: a centre
@@ -146,6 +252,9 @@ class Preprocess:
     """
 
     def __init__(self, processor, flip=False):
+        if not is_pillow_processor(processor):
+            raise ValueError(f"{type(processor).__name__} is not a Pillow-backed image processor; load it with "
+                             f"AutoImageProcessor.from_pretrained(..., backend=\"pil\")")
         self.processor = processor
         self.flip = flip
         self.direct = self._direct_plan(processor)
@@ -169,8 +278,7 @@ class Preprocess:
     def _direct_plan(processor):
         """(shortest edge, crop height, crop width, resample) where the direct path applies, else None."""
         size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
-        if (not type(processor).__name__.endswith("Pil") or not processor.do_resize
-                or not processor.do_center_crop or getattr(processor, "do_pad", False)
+        if (not processor.do_resize or not processor.do_center_crop or getattr(processor, "do_pad", False)
                 or size is None or not size.shortest_edge or size.longest_edge or crop is None):
             return None
         return size.shortest_edge, crop.height, crop.width, processor.resample
@@ -208,20 +316,23 @@ class ImageDataset(torch.utils.data.Dataset):
     """Decoded, preprocessed images for a list of relative paths under `input_dir`.
 
     An item is (index, pixels, None) or, for an image that cannot be read, (index, None, message):
-    a broken image is a record for the run loop, never an exception that kills a worker.
+    a broken image is a record for the run loop, never an exception that kills a worker. So is an image
+    of more than `max_pixels` pixels (default: Pillow's own limit), found from its header.
     """
 
-    def __init__(self, input_dir, relative_paths, preprocess):
+    def __init__(self, input_dir, relative_paths, preprocess, max_pixels=None):
         self.input_dir = Path(input_dir)
         self.relative_paths = list(relative_paths)
         self.preprocess = preprocess
+        self.max_pixels = max_pixels
 
     def __len__(self):
         return len(self.relative_paths)
 
     def __getitem__(self, index):
         try:
-            return index, self.preprocess(load_rgb(self.input_dir / self.relative_paths[index])), None
+            image = load_rgb(self.input_dir / self.relative_paths[index], self.max_pixels)
+            return index, self.preprocess(image), None
         except Exception as error:  # any decoder error is this image's failure, not the run's
             return index, None, f"{type(error).__name__}: {error}"
 
@@ -254,15 +365,16 @@ def worker_init(_worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def image_loader(input_dir, relative_paths, preprocess, batch_size, num_workers, pin_memory=False, sampler=None):
+def image_loader(input_dir, relative_paths, preprocess, batch_size, num_workers, pin_memory=False, sampler=None,
+                 max_pixels=None):
     """The DataLoader of the run: decoding in `num_workers` processes, batches as `collate` makes them.
 
     Each worker keeps up to two batches ready (torch's default prefetch): enough to hide the jitter of
     decoding, and the memory held stays a fixed few batches however many images there are.
     `sampler` picks which of `relative_paths` this process does (shard.ChunkSampler); all of them in
-    order without one.
+    order without one. Images of more than `max_pixels` pixels are failures (ImageDataset).
     """
     return torch.utils.data.DataLoader(
-        ImageDataset(input_dir, relative_paths, preprocess), batch_size=batch_size, num_workers=num_workers,
+        ImageDataset(input_dir, relative_paths, preprocess, max_pixels), batch_size=batch_size, num_workers=num_workers,
         collate_fn=collate, worker_init_fn=worker_init if num_workers else None, pin_memory=pin_memory,
         sampler=sampler)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pyramid.decode import is_pillow_processor
 from pyramid.pool import strip_special_tokens
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -115,29 +116,32 @@ def _hub_model_error(name):
 
 
 def _load_config_and_processor(name):
-    """AutoConfig and AutoImageProcessor of `name`: a directory; or a hub id, from the HF cache when it is
-    there, else from the hub once it answers."""
+    """AutoConfig and AutoImageProcessor (its Pillow backend) of `name`: a directory; or a hub id, from the HF
+    cache when it is there, else from the hub once it answers."""
     directory = os.path.expanduser(str(name))
     if not os.path.isdir(directory) and looks_local(name):  # before transformers loads: fail in a moment
         raise ModelError(f"--model {name}: no such directory (a local model is a directory saved with "
                          f"save_pretrained: config.json, preprocessor_config.json and the weights)")
     from transformers import AutoConfig, AutoImageProcessor
 
+    # The Pillow backend whatever is installed: AutoImageProcessor's default is the torchvision backend
+    # wherever torchvision is, and its pixels differ from Pillow's on non-square images.
     if os.path.isdir(directory):
-        return AutoConfig.from_pretrained(directory), AutoImageProcessor.from_pretrained(directory)
+        return AutoConfig.from_pretrained(directory), AutoImageProcessor.from_pretrained(directory, backend="pil")
     try:
         return (AutoConfig.from_pretrained(name, local_files_only=True),
-                AutoImageProcessor.from_pretrained(name, local_files_only=True))
+                AutoImageProcessor.from_pretrained(name, local_files_only=True, backend="pil"))
     except Exception:  # not (wholly) in the cache: ask the hub
         pass
     error = _hub_model_error(name)
     if error is not None:
         raise error
-    return AutoConfig.from_pretrained(name), AutoImageProcessor.from_pretrained(name)
+    return AutoConfig.from_pretrained(name), AutoImageProcessor.from_pretrained(name, backend="pil")
 
 
 def load_model_info(name):
-    """Config and image processor of `name` (hub id or save_pretrained dir), checked, without weights.
+    """Config and image processor (its Pillow backend) of `name` (hub id or save_pretrained dir), checked,
+    without weights.
 
     Returns (ModelInfo, processor). Raises ModelError with one clear line.
     """
@@ -150,6 +154,9 @@ def load_model_info(name):
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"model {name!r} is a {config.model_type!r}; this tool extracts DINOv2 "
                          f"(with or without registers)")
+    if not is_pillow_processor(processor):
+        raise ModelError(f"the image processor of {name!r} ({type(processor).__name__}) has no Pillow backend, "
+                         f"whose pixels the files are made of")
     crop_size = _crop_size(processor)
     if crop_size % config.patch_size:
         raise ModelError(f"crop size {crop_size} is not a multiple of patch size {config.patch_size}")

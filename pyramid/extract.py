@@ -44,6 +44,9 @@ def get_args_parser():
     parser.add_argument("--flip", action="store_true",
                         help="also store the pyramid of the image mirrored left-right, as flip/{s}x{s} levels "
                              "in the same file (one forward pass of the doubled batch)")
+    parser.add_argument("--max_pixels", type=int, default=None,
+                        help="an image with more pixels (read from its header, before decoding) is a recorded "
+                             "failure, not a decode (default: Pillow's own limit, 2 x PIL.Image.MAX_IMAGE_PIXELS)")
     parser.add_argument("--fsync", action="store_true",
                         help="flush each file and its directory entry to disk before counting it done, so "
                              "files survive a node crash or power loss too (slower; see docs/scale.md)")
@@ -61,11 +64,15 @@ def check_args(args):
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {output_dir} is a file, not a directory")
-    for name in ("batch_size", "limit"):
+    for name in ("batch_size", "limit", "max_pixels"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, not {getattr(args, name)}")
     if args.num_workers is not None and args.num_workers < 0:
         raise UsageError(f"--num_workers must be 0 or more, not {args.num_workers}")
+    if args.max_pixels is None:
+        from PIL import Image  # light; the default is Pillow's own limit (decode.pillow_pixel_limit)
+
+        args.max_pixels = 2 * Image.MAX_IMAGE_PIXELS
 
 
 def main(args):

@@ -15,6 +15,9 @@ FORMAT_VERSION = 1
 REPLACING_KEY = "replacing"
 # Versions are recorded for the record; a different library version does not make a file different.
 UNCOMPARED_KEYS = frozenset({"versions", REPLACING_KEY})
+# The pixel pipeline (pyramid.decode.pixel_pipeline): compared like the settings, the decoders by name; their
+# versions, like the packages', are said and recorded, not refused.
+PIXEL_KEYS = ("image_processor", "decoders")
 # What a replacement removes besides the .pt files: data derived from the old files (the failures
 # record, the statistics, the packed copy), so nothing is left that claims to match the new settings.
 DERIVED_NAMES = ("failures.jsonl", "stats.pt", "pack")
@@ -33,12 +36,14 @@ def package_versions():
 
 
 def build_manifest(model, revision, dtype, crop_size, patch_size, levels, hidden_size, num_register_tokens,
-                   flip=False):
-    """The manifest of a run: the settings that decide every value in its files."""
+                   flip=False, pixels=None):
+    """The manifest of a run: the settings that decide every value in its files. `pixels`: the pixel
+    pipeline, {"image_processor": {"class", "backend"}, "decoders": {name: version}}."""
     return {"format": FORMAT_VERSION, "model": model, "revision": revision, "dtype": dtype,
             "crop_size": crop_size, "patch_size": patch_size, "grid_size": crop_size // patch_size,
             "levels": list(levels), "hidden_size": hidden_size,
-            "num_register_tokens": num_register_tokens, "flip": flip, "versions": package_versions()}
+            "num_register_tokens": num_register_tokens, "flip": flip, **(pixels or {}),
+            "versions": package_versions()}
 
 
 def read_manifest(output_dir):
@@ -52,11 +57,38 @@ def read_manifest(output_dir):
     return manifest
 
 
+def _compared(key, value):
+    """The part of a manifest value that a run must match: the decoders by name, not version."""
+    return sorted(value) if key == "decoders" and isinstance(value, dict) else value
+
+
 def manifest_differences(existing, wanted):
-    """Human-readable differences in the compared settings: ["dtype: fp16 -> fp32", ...]."""
-    keys = sorted((set(existing) | set(wanted)) - UNCOMPARED_KEYS)
-    return [f"{key}: {existing.get(key)!r} -> {wanted.get(key)!r}"
-            for key in keys if existing.get(key) != wanted.get(key)]
+    """Human-readable differences in the compared settings: ["dtype: fp16 -> fp32", ...].
+
+    A manifest written before the pixel pipeline was recorded differs in it: nothing says whether its
+    files were made by the same processor and decoders (the torchvision backend's pixels, say).
+    """
+    differences = []
+    for key in sorted((set(existing) | set(wanted)) - UNCOMPARED_KEYS):
+        old, new = _compared(key, existing.get(key)), _compared(key, wanted.get(key))
+        if old == new:
+            continue
+        if old is None and key in PIXEL_KEYS:
+            differences.append(f"{key}: not recorded (a manifest from before it was) -> {new!r}")
+        else:
+            differences.append(f"{key}: {old!r} -> {new!r}")
+    return differences
+
+
+def version_changes(existing, wanted):
+    """{package: [old version, new version]} for the packages and decoders whose versions differ between two
+    manifests (packages recorded in only one are left out)."""
+    def versions(manifest):
+        decoders = manifest.get("decoders")
+        return {**(manifest.get("versions") or {}), **(decoders if isinstance(decoders, dict) else {})}
+
+    old, new = versions(existing), versions(wanted)
+    return {name: [old[name], new[name]] for name in sorted(old.keys() & new.keys()) if old[name] != new[name]}
 
 
 def write_manifest(output_dir, manifest):

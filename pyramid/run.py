@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from pyramid import exits
-from pyramid.decode import Preprocess, image_loader
+from pyramid.decode import DecoderMissing, Preprocess, decoders, image_loader, pixel_pipeline
 from pyramid.encoder import Encoder, HostCopies, ModelError, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
 from pyramid.lock import OutputLock
-from pyramid.manifest import adopt_output_tree, build_manifest
+from pyramid.manifest import adopt_output_tree, build_manifest, read_manifest, version_changes
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_damaged_outputs, find_images, images_to_do,
                            output_path_for, remove_abandoned_temporaries, scan_outputs)
 from pyramid.pool import build_pyramid, level_key, pyramid_sizes, split_twins
@@ -38,6 +38,7 @@ class Plan:
     error: str | None = None
     model_info: object = None  # ModelInfo, read once (the weights digest reads every weight file)
     processor: object = None  # the model's image processor
+    version_changes: dict = field(default_factory=dict)  # {package: [old, new]} of the files kept
 
 
 def default_num_workers(device):
@@ -85,9 +86,9 @@ def prune_failures(output_dir, retried):
         path.unlink()
 
 
-def plan_run(args, info, dtype, lock=None):
+def plan_run(args, info, dtype, lock=None, pixels=None):
     """Find the images, refuse clashes and foreign manifests, take the directory's `lock` (an OutputLock),
-    and list the work left. Main process only."""
+    and list the work left. `pixels`: the pixel pipeline (decode.pixel_pipeline). Main process only."""
     images = find_images(args.input_dir)
     if args.limit:
         images = images[:args.limit]
@@ -113,9 +114,16 @@ def plan_run(args, info, dtype, lock=None):
 
     levels = [level_key(size) for size in pyramid_sizes(info.grid_size)]
     manifest = build_manifest(info.name, info.revision, dtype, info.crop_size, info.patch_size, levels,
-                              info.hidden_size, info.num_register_tokens, flip=args.flip)
+                              info.hidden_size, info.num_register_tokens, flip=args.flip, pixels=pixels)
     finished, temporaries = scan_outputs(output_dir)
+    previous = read_manifest(output_dir)
     finished = adopt_output_tree(output_dir, manifest, finished, args.overwrite)  # refuses, or removes old files
+    changes = version_changes(previous, manifest) if previous and finished else {}
+    if changes:
+        said = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changes.items())
+        log(f"note: the {len(finished)} file(s) already in {output_dir} were made with other versions ({said}); "
+            f"they are kept, and runs.jsonl records it; `python -m pyramid.verify {output_dir} --input_dir "
+            f"{args.input_dir} --recompute 64` compares a sample")
     remove_abandoned_temporaries(temporaries)
     damaged = find_damaged_outputs(output_dir, finished & {output_path_for(image) for image in images})
     if damaged:
@@ -123,7 +131,8 @@ def plan_run(args, info, dtype, lock=None):
             f"e.g. {min(damaged)}")
     todo = images_to_do(images, finished - damaged)
     prune_failures(output_dir, set(todo))
-    return Plan(todo=todo, found=len(images), skipped=len(images) - len(todo), model_info=info)
+    return Plan(todo=todo, found=len(images), skipped=len(images) - len(todo), model_info=info,
+                version_changes=changes)
 
 
 class StopNow(KeyboardInterrupt):
@@ -287,12 +296,13 @@ def _run(args, state, team, signals, started, record, lock):
     plan = Plan()
     if team.is_main:
         try:
+            decoders()  # refuses at once where pyspng is missing
             if Path(args.output_dir).is_dir():
                 lock.acquire()  # before the model loads: a second launch is refused at once
             info, processor = load_model_info(args.model)
-            plan = plan_run(args, info, dtype, lock)
+            plan = plan_run(args, info, dtype, lock, pixels=pixel_pipeline(processor))
             plan.processor = processor
-        except (UsageError, ModelError) as error:
+        except (UsageError, ModelError, DecoderMissing) as error:
             plan = Plan(error=str(error))
     else:
         # Unpickling the plan imports the model's image processor: seconds of transformers imports,
@@ -304,6 +314,8 @@ def _run(args, state, team, signals, started, record, lock):
             log(f"error: {plan.error}")
             record.update(written=0, skipped=0, failed=0, per_process=[0] * team.world_size, error=plan.error)
         return exits.USAGE
+    if team.is_main and plan.version_changes:
+        record["version_changes"] = plan.version_changes
 
     batch_size = args.batch_size or default_batch_size(device)
     num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
@@ -326,7 +338,7 @@ def _run(args, state, team, signals, started, record, lock):
             tally.writer = Writer(args.output_dir, threads=default_writer_threads(), fsync=args.fsync)
             tally.encoding_started = time.monotonic()
             _encode_share(args.input_dir, args.output_dir, plan.todo, preprocess, encoder, tally, team, signals,
-                          progress, batch_size, num_workers)
+                          progress, batch_size, num_workers, args.max_pixels)
     except ModelError as error:
         if team.is_main:  # every process loads the same weights: one line says it
             log(f"error: {error}", progress)
@@ -434,12 +446,12 @@ def _update_bar(team, progress):
 
 
 def _encode_share(input_dir, output_dir, todo, preprocess, encoder, tally, team, signals, progress,
-                  batch_size, num_workers):
+                  batch_size, num_workers, max_pixels=None):
     """Decode, encode and pool the chunks of the to-do list this process claims, handing the pyramids
     to the writer. Claims go through the team's store as the loader asks for more: no collectives."""
     sampler = ChunkSampler(len(todo), chunk_size_for(len(todo), team.world_size), lambda: team.add(CLAIM_KEY) - 1)
     loader = image_loader(input_dir, todo, preprocess, batch_size, num_workers,
-                          pin_memory=encoder.device.type == "cuda", sampler=sampler)
+                          pin_memory=encoder.device.type == "cuda", sampler=sampler, max_pixels=max_pixels)
     grid_size = encoder.info.grid_size
     copies = HostCopies(encoder.device, batch_size)
     for indices, pixels, failures in loader:

@@ -1,7 +1,14 @@
 """pyramid/decode.py: the contract's input rules, broken files as records, the processor's own pixels."""
 
+import importlib.util
 import io
+import json
+import os
 import struct
+import subprocess
+import sys
+import time
+import warnings
 import zlib
 
 import cv2  # OpenCV's own libjpeg-turbo and libwebp: the independent reference for JPEG and WebP
@@ -9,12 +16,13 @@ import numpy as np
 import png  # pypng: a pure-Python PNG reader and writer, the independent reference for PNG
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pyramid import decode
-from pyramid.decode import EXIF_ORIENTATION, ImageDataset, Preprocess, collate, load_rgb, scale_16_to_8
+from pyramid.decode import (EXIF_ORIENTATION, PNG_SIGNATURE, PYSPNG_MISSING, DecoderMissing, ImageDataset,
+                            ImageTooLarge, Preprocess, collate, exif_orientation, load_rgb, scale_16_to_8)
 
-from conftest import KNOWN_IMAGE
+from conftest import KNOWN_IMAGE, REPO, run_cli, write_images
 
 RNG = np.random.default_rng(0)
 
@@ -32,21 +40,11 @@ def png_16bit(pixels):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
-@pytest.fixture(params=["pyspng", "pillow"])
-def decoder(request, monkeypatch):
-    """Run each input-rule test through both PNG paths: libspng and Pillow."""
-    if request.param == "pillow":
-        monkeypatch.setattr(decode, "pyspng", None)
-    elif decode.pyspng is None:
-        pytest.skip("pyspng is not installed")
-    return request.param
-
-
 def test_scale_16_to_8_divides_by_257_and_rounds():
     assert scale_16_to_8([0, 257, 65535, 128, 129, 385, 386]).tolist() == [0, 1, 255, 0, 1, 1, 2]
 
 
-def test_16bit_grey_png_is_scaled_not_clipped(tmp_path, decoder):
+def test_16bit_grey_png_is_scaled_not_clipped(tmp_path):
     grey = RNG.integers(0, 65536, size=(9, 11), dtype=np.uint16)
     path = tmp_path / "g16.png"
     path.write_bytes(png_16bit(grey))
@@ -57,8 +55,6 @@ def test_16bit_grey_png_is_scaled_not_clipped(tmp_path, decoder):
 
 
 def test_16bit_rgb_png_is_scaled_by_257(tmp_path):
-    if decode.pyspng is None:
-        pytest.skip("16-bit colour PNGs keep their 16 bits only through pyspng")
     rgb = RNG.integers(0, 65536, size=(6, 5, 3), dtype=np.uint16)
     path = tmp_path / "rgb16.png"
     path.write_bytes(png_16bit(rgb))
@@ -66,7 +62,7 @@ def test_16bit_rgb_png_is_scaled_by_257(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "1"])
-def test_8bit_png_modes_become_the_same_rgb_on_both_paths(tmp_path, mode, decoder):
+def test_8bit_png_modes_become_the_same_rgb_as_pillows(tmp_path, mode):
     rgba = RNG.integers(0, 256, size=(10, 13, 4), dtype=np.uint8)
     rgba[..., 3][::2] = 0  # fully transparent rows keep their colour: alpha is dropped, not composited
     source = Image.fromarray(rgba[..., :3]) if mode != "RGBA" else Image.fromarray(rgba)
@@ -127,7 +123,7 @@ def test_broken_files_are_failure_records(tmp_path):
 def test_preprocess_then_normalise_equals_the_processor(tiny_model):
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(tiny_model)
+    processor = AutoImageProcessor.from_pretrained(tiny_model, backend="pil")
     image = Image.open(KNOWN_IMAGE)
     expected = processor(images=image, return_tensors="pt")["pixel_values"]  # (1, 3, 224, 224)
     preprocess = Preprocess(processor)
@@ -143,7 +139,7 @@ def test_preprocess_then_normalise_equals_the_processor(tiny_model):
 def test_direct_resize_and_crop_equals_the_processor(tiny_model, size):
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(tiny_model)
+    processor = AutoImageProcessor.from_pretrained(tiny_model, backend="pil")
     preprocess = Preprocess(processor)
     assert preprocess.direct is not None  # the dinov2 config takes the direct path
     image = Image.fromarray(RNG.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
@@ -154,7 +150,7 @@ def test_direct_resize_and_crop_equals_the_processor(tiny_model, size):
 def test_direct_path_is_refused_when_it_disagrees(tiny_model, monkeypatch):
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(tiny_model)
+    processor = AutoImageProcessor.from_pretrained(tiny_model, backend="pil")
     monkeypatch.setattr(Preprocess, "_resize_and_crop", lambda self, image: torch.zeros(3, 224, 224, dtype=torch.uint8))
     preprocess = Preprocess(processor)
     assert preprocess.direct is None
@@ -231,13 +227,10 @@ PNG_CASES = [(kind, depth, interlace) for kind, (_, depths) in PNG_KINDS.items()
              for interlace in (False, True)]
 
 
-@pytest.mark.filterwarnings("ignore:Palette images with Transparency")  # Pillow's, on the no-pyspng path
 @pytest.mark.parametrize("kind, depth, interlace", PNG_CASES, ids=lambda v: str(v))
-def test_every_valid_png_gives_the_contract_pixels(tmp_path, kind, depth, interlace, decoder):
+def test_every_valid_png_gives_the_contract_pixels(tmp_path, kind, depth, interlace):
     """Each colour type at each depth it allows, interlaced or not, with and without tRNS, gAMA and
     sBIT, at odd sizes: load_rgb gives pypng's samples converted by the input rules, exactly."""
-    if decoder == "pillow" and depth == 16 and kind != "grey":
-        pytest.skip("16-bit colour and alpha PNGs keep their 16 bits only through pyspng (a requirement)")
     rng = np.random.default_rng([depth, len(kind), interlace])
     for width, height in PNG_SIZES:
         for ancillary in (False, True):
@@ -477,3 +470,281 @@ def test_bmp_kinds_match_a_plain_reader(tmp_path, kind):
         if kind in ("24bit", "32bit", "24bit_top_down", "32bit_bitfields_alpha"):
             assert np.array_equal(expected, rgb), f"the reader does not give the pixels written: {kind}"
         assert_close(path, expected.astype(np.int64), 0, f"{kind} {width}x{height}")
+
+
+# --- One pixel pipeline, whatever is installed ------------------------------------------------------
+# transformers picks the torchvision backend wherever torchvision is installed (every GPU image); its
+# resize differs from Pillow's on non-square images. CI runs this file once without torchvision and once
+# with it; the tests marked `with_torchvision` run in the second pass.
+with_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                      reason="torchvision is not installed (.ci/run's second pass installs it)")
+NON_SQUARE = [(1024, 768), (500, 375), (333, 1001), (1000, 200)]
+
+
+def test_preprocess_refuses_a_processor_that_is_not_pillow_backed():
+    class BackendByName:
+        """What transformers before 5.4 made of backend="pil": an attribute that says so, not the backend."""
+        backend = "pil"
+
+    with pytest.raises(ValueError, match="BackendByName is not a Pillow-backed image processor.*backend=\"pil\""):
+        Preprocess(BackendByName())
+
+
+@with_torchvision
+def test_with_torchvision_installed_the_pixels_are_still_pillows(tiny_model):
+    from transformers import AutoImageProcessor
+
+    from pyramid.encoder import load_model_info
+
+    default = AutoImageProcessor.from_pretrained(tiny_model)
+    assert default.backend == "torchvision"  # what the run would use if it took transformers' default
+    with pytest.raises(ValueError, match="not a Pillow-backed image processor"):
+        Preprocess(default)
+    pillow = AutoImageProcessor.from_pretrained(tiny_model, backend="pil")
+    preprocess = Preprocess(load_model_info(tiny_model)[1])
+    assert preprocess.direct is not None
+    differing = 0
+    for width, height in NON_SQUARE:
+        image = Image.fromarray(RNG.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+        expected = pillow(images=image, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(preprocess(image), expected.to(torch.uint8)), (width, height)
+        torchvision_pixels = default(images=image, do_rescale=False, do_normalize=False,
+                                     return_tensors="pt")["pixel_values"][0]
+        differing += not torch.equal(torchvision_pixels.round().to(torch.uint8), expected.to(torch.uint8))
+    assert differing == len(NON_SQUARE)  # each shape is one where the backends disagree
+
+
+# --- Decoders: pyspng for PNG or a refusal, never a silent other decoder ---------------------------------
+
+def test_without_pyspng_a_png_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Pillow would decode this 8-bit PNG exactly, but a 16-bit one with its high byte only: a PNG is
+    pyspng's or nobody's, so the pixels never depend on what is installed."""
+    png_path, = write_images(tmp_path, 1, suffix=".png")
+    jpeg_path, = write_images(tmp_path / "j", 1, suffix=".jpg")
+    monkeypatch.setattr(decode, "pyspng", None)
+    with pytest.raises(DecoderMissing) as error:
+        load_rgb(png_path)
+    assert str(error.value) == PYSPNG_MISSING and "pip install pyspng" in PYSPNG_MISSING and "\n" not in PYSPNG_MISSING
+    with pytest.raises(DecoderMissing):
+        decode.decoders()
+    assert load_rgb(jpeg_path).size == (64, 48)  # Pillow's formats need no pyspng
+    item = ImageDataset(tmp_path, [png_path.name], lambda image: image)[0]
+    assert item[1] is None and item[2] == f"DecoderMissing: {PYSPNG_MISSING}"
+
+
+def hide_module(tmp_path, name):
+    """A PYTHONPATH entry that makes `import name` fail in a subprocess, as where it is not installed."""
+    shadow = tmp_path / f"hide_{name}"
+    (shadow / name).mkdir(parents=True)
+    (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is hidden by the test')\n")
+    return str(shadow)
+
+
+def test_the_extractor_refuses_to_run_without_pyspng(tmp_path, tiny_model):
+    write_images(tmp_path / "in", 1, suffix=".jpg")  # refused even without a PNG: the decoders are recorded
+    result = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
+                     env={"PYTHONPATH": hide_module(tmp_path, "pyspng")})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {PYSPNG_MISSING}"
+    assert not (tmp_path / "out" / "manifest.json").exists() and not list(tmp_path.glob("out/*.pt"))
+
+
+# --- Orientation: as Pillow's getexif() reads it, for every format --------------------------------------
+
+def with_chunks(data, before=(), after=()):
+    """PNG bytes with (type, data) chunks put right after IHDR (before the image data) and before IEND."""
+    end_of_ihdr = 8 + 8 + 13 + 4
+    iend = data.rindex(b"IEND") - 4
+    made = lambda chunks: b"".join(png_chunk(kind, body) for kind, body in chunks)  # noqa: E731
+    return data[:end_of_ihdr] + made(before) + data[end_of_ihdr:iend] + made(after) + data[iend:]
+
+
+def exif_bytes(orientation):
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    return exif.tobytes()  # b"Exif\0\0" + the TIFF structure
+
+
+def raw_profile(orientation):
+    """ImageMagick's "Raw profile type exif" text: a blank line, the profile name, the byte count, hex lines."""
+    payload = exif_bytes(orientation)
+    hexed = payload.hex()
+    lines = "\n".join(hexed[i:i + 72] for i in range(0, len(hexed), 72))
+    return f"\nexif\n{len(payload):8d}\n{lines}\n".encode()
+
+
+def xmp(orientation, element=False):
+    tag = (f"<tiff:Orientation>{orientation}</tiff:Orientation>" if element
+           else f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation}"/>')
+    return (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            + tag.encode() + b"</rdf:RDF></x:xmpmeta>")
+
+
+def text(kind, keyword, value, compressed=False):
+    """A (type, data) tEXt, zTXt or iTXt chunk (iTXt compressed or not)."""
+    if kind == b"tEXt":
+        return kind, keyword + b"\0" + value
+    if kind == b"zTXt":
+        return kind, keyword + b"\0\0" + zlib.compress(value)
+    return kind, keyword + b"\0" + bytes([compressed, 0]) + b"\0\0" + (zlib.compress(value) if compressed else value)
+
+
+RAW = b"Raw profile type exif"
+XMP_KEY = b"XML:com.adobe.xmp"
+PNG_ORIENTATION_CASES = {  # name: (chunks before the image data, chunks after it); None: no orientation
+    "none": ((), ()),
+    "eXIf": (((b"eXIf", exif_bytes(6)[6:]),), ()),
+    "eXIf after the image data": ((), ((b"eXIf", exif_bytes(8)[6:]),)),
+    "raw profile in tEXt": ((text(b"tEXt", RAW, raw_profile(6)),), ()),
+    "raw profile in zTXt after the image data": ((), (text(b"zTXt", RAW, raw_profile(3)),)),
+    "raw profile in compressed iTXt": ((text(b"iTXt", RAW, raw_profile(5), compressed=True),), ()),
+    "EXIF bytes in tEXt 'exif'": ((text(b"tEXt", b"exif", exif_bytes(7)),), ()),
+    "XMP in iTXt": ((text(b"iTXt", XMP_KEY, xmp(6)),), ()),
+    "XMP element in compressed iTXt after the image data": ((), (text(b"iTXt", XMP_KEY, xmp(8, True), True),)),
+    "XMP in zTXt": ((text(b"zTXt", XMP_KEY, xmp(2)),), ()),
+    "XMP in tEXt": ((text(b"tEXt", XMP_KEY, xmp(4)),), ()),
+    "eXIf wins over XMP": (((b"eXIf", exif_bytes(3)[6:]), text(b"iTXt", XMP_KEY, xmp(6))), ()),
+    "decoys: other keywords": ((text(b"tEXt", b"Comment", xmp(6)), text(b"zTXt", b"Raw profile type iptc",
+                                                                         raw_profile(6))), ()),
+}
+
+
+def pillow_orientation(data):
+    """The reference: Pillow's own getexif() of freshly opened bytes."""
+    with Image.open(io.BytesIO(data)) as opened:
+        return opened.getexif().get(EXIF_ORIENTATION, 1)
+
+
+@pytest.mark.parametrize("case", PNG_ORIENTATION_CASES)
+def test_png_orientation_is_read_as_pillows_getexif_reads_it(tmp_path, case):
+    stored = textured_rgb(9, 14, seed=3)  # not square: a turn changes the shape
+    before, after = PNG_ORIENTATION_CASES[case]
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "PNG")
+    data = with_chunks(buffer.getvalue(), before, after)
+    path = tmp_path / "oriented.png"
+    path.write_bytes(data)
+    expected = pillow_orientation(data)
+    assert (expected == 1) == (case == "none" or case.startswith("decoys")), expected  # the corpus means it
+    assert np.array_equal(np.asarray(load_rgb(path)), oriented(stored, expected))
+    assert exif_orientation(data) == expected
+
+
+@pytest.mark.parametrize("fmt, metadata", [("jpeg", "exif"), ("jpeg", "xmp"), ("jpeg", "exif and xmp"),
+                                           ("webp", "xmp"), ("webp", "exif"), ("bmp", "none")])
+def test_other_formats_orientation_is_pillows_getexif(tmp_path, fmt, metadata):
+    stored = textured_rgb(9, 14, seed=4)
+    options = {"jpeg": {"quality": 95}, "webp": {"lossless": True}, "bmp": {}}[fmt]
+    if "exif" in metadata:
+        options["exif"] = exif_bytes(6)
+    if "xmp" in metadata:
+        options["xmp"] = xmp(8)
+    path = saved(Image.fromarray(stored), tmp_path, f"oriented.{fmt}", **options)
+    expected = pillow_orientation(path.read_bytes())
+    assert expected == {"none": 1, "xmp": 8}.get(metadata, 6)
+    reference = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    assert np.array_equal(np.asarray(load_rgb(path)), np.asarray(reference))
+    assert exif_orientation(path.read_bytes()) == expected
+
+
+def test_a_png_without_orientation_chunks_is_never_opened_by_pillow(tmp_path, monkeypatch):
+    """Pillow's getexif() of a PNG without eXIf before the image data decodes the whole image: the chunk
+    headers say at once that no chunk can hold an orientation."""
+    stored = textured_rgb(9, 14, seed=5)
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "PNG")
+    data = with_chunks(buffer.getvalue(), *PNG_ORIENTATION_CASES["decoys: other keywords"])
+    (tmp_path / "plain.png").write_bytes(data)
+
+    def no_pillow(*args, **kwargs):
+        raise AssertionError("Pillow opened a PNG that holds no orientation")
+
+    monkeypatch.setattr(decode.Image, "open", no_pillow)
+    assert exif_orientation(data) == 1
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "plain.png")), stored)
+
+
+# --- --max_pixels: read from the header, before any decoding ------------------------------------------
+
+def bilevel_png(width, height):
+    """A valid all-black 1-bit grey PNG, written without holding its pixels: 40000x40000 is about 200 KB.
+
+    The zlib stream is one raw deflate block of 200 rows, full-flushed (so every copy compresses alike),
+    repeated; then the end block and the Adler-32 of all the rows."""
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte 0, then the bits
+    rows_per_block = 200
+    assert height % rows_per_block == 0
+    block = row * rows_per_block
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    compressed = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+    checksum = 1
+    for _ in range(height // rows_per_block):
+        checksum = zlib.adler32(block, checksum)
+    stream = (b"\x78\xda" + compressed * (height // rows_per_block) + deflate.flush(zlib.Z_FINISH)
+              + struct.pack(">I", checksum))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return PNG_SIGNATURE + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", stream) + png_chunk(b"IEND", b"")
+
+
+def test_bilevel_png_is_a_valid_png(tmp_path):
+    (tmp_path / "small.png").write_bytes(bilevel_png(37, 400))
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "small.png")), np.zeros((400, 37, 3), np.uint8))
+    width, height, rows, _ = png.Reader(filename=tmp_path / "small.png").read()  # checks CRCs and the zlib stream
+    assert (width, height) == (37, 400) and sum(1 for _ in rows) == 400
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".bmp"])
+def test_max_pixels_is_checked_from_the_header_for_every_decoder(tmp_path, suffix, monkeypatch):
+    path, = write_images(tmp_path, 1, size=(64, 48), suffix=suffix)
+    assert load_rgb(path, max_pixels=64 * 48).size == (64, 48)
+    with pytest.raises(ImageTooLarge, match=r"^64x48 is 3072 pixels, more than --max_pixels 3071 \(read from its "):
+        load_rgb(path, max_pixels=64 * 48 - 1)
+    # Pillow's own limit is the default; Pillow's check never refuses an image --max_pixels lets through.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageTooLarge, match="more than --max_pixels 2000"):
+        load_rgb(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        assert load_rgb(path, max_pixels=10_000).size == (64, 48)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored for everyone else
+
+
+def test_max_pixels_defaults_to_pillows_limit_and_must_be_positive(tmp_path):
+    from pyramid.exits import UsageError
+    from pyramid.extract import check_args, get_args_parser
+
+    args = get_args_parser().parse_args(["--input_dir", str(tmp_path)])
+    check_args(args)
+    assert args.max_pixels == decode.pillow_pixel_limit() == 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(UsageError, match="^--max_pixels must be at least 1, not 0$"):
+        check_args(get_args_parser().parse_args(["--input_dir", str(tmp_path), "--max_pixels", "0"]))
+
+
+# Runs a command and prints, last on stderr, the peak RSS (KiB) of every process it started and waited for: the
+# extractor and its decode workers.
+WITH_PEAK_RSS = ("import resource, subprocess, sys; status = subprocess.call(sys.argv[1:]); "
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(status)")
+
+
+def test_a_huge_png_is_a_failure_in_a_moment(tmp_path, tiny_model):
+    """A 200 KB valid PNG of 40000 x 40000 pixels (1.6 gigapixels): once decoded in 82 s and 11.4 GB by a
+    worker. Refused from its IHDR: the run writes the others and exits 3."""
+    write_images(tmp_path / "in", 2, size=(64, 48))
+    (tmp_path / "in" / "huge.png").write_bytes(bilevel_png(40000, 40000))
+    assert (tmp_path / "in" / "huge.png").stat().st_size < 300_000
+    started = time.monotonic()
+    with pytest.raises(ImageTooLarge):
+        load_rgb(tmp_path / "in" / "huge.png")
+    assert time.monotonic() - started < 1
+    result = subprocess.run([sys.executable, "-c", WITH_PEAK_RSS, sys.executable, REPO / "extract_distributed.py",
+                             "--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
+                             "--num_workers", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert result.returncode == 3, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.pt")) == ["00000.pt", "00001.pt"]
+    failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert [(failure["path"], failure["error"]) for failure in failures] == [
+        ("huge.png", "ImageTooLarge: 40000x40000 is 1600000000 pixels, more than --max_pixels 178956970 (read from "
+                     "its header; not decoded); raise --max_pixels to decode it")]
+    # The extractor and its decode worker stayed far below the 4.8 GB that the decoded image alone would take.
+    assert int(result.stderr.splitlines()[-1]) < 3 * 1024 ** 2  # KiB

@@ -1,15 +1,18 @@
 """pyramid/encoder.py: dtype resolution, model checks without weights, the encoder's output."""
 
 import http.server
+import importlib.util
 import json
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import torch
 
-from conftest import TINY_HIDDEN, save_tiny_dinov2
-from pyramid.decode import Preprocess
+from conftest import REPO, TINY_HIDDEN, save_tiny_dinov2
+from pyramid.decode import Preprocess, is_pillow_processor
 from pyramid.encoder import Encoder, ModelError, load_model_info, local_weights_digest, looks_local, resolve_dtype
 
 
@@ -25,6 +28,44 @@ def test_model_info_of_dinov2_and_registers(tiny_model, tiny_model_registers):
     assert (info.hidden_size, info.num_register_tokens) == (TINY_HIDDEN, 0)
     assert info.revision.startswith("sha256:")
     assert load_model_info(tiny_model_registers)[0].num_register_tokens == 4
+
+
+TORCHVISION = importlib.util.find_spec("torchvision") is not None
+with_torchvision = pytest.mark.skipif(not TORCHVISION, reason="torchvision is not installed (.ci/run's second "
+                                                              "pass installs it)")
+
+
+def test_the_processor_is_pillow_backed_whatever_is_installed(tiny_model):
+    """AutoImageProcessor's default is the torchvision backend wherever torchvision is installed; the run's
+    is the Pillow backend there too (this test runs in both of .ci/run's passes)."""
+    processor = load_model_info(tiny_model)[1]
+    assert is_pillow_processor(processor)
+    assert (type(processor).__name__, processor.backend) == ("BitImageProcessorPil", "pil")
+
+
+@with_torchvision
+def test_the_same_processor_with_torchvision_hidden(tiny_model):
+    code = ("import sys; sys.modules['torchvision'] = None\n"  # importlib.util.find_spec then says: not installed
+            "from pyramid.encoder import load_model_info\n"
+            f"processor = load_model_info({str(tiny_model)!r})[1]\n"
+            "print(type(processor).__name__, processor.backend)")
+    hidden = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert hidden.stdout.split() == ["BitImageProcessorPil", "pil"], hidden.stderr
+    assert type(load_model_info(tiny_model)[1]).__name__ == "BitImageProcessorPil"
+
+
+def test_a_processor_without_a_pillow_backend_is_refused(tmp_path):
+    """DINOv3's processor has a torchvision backend only: transformers falls back to it where torchvision is
+    installed (refused: its pixels are not Pillow's), and cannot load it where torchvision is not."""
+    directory = save_tiny_dinov2(tmp_path / "m")
+    config = json.loads((directory / "preprocessor_config.json").read_text())
+    config["image_processor_type"] = "DINOv3ViTImageProcessor"
+    (directory / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError) as error:
+        load_model_info(directory)
+    if TORCHVISION:
+        assert "(DINOv3ViTImageProcessor) has no Pillow backend" in str(error.value)
+    assert "\n" not in str(error.value)
 
 
 def test_weights_digest_changes_with_the_weights(tmp_path):

@@ -28,7 +28,7 @@ def mirror_tree(source, target):
 
 
 def test_preprocess_flip_is_the_processor_of_the_mirrored_image(tiny_model):
-    processor = AutoImageProcessor.from_pretrained(tiny_model)
+    processor = AutoImageProcessor.from_pretrained(tiny_model, backend="pil")
     rng = np.random.default_rng(0)
     for width, height in ODD_MARGIN_SIZES:
         image = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 import pyramid.manifest as manifest_module
+from conftest import run_cli, write_images
 from pyramid.exits import UsageError
-from pyramid.manifest import MANIFEST_NAME, REPLACING_KEY, adopt_output_tree, read_manifest
+from pyramid.manifest import MANIFEST_NAME, REPLACING_KEY, adopt_output_tree, read_manifest, version_changes
 
 A = {"format": 1, "model": "model-a", "dtype": "fp32", "flip": False, "versions": {"torch": "1"}}
 B = {"format": 1, "model": "model-b", "dtype": "fp32", "flip": False, "versions": {"torch": "2"}}
@@ -136,3 +137,69 @@ def test_verify_does_not_pass_a_tree_whose_replacement_is_unfinished():
     assert check_manifest(manifest()) == []
     problems = check_manifest({**manifest(), REPLACING_KEY: True})
     assert len(problems) == 1 and "replacement is unfinished" in problems[0]
+
+
+# --- The pixel pipeline: the processor and the decoders ----------------------------------------------------
+
+PIXELS = {"image_processor": {"class": "BitImageProcessorPil", "backend": "pil"},
+          "decoders": {"pyspng": "0.1.4", "pillow": "13.0.0"}}
+TORCHVISION_PROCESSOR = {"class": "BitImageProcessor", "backend": "torchvision"}
+
+
+def test_another_processor_or_decoder_is_other_settings(tmp_path):
+    made = {**A, **PIXELS}
+    make_tree(tmp_path, {**made, "image_processor": TORCHVISION_PROCESSOR})
+    with pytest.raises(UsageError, match=r"image_processor: \{'class': 'BitImageProcessor', 'backend': 'torchvision'\} "
+                                         r"-> \{'class': 'BitImageProcessorPil', 'backend': 'pil'\}.*--overwrite"):
+        adopt(tmp_path, made, overwrite=False)
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**made, "decoders": {"pillow": "13.0.0"}}))
+    with pytest.raises(UsageError, match=r"decoders: \['pillow'\] -> \['pillow', 'pyspng'\]"):
+        adopt(tmp_path, made, overwrite=False)
+    assert pt_files(tmp_path) == set(NAMES)
+
+
+def test_other_versions_of_the_same_pipeline_are_kept_and_listed(tmp_path):
+    made = {**A, **PIXELS}
+    make_tree(tmp_path, made)
+    newer = {**made, "decoders": {"pyspng": "0.2.0", "pillow": "13.0.0"}, "versions": {"torch": "2"}}
+    assert adopt(tmp_path, newer, overwrite=False) == set(NAMES)
+    assert version_changes(made, newer) == {"pyspng": ["0.1.4", "0.2.0"], "torch": ["1", "2"]}
+    assert version_changes(made, made) == {}
+
+
+def test_a_manifest_from_before_the_pixel_pipeline_was_recorded_is_refused_unless_overwrite(tmp_path):
+    """Nothing says which processor made its files: where torchvision was installed, the torchvision
+    backend's, whose pixels differ on non-square images."""
+    make_tree(tmp_path, A)
+    with pytest.raises(UsageError, match=r"image_processor: not recorded \(a manifest from before it was\) -> "):
+        adopt(tmp_path, {**A, **PIXELS}, overwrite=False)
+    assert pt_files(tmp_path) == set(NAMES)
+    assert adopt(tmp_path, {**A, **PIXELS}, overwrite=True) == set() and read_manifest(tmp_path) == {**A, **PIXELS}
+
+
+def test_the_run_records_its_pipeline_and_notes_other_versions(tmp_path, tiny_model):
+    import pyspng
+    import torch
+
+    from pyramid.runs import read_runs
+
+    write_images(tmp_path / "in", 1)
+    command = ("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model)
+    assert run_cli(*command).returncode == 0
+    made = read_manifest(tmp_path / "out")
+    assert made["image_processor"] == PIXELS["image_processor"]  # with torchvision installed too
+    assert sorted(made["decoders"]) == ["pillow", "pyspng"] and made["decoders"]["pyspng"] == pyspng.__version__
+
+    older = {**made, "decoders": {**made["decoders"], "pyspng": "0.0.1"}, "versions": {**made["versions"],
+                                                                                        "torch": "2.0.0"}}
+    (tmp_path / "out" / MANIFEST_NAME).write_text(json.dumps(older))
+    kept = run_cli(*command)
+    assert kept.returncode == 0, kept.stderr
+    note = [line for line in kept.stderr.splitlines() if line.startswith("note: ")]
+    assert note == [f"note: the 1 file(s) already in {tmp_path / 'out'} were made with other versions (pyspng 0.0.1 "
+                    f"-> {pyspng.__version__}, torch 2.0.0 -> {torch.__version__}); they are kept, and runs.jsonl "
+                    f"records it; `python -m pyramid.verify {tmp_path / 'out'} --input_dir {tmp_path / 'in'} "
+                    f"--recompute 64` compares a sample"]
+    assert read_runs(tmp_path / "out")[-1]["version_changes"] == {"pyspng": ["0.0.1", pyspng.__version__],
+                                                                   "torch": ["2.0.0", torch.__version__]}
+    assert read_manifest(tmp_path / "out") == {**made, "versions": read_manifest(tmp_path / "out")["versions"]}

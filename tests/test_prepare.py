@@ -322,7 +322,7 @@ def test_resolution_256_gives_the_extractor_the_same_pixels(tmp_path, tiny_model
         write_images(src, 1, size=size, seed=i, names=[f"{i:05d}.png"])
     out = tmp_path / "out"
     assert run("--source", src, "--resolution", 256, "--output_dir", out) == 0
-    preprocess = Preprocess(AutoImageProcessor.from_pretrained(tiny_model))
+    preprocess = Preprocess(AutoImageProcessor.from_pretrained(tiny_model, backend="pil"))
     for i in range(len(sizes)):
         original = preprocess(load_rgb(src / f"{i:05d}.png"))
         prepared = preprocess(load_rgb(out / f"{i:05d}.png"))

@@ -31,7 +31,7 @@ def reference_pyramid(model_dir, image_path):
     """The pyramid computed independently: the model's own processor and model, a loop for the means."""
     from transformers import AutoImageProcessor, AutoModel
 
-    processor = AutoImageProcessor.from_pretrained(model_dir)
+    processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")  # the contract's pixels
     model = AutoModel.from_pretrained(model_dir).eval()
     pixels = processor(images=Image.open(image_path).convert("RGB"), return_tensors="pt")["pixel_values"]
     with torch.no_grad():

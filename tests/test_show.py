@@ -151,7 +151,7 @@ def test_model_view_matches_the_dinov2_processor(tmp_path):
     from transformers import AutoImageProcessor
 
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREPROCESSOR))
-    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
     path = write_images(tmp_path / "images", 1, size=(300, 200))[0]
     with Image.open(path) as image:
         expected = processor(images=image.convert("RGB"), do_normalize=False, return_tensors="pt")["pixel_values"][0]
