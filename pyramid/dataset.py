@@ -371,8 +371,8 @@ class PyramidDataset(Dataset):
         needed, free = count * row_bytes, free_memory(device)
         if free is not None and needed > free:
             twins = " and their flip/ twins" if self.flip else ""
-            raise MemoryError(f"preload={preload!r} needs {needed / 1e9:.2f} GB ({count} items, levels "
-                              f"{self.levels}{twins}) but {device} has {free / 1e9:.2f} GB free; preload fewer "
+            raise MemoryError(f"preload={preload!r} needs {_size_text(needed)} ({count} items, levels "
+                              f"{self.levels}{twins}) but {device} has {_size_text(free)} free; preload fewer "
                               f"levels, or preload=None to read the {self.source} each step")
         preloaded = {source: torch.empty((count, *self._shapes[source]), dtype=torch.float32, device=device)
                      for source in self.sources}
@@ -400,6 +400,14 @@ class PyramidDataset(Dataset):
                 for level, source in zip(self.levels, self._twins if twin else self.levels):
                     preloaded[source][start:end].copy_(rows[level])
         self.preloaded, self.source = preloaded, "preload"
+
+
+def _size_text(count):
+    """Bytes as people read them: '4.52 GB', '20.1 MB', '512 kB'."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}" if count < 100 * size else f"{count / size:.0f} {unit}"
+    return f"{count} bytes"
 
 
 def _preload_device(preload):
