@@ -147,6 +147,7 @@ class PyramidDataset(Dataset):
         self._pack = self._choose_pack(pack, manifest, records)
         self.source = "files" if self._pack is None else "pack"
         self._scales = self._load_scales(manifest, records) if normalize else None
+        self._scales_on = {}  # the scales copied to each device that normalises
         self._open_pid, self._pack_arrays_open, self._open_lock = None, None, threading.Lock()
         self._shapes = self._level_shapes()
         different = [level for level in self.levels if flip and self._shapes[f"flip/{level}"] != self._shapes[level]]
@@ -228,6 +229,7 @@ class PyramidDataset(Dataset):
         # Memory maps and locks do not travel to workers (a map would be pickled as its bytes): each
         # process maps the pack itself.
         state["_open_pid"], state["_pack_arrays_open"], state["_open_lock"] = None, None, None
+        state["_scales_on"] = {}
         return state
 
     def __setstate__(self, state):
@@ -311,18 +313,24 @@ class PyramidDataset(Dataset):
         as for one item, on whatever device the batch is."""
         if self._scales is None:
             return
+        device = next(iter(batch.values())).device
+        scales = self._scales_on.get(device)
+        if scales is None:
+            scales = self._scales_on[device] = {source: tuple(part.to(device) for part in parts)
+                                                for source, parts in self._scales.items()}
+        count = next(iter(batch.values())).shape[0]
+        plain = count if flipped is None else count - int(flipped.sum())
+        grouped = flipped is None or not flipped[:plain].any()  # the twins' rows last, as in loader batches
         for level, twin in zip(self.levels, self._twins):
             tensor = batch[level]
-            if flipped is None or not flipped.any():
-                high, low, std = self._scales[level]  # (D,) each
-            elif flipped.all():
-                high, low, std = self._scales[twin]
+            if grouped:
+                parts = [(tensor[:plain], scales[level])] + ([(tensor[plain:], scales[twin])] if plain < count else [])
             else:
-                which = torch.as_tensor(flipped, dtype=torch.int64)
-                high, low, std = (torch.stack([plain, mirrored])[which][:, None]  # (B, 1, D)
-                                  for plain, mirrored in zip(self._scales[level], self._scales[twin]))
-            device = tensor.device
-            tensor.sub_(high.to(device)).sub_(low.to(device)).div_(std.to(device))
+                which = torch.as_tensor(flipped, dtype=torch.int64).to(device)
+                parts = [(tensor, tuple(torch.stack([mine, its])[which][:, None]  # (B, 1, D) each
+                                        for mine, its in zip(scales[level], scales[twin])))]
+            for rows, (high, low, std) in parts:
+                rows.sub_(high).sub_(low).div_(std)
 
     def __getitem__(self, index):
         name = self.names[index]  # IndexError past the end, as a list

@@ -120,7 +120,8 @@ class PyramidLoader:
     def _batches(self, indices, flipped):
         """[(indices, flipped)] per batch of an epoch."""
         stop = len(indices) - len(indices) % self.batch_size if self.drop_last else len(indices)
-        return [(indices[start:start + self.batch_size], None if flipped is None else flipped[start:start + self.batch_size])
+        return [(indices[start:start + self.batch_size],
+                 None if flipped is None else flipped[start:start + self.batch_size])
                 for start in range(0, stop, self.batch_size)]
 
     def __iter__(self):
@@ -170,7 +171,7 @@ class PyramidLoader:
         reader.start()
         copier = None if self.device is None else _Copier(dataset, self.device, normalize=dataset.preloaded is None)
         try:
-            ahead = None  # with a device: the next batch, its copy under way
+            ahead = None  # with a device: the batch to hand over next, while the copy of the one after is under way
             while True:
                 item = ready.get()
                 if item is _END:
@@ -186,10 +187,10 @@ class PyramidLoader:
                     yield batch
                     del batch
                 else:
-                    batch = copier.copy(buffer, names, flipped)
+                    copied = copier.copy(buffer, names, flipped)
                     if ahead is not None:
                         yield copier.hand_over(ahead)
-                    ahead = batch
+                    ahead = copied
             if ahead is not None:
                 yield copier.hand_over(ahead)
         finally:
@@ -306,18 +307,21 @@ class _Copier:
                 del source
             if self.normalize:
                 self.dataset._normalize({level: tensor for level, tensor in batch.items() if level != "name"}, flipped)
+            done = None
             if self.stream is not None:
-                buffer.copied = torch.cuda.Event()
-                buffer.copied.record(self.stream)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+        buffer.copied = done
         buffer.busy = False
-        return batch
+        return batch, done
 
-    def hand_over(self, batch):
-        """The batch, safe to use on the current stream: it waits for the copy, and the memory is not
-        reused before the current stream is done with it."""
-        if self.stream is not None:
+    def hand_over(self, copied):
+        """The batch of copy(), safe to use on the current stream: that stream waits for its copy (not for
+        the next one, already under way), and its memory is not reused before that stream is done with it."""
+        batch, done = copied
+        if done is not None:
             current = torch.cuda.current_stream(self.device)
-            current.wait_stream(self.stream)
+            current.wait_event(done)
             for key, tensor in batch.items():
                 if key != "name":
                     tensor.record_stream(current)

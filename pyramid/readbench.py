@@ -188,7 +188,8 @@ def format_reader_table(figures):
                  f"files / raw read of the files: {rows['PyramidDataset, files'][0] / raw:.2f}")
     loader = {name.rsplit(", ", 1)[1]: rate for name, (rate, _) in rows.items() if name.startswith("dataset.loader(")}
     readme = {name.rsplit(", ", 1)[1]: rate for name, (rate, _) in rows.items() if name.startswith("README's old loop")}
-    lines.append(f"  dataset.loader / raw read of the files: " + ", ".join(f"{name} {rate / raw:.2f}" for name, rate in loader.items())
+    lines.append("  dataset.loader / raw read of the files: "
+                 + ", ".join(f"{name} {rate / raw:.2f}" for name, rate in loader.items())
                  + f"; pack / raw pread of its rows: {loader['pack'] / rows['raw pread(), pack rows'][0]:.2f}"
                  + "; README's old loop: " + ", ".join(f"{name} {rate / raw:.2f}" for name, rate in readme.items()))
     return "\n".join(lines)

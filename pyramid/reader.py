@@ -226,7 +226,8 @@ def _target(out, level, dtype, shape):
     else:
         fits = target.dtype == dtype and target.is_contiguous() and target.device.type == "cpu"
     if not fits or (target.size if isinstance(target, np.ndarray) else target.numel()) != _numel(shape):
-        raise OutMismatch(f"out[{level!r}] is {target.dtype} {list(target.shape)}, the file holds {dtype} {list(shape)}")
+        raise OutMismatch(f"out[{level!r}] is {target.dtype} {list(target.shape)}, the file holds {dtype} "
+                          f"{list(shape)}")
     return target
 
 

@@ -165,7 +165,8 @@ def test_normalize_and_flips_through_the_loader_are_the_items(tree, source, devi
     assert 8 <= flips[0].sum() <= 29  # both twins, in about equal numbers
     assert not np.array_equal(flips[0], flips[1])  # drawn anew each epoch
     # The same seed, the same flips: the whole epoch is reproducible.
-    again = next(iter(dataset(tree, source, levels=levels, normalize=True, flip="random").loader(6, shuffle=True, seed=1)))
+    another = dataset(tree, source, levels=levels, normalize=True, flip="random")
+    again = next(iter(another.loader(6, shuffle=True, seed=1)))
     first = next(iter(data.loader(6, shuffle=True, seed=1)))
     assert first["name"] == again["name"] and all(torch.equal(first[level], again[level]) for level in levels)
 
@@ -263,3 +264,30 @@ def test_arguments_are_checked(tree):
             data.loader(**wrong)
     with pytest.raises(ValueError, match="epoch must be"):
         data.loader(4).set_epoch(-1)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_dataloader_batches_mixing_twins_are_the_items(tree, source):
+    # A DataLoader batch draws the twin per item in sampler order: the rows of the levels and of the
+    # twins interleave (loader batches put them in two groups).
+    levels = ["8x8", "2x2"]
+    data = dataset(tree, source, levels=levels, normalize=True, flip="random")
+    items = reference(tree, levels, normalize=True)
+    twins = reference(tree, [f"flip/{level}" for level in levels], normalize=True)
+    torch.manual_seed(0)
+    batches = list(torch.utils.data.DataLoader(data, batch_size=9, collate_fn=PyramidDataset.collate))
+    mirrored = []
+    for start, batch in zip(range(0, COUNT, 9), batches):
+        for row, name in enumerate(batch["name"]):
+            index = start + row
+            mirrored.append(torch.equal(batch["8x8"][row], twins[index]["flip/8x8"]))
+            expected, prefix = (twins[index], "flip/") if mirrored[-1] else (items[index], "")
+            for level in levels:
+                assert torch.equal(batch[level][row], expected[prefix + level]), (name, level)
+    assert any(mirrored[i] != mirrored[i + 1] for i in range(8))  # twins and levels mixed within a batch
+    torch.manual_seed(0)
+    one_by_one = [data[index] for index in range(9)]
+    torch.manual_seed(0)
+    together = data.__getitems__(list(range(9)))
+    for a, b in zip(one_by_one, together):  # one draw per item, in order: the same twins either way
+        assert all(torch.equal(a[level], b[level]) for level in levels)
