@@ -340,8 +340,12 @@ class PyramidDataset(Dataset):
         if self.preloaded is not None:
             return {"name": name, **{level: self.preloaded[source][index].clone()
                                      for level, source in zip(self.levels, sources)}}
-        batch = {level: torch.empty((1, *self._shapes[level]), dtype=torch.float32) for level in self.levels}
-        self._read_rows([index], flipped, {level: tensor.numpy() for level, tensor in batch.items()})
+        if self._pack is not None:  # one copy per level out of the mapped pack
+            arrays = self._pack_arrays()
+            batch = {level: arrays[source][index:index + 1].clone() for level, source in zip(self.levels, sources)}
+        else:
+            batch = {level: torch.empty((1, *self._shapes[level]), dtype=torch.float32) for level in self.levels}
+            self._read_rows([index], flipped, {level: tensor.numpy() for level, tensor in batch.items()})
         self._normalize(batch, flipped)
         return {"name": name, **{level: tensor[0] for level, tensor in batch.items()}}  # (s*s, D) each
 

@@ -291,3 +291,14 @@ def test_dataloader_batches_mixing_twins_are_the_items(tree, source):
     together = data.__getitems__(list(range(9)))
     for a, b in zip(one_by_one, together):  # one draw per item, in order: the same twins either way
         assert all(torch.equal(a[level], b[level]) for level in levels)
+
+
+def test_the_readmes_training_example_runs(tree):
+    readme = (REPO / "README.md").read_text()
+    example = readme.split("A training script reads", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "dataset.loader(" in example and "DataLoader" not in example
+    code = example.replace('"data/feature_pyramids"', repr(str(tree))).replace("range(10)", "range(2)")
+    namespace = {}
+    exec(code, namespace)  # noqa: S102 - the README's own lines
+    assert namespace["loader"].epoch == 2
+    assert namespace["coarse"].shape[1:] == (16, 8) and namespace["fine"].shape[1:] == (64, 8)
