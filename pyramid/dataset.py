@@ -49,7 +49,7 @@ def _empty_batch(shape, shared):
 
 def free_memory(device):
     """Bytes that can still be allocated on `device` (a torch.device), or None where unknown: free CUDA
-    memory, or the memory available to this process (MemAvailable, within its cgroup's limit)."""
+    memory, or the memory available to this process (MemAvailable, within its cgroups' limits)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     available = None
@@ -60,17 +60,40 @@ def free_memory(device):
                     available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:  # cgroup v2: a SLURM job or a container may be allowed less than the machine has
-        with open("/proc/self/cgroup") as file:
-            group = next(line.strip().split("::", 1)[1] for line in file if line.startswith("0::"))
-        limit = Path("/sys/fs/cgroup", group.lstrip("/"), "memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup", group.lstrip("/"), "memory.current").read_text())
-            left = max(0, int(limit) - used)
-            available = left if available is None else min(available, left)
-    except (OSError, StopIteration, ValueError):
-        pass
-    return available
+    left = _cgroup_memory_left()
+    return left if available is None else available if left is None else min(available, left)
+
+
+def _cgroup_memory_left(membership=Path("/proc/self/cgroup"), hierarchy=Path("/sys/fs/cgroup")):
+    """Bytes the memory limits of this process's cgroup and the groups above it still allow (cgroup v2,
+    or v1's memory controller), or None without a limit: a SLURM job or a container may be allowed
+    less than the machine has."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    left = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            root, limit_name, usage_name = hierarchy, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            root, limit_name, usage_name = (hierarchy / "memory", "memory.limit_in_bytes",
+                                            "memory.usage_in_bytes")
+        else:
+            continue
+        group = root / path.lstrip("/")
+        for directory in (group, *group.parents):
+            if directory != root and root not in directory.parents:
+                break
+            try:
+                limit = (directory / limit_name).read_text().strip()
+                if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as a huge number
+                    room = max(0, int(limit) - int((directory / usage_name).read_text()))
+                    left = room if left is None else min(left, room)
+            except (OSError, ValueError):
+                pass
+    return left
 
 
 class PyramidDataset(Dataset):

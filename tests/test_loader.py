@@ -302,3 +302,23 @@ def test_the_readmes_training_example_runs(tree):
     exec(code, namespace)  # noqa: S102 - the README's own lines
     assert namespace["loader"].epoch == 2
     assert namespace["coarse"].shape[1:] == (16, 8) and namespace["fine"].shape[1:] == (64, 8)
+
+
+def test_the_memory_a_cgroup_still_allows(tmp_path):
+    hierarchy, membership = tmp_path / "cgroup", tmp_path / "membership"
+    job = hierarchy / "slurm" / "job_7" / "step_0"  # v2: the limit is the job's, a group above the process's
+    job.mkdir(parents=True)
+    for directory, limit, used in ((job, "max", 10), (job.parent, "8000", 3000), (job.parent.parent, "max", 9)):
+        (directory / "memory.max").write_text(f"{limit}\n")
+        (directory / "memory.current").write_text(f"{used}\n")
+    membership.write_text("0::/slurm/job_7/step_0\n")
+    assert pyramid.dataset._cgroup_memory_left(membership, hierarchy) == 5000
+    v1 = hierarchy / "memory" / "docker" / "abc"  # v1's memory controller, next to others
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("4096\n")
+    (v1 / "memory.usage_in_bytes").write_text("1024\n")
+    (v1.parent / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    membership.write_text("5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n")
+    assert pyramid.dataset._cgroup_memory_left(membership, hierarchy) == 3072
+    membership.write_text("0::/\n")
+    assert pyramid.dataset._cgroup_memory_left(membership, tmp_path / "nothing") is None
