@@ -5,11 +5,11 @@
         for batch in loader:                  # one pass = one epoch, a new order each pass
             batch["8x8"]                      # (64, 64, D) float32, on the GPU
 
-A thread reads whole batches ahead of use (os.preadv of the pack rows or the files straight into the
-batch, or a gather from a preload; all of them release the GIL) into a few buffers that are used again
-and again, so a step costs no allocation and no page fault. Batches for a CUDA device are read into
-pinned buffers and copied on a side stream, one batch ahead; from a CUDA preload they are gathered on
-the device, with no host traffic at all.
+A thread reads whole batches ahead of use (a gather per level from the pack's memory-mapped arrays or
+from a CPU preload, or one preadv per file straight into the batch; all of them release the GIL) into a
+few buffers that are used again and again, so a step costs no allocation and no page fault. Batches for
+a CUDA device are read into pinned buffers and copied on a side stream, one batch ahead; from a CUDA
+preload they are gathered on the device, with no host traffic at all.
 """
 
 import contextlib
@@ -43,9 +43,11 @@ class PyramidLoader:
     pinned buffers with non_blocking copies on a side stream, normalised on that device. device="cpu"
     gives each batch in new memory (one more copy per batch).
 
+    `prefetch`: batches read ahead of the one in use.
+
     A batch is yours for as long as you hold it: a buffer is used again only once no tensor (or view,
     or numpy array) of the batch it held is left; a loop that keeps batches gets new memory for the
-    next ones, a loop that drops them reuses PREFETCH + 3 buffers.
+    next ones, a loop that drops them reuses prefetch + 3 buffers.
 
     Under torch.distributed (initialised before iterating; or pass `rank` and `world_size`), every
     rank computes the same epoch order (same `seed` on every rank) and takes its own contiguous part
@@ -146,7 +148,8 @@ class PyramidLoader:
             plain = len(indices) if flipped is None else int((~flipped).sum())  # the twins' rows come last
             batch = {"name": [dataset.names[index] for index in indices.tolist()]}
             for level, twin in zip(dataset.levels, dataset._twins):
-                batch[level] = torch.empty((len(indices), *dataset._shapes[level]), device=home)  # (B, s*s, D)
+                batch[level] = torch.empty((len(indices), *dataset._shapes[level]), dtype=torch.float32,
+                                           device=home)  # (B, s*s, D)
                 torch.index_select(dataset.preloaded[level], 0, rows[:plain], out=batch[level][:plain])
                 if plain < len(indices):
                     torch.index_select(dataset.preloaded[twin], 0, rows[plain:], out=batch[level][plain:])
