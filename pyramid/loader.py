@@ -305,7 +305,9 @@ class _Copier:
         with context:
             for level, array in buffer.arrays.items():
                 source = buffer.tensors[level] if buffer.tensors is not None else torch.from_numpy(array)
-                batch[level] = torch.empty((count, *array.shape[1:]), dtype=torch.float32, device=self.device)
+                shape = (count, *array.shape[1:])  # (B, s*s, D)
+                batch[level] = (torch.from_numpy(np.empty(shape, np.float32)) if self.device.type == "cpu"  # huge pages
+                                else torch.empty(shape, dtype=torch.float32, device=self.device))
                 batch[level].copy_(source[:count], non_blocking=self.stream is not None)
                 del source
             if self.normalize:
