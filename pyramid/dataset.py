@@ -284,6 +284,8 @@ class PyramidDataset(Dataset):
                     for level, (path, offset, row_bytes, shape) in self._pack.items():
                         with open(path, "rb") as file:
                             mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+                        if len(mapped) < offset + len(self.files) * row_bytes:
+                            raise OSError(f"{path} is shorter than its header says")
                         with warnings.catch_warnings():  # read-only memory: never written, only gathered from
                             warnings.simplefilter("ignore", UserWarning)
                             array = torch.frombuffer(mapped, dtype=torch.float32, offset=offset,
