@@ -19,7 +19,8 @@ Module map, one stage a module:
     run.py       the run loop: accelerate state, DataLoader, encode, pool, write, summary
     prepare.py   download / copy an FFHQ or CelebA-HQ subset into data/raw_images/
     verify.py    check a finished output tree
-    dataset.py   PyramidDataset, the reader for the training phase (files or pack, normalised, flipped)
+    dataset.py   PyramidDataset, the reader for the training phase (files, pack or preload, normalised, flipped)
+    loader.py    dataset.loader(): batches read ahead on a thread into reused buffers, epochs, ranks, devices
     reader.py    read the levels of one pyramid file fast, by its own bytes (no torch.load)
     pack.py      the packed copy for fast training reads: one [N, s*s, D] array per level, kept current
     stats.py     exact float64 per-channel and per-position statistics for normalising (stats.pt)

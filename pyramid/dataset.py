@@ -1,6 +1,8 @@
-"""PyramidDataset, the reader for the training phase."""
+"""PyramidDataset, the reader for the training phase: items, DataLoader batches, loader(), preload."""
 
+import mmap
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from pyramid.pack import (available_levels, current_pack, item_name, level_path,
 from pyramid.reader import read_pyramid
 
 FLIP_CHOICES = (False, "random")
+PRELOAD_CHUNK_BYTES = 32 << 20  # the items read per step of a preload, as bytes
 
 
 class Batch(list):
@@ -44,6 +47,55 @@ def _empty_batch(shape, shared):
     return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
 
 
+def free_memory(device):
+    """Bytes that can still be allocated on `device` (a torch.device), or None where unknown: free CUDA
+    memory, or the memory available to this process (MemAvailable, within its cgroups' limits)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    available = None
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    left = _cgroup_memory_left()
+    return left if available is None else available if left is None else min(available, left)
+
+
+def _cgroup_memory_left(membership=Path("/proc/self/cgroup"), hierarchy=Path("/sys/fs/cgroup")):
+    """Bytes the memory limits of this process's cgroup and the groups above it still allow (cgroup v2,
+    or v1's memory controller), or None without a limit: a SLURM job or a container may be allowed
+    less than the machine has."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    left = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            root, limit_name, usage_name = hierarchy, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            root, limit_name, usage_name = (hierarchy / "memory", "memory.limit_in_bytes",
+                                            "memory.usage_in_bytes")
+        else:
+            continue
+        group = root / path.lstrip("/")
+        for directory in (group, *group.parents):
+            if directory != root and root not in directory.parents:
+                break
+            try:
+                limit = (directory / limit_name).read_text().strip()
+                if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as a huge number
+                    room = max(0, int(limit) - int((directory / usage_name).read_text()))
+                    left = room if left is None else min(left, room)
+            except (OSError, ValueError):
+                pass
+    return left
+
+
 class PyramidDataset(Dataset):
     """The pyramid files below `root`, in sorted order, one item per image.
 
@@ -61,19 +113,31 @@ class PyramidDataset(Dataset):
     missing or was computed from other files.
 
     `flip="random"`: per item, either the levels or their `flip/` twins (the mirrored image), under the
-    plain keys, each with probability 1/2, drawn from torch's random generator: seeded by
-    torch.manual_seed in the main process, and per worker and epoch by the DataLoader as usual.
+    plain keys, each with probability 1/2. Items draw from torch's random generator: seeded by
+    torch.manual_seed in the main process, and per worker and epoch by the DataLoader as usual;
+    `loader()` draws from its own epoch's generator (see PyramidLoader.plan).
 
-    Reading: `DataLoader(dataset, batch_size=B, collate_fn=PyramidDataset.collate)` reads each batch
-    through `__getitems__` straight into one (B, s*s, D) tensor per level (in shared memory inside a
-    worker); the default collate_fn gives the same batches after one more copy.
+    Reading: `dataset.loader(batch_size, shuffle=True)` (pyramid.loader) is the fast way: whole batches
+    read ahead on a background thread into reused memory. `DataLoader(dataset, batch_size=B,
+    collate_fn=PyramidDataset.collate)` reads each batch through `__getitems__` straight into one
+    (B, s*s, D) tensor per level (in shared memory inside a worker); the default collate_fn gives the
+    same batches after one more copy.
 
     `pack`: "auto" reads `root/pack/` (`python -m pyramid.pack`) when it is current and holds the
     levels, and the files otherwise; True requires a current pack; False always reads the files. The
-    items are the same either way. Which one is used is `self.source`: "pack" or "files".
+    items are the same either way. Which one is used is `self.source`: "pack" or "files". The pack's
+    arrays are memory-mapped: a batch is one gather per level, at the speed of memory once the pages
+    are in the page cache.
+
+    `preload`: None, "cpu", "cuda" or a torch.device: the levels asked for (with their flip/ twins for
+    flip="random"; normalised when asked) are read once, at construction, from the pack or the files
+    into one [N, s*s, D] tensor per level in that memory (`self.preloaded`, on `self.preload_device`),
+    and items and loader batches are served from there (`self.source` is then "preload"); refused with
+    MemoryError, naming the size, when they do not fit in the memory free there. Items of a CUDA preload
+    are CUDA tensors; use `loader()` (or num_workers=0) with it.
     """
 
-    def __init__(self, root, levels=None, normalize=False, flip=False, pack="auto"):
+    def __init__(self, root, levels=None, normalize=False, flip=False, pack="auto", preload=None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root} is not a directory; pass the extractor's --output_dir.")
@@ -81,9 +145,11 @@ class PyramidDataset(Dataset):
             raise ValueError(f"flip must be False or 'random', not {flip!r}.")
         if pack not in ("auto", True, False):
             raise ValueError(f"pack must be 'auto', True or False, not {pack!r}.")
+        preload_device = _preload_device(preload)
         manifest, records = tree_state(self.root)  # one stat per file: what the pack and stats are checked by
         self.files = [entry[0] for entry in records]  # relative POSIX paths, sorted as strings
         self.names = [item_name(relative) for relative in self.files]
+        self._paths = [os.path.join(self.root, relative) for relative in self.files]
         available = available_levels(self.root, manifest, self.files[0] if self.files else None)
         if levels is None:
             levels = [level for level in available if not level.startswith("flip/")]
@@ -99,15 +165,21 @@ class PyramidDataset(Dataset):
             if unflippable:
                 raise ValueError(f"flip='random' needs the flip/ twins of {unflippable}, which these files do "
                                  f"not have; extract with --flip.")
-        self.sources = self.levels + ([f"flip/{level}" for level in self.levels] if flip else [])
+        self._twins = [f"flip/{level}" for level in self.levels]
+        self.sources = self.levels + (self._twins if flip else [])
         self._pack = self._choose_pack(pack, manifest, records)
         self.source = "files" if self._pack is None else "pack"
         self._scales = self._load_scales(manifest, records) if normalize else None
-        self._open_pid, self._pack_files = None, None
+        self._scales_on = {}  # the scales copied to each device that normalises
+        self._open_pid, self._pack_arrays_open, self._open_lock = None, None, threading.Lock()
         self._shapes = self._level_shapes()
         different = [level for level in self.levels if flip and self._shapes[f"flip/{level}"] != self._shapes[level]]
         if different:
             raise ValueError(f"the flip/ twins of {different} have other shapes than the levels")
+        self.preloaded = None  # {source level: (N, s*s, D) tensor}, flip/ twins included with flip="random"
+        self.preload_device = preload_device
+        if preload_device is not None:
+            self._preload(preload, preload_device)
 
     collate = staticmethod(collate)
 
@@ -177,64 +249,215 @@ class PyramidDataset(Dataset):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_open_pid"], state["_pack_files"] = None, None  # file descriptors do not travel to workers
+        # Memory maps and locks do not travel to workers (a map would be pickled as its bytes): each
+        # process maps the pack itself.
+        state["_open_pid"], state["_pack_arrays_open"], state["_open_lock"] = None, None, None
+        state["_scales_on"] = {}
         return state
 
-    def _read_pack(self, index, targets):
-        if self._open_pid != os.getpid():  # first read in this process (a DataLoader worker has its own)
-            self._pack_files = {level: os.open(path, os.O_RDONLY) for level, (path, *_) in self._pack.items()}
-            self._open_pid = os.getpid()
-        for level, target in targets.items():
-            _, offset, row_bytes, _ = self._pack[level]
-            # One pread per row straight into the batch: the rate of a plain read of the same bytes.
-            if os.preadv(self._pack_files[level], [memoryview(target.numpy()).cast("B")],
-                         offset + index * row_bytes) != row_bytes:
-                raise OSError(f"{level_path(pack_dir(self.root), level)} is shorter than its header says")
+    def __setstate__(self, state):
+        self.__dict__.update(state, _open_lock=threading.Lock())
 
-    def _read_file(self, index, targets):
-        path = self.root / self.files[index]
-        pyramid, keys = read_pyramid(path, list(targets), out=targets)
-        missing = [source for source in targets if source not in pyramid]
-        if missing:
-            raise KeyError(f"{path} has no level {missing[0]!r}; it has {keys}.")
+    def loader(self, batch_size, shuffle=False, drop_last=False, seed=0, device=None, **options):
+        """The fast way to iterate: a PyramidLoader (pyramid/loader.py) over this dataset; each pass over
+        it is one epoch, of batches {"name": [B names], level: (B, s*s, D), ...}."""
+        from pyramid.loader import PyramidLoader
 
-    def _fill(self, index, targets):
-        """Read item `index` into targets {source level: (s*s, D) tensor}, normalised when asked."""
-        if self._pack is not None:
-            self._read_pack(index, targets)
-        else:
-            self._read_file(index, targets)
-        if self._scales is not None:
-            for source, target in targets.items():
-                high, low, std = self._scales[source]
-                target.sub_(high).sub_(low).div_(std)  # (s*s, D), per channel
+        return PyramidLoader(self, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, device=device,
+                             **options)
 
-    def _sources_for_item(self):
-        """The levels one item is read from: the plain ones, or (flip="random", half the time) their twins."""
-        if self.flip == "random" and torch.randint(2, ()).item():
-            return [f"flip/{level}" for level in self.levels]
-        return self.levels
+    def _draw_flips(self, count):
+        """Which of `count` items are read from the flip/ twins: None without flip="random", else one
+        draw from torch's generator per item, as items have always drawn."""
+        if self.flip != "random":
+            return None
+        return np.array([bool(torch.randint(2, ()).item()) for _ in range(count)])
+
+    def _pack_arrays(self):
+        """{source level: (N, s*s, D) tensor} over the pack's arrays, memory-mapped read-only, once per
+        process (a DataLoader worker maps its own). The first read of a page maps it in; after that a
+        gather is a copy from the page cache at memory speed, with no system call."""
+        if self._open_pid != os.getpid():
+            with self._open_lock:
+                if self._open_pid != os.getpid():
+                    arrays = {}
+                    for level, (path, offset, row_bytes, shape) in self._pack.items():
+                        with open(path, "rb") as file:
+                            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+                        if len(mapped) < offset + len(self.files) * row_bytes:
+                            raise OSError(f"{path} is shorter than its header says")
+                        with warnings.catch_warnings():  # read-only memory: never written, only gathered from
+                            warnings.simplefilter("ignore", UserWarning)
+                            array = torch.frombuffer(mapped, dtype=torch.float32, offset=offset,
+                                                     count=len(self.files) * row_bytes // 4)
+                        arrays[level] = array.view(len(self.files), *shape)
+                    self._pack_arrays_open, self._open_pid = arrays, os.getpid()
+        return self._pack_arrays_open
+
+    def _read_rows(self, indices, flipped, rows):
+        """Read items `indices` into `rows` {level: float32 numpy array (B, s*s, D)}: item indices[k]'s
+        level (its flip/ twin where flipped[k]) into row k. The values as stored: not normalised, except
+        from a preload, which holds them normalised.
+
+        From a preload or the pack: one gather (torch.index_select) per level and group of rows (the
+        rows read from the levels, those read from the twins), straight into the batch when the group's
+        rows are contiguous (always in loader batches), else through a temporary. From the files: one
+        read_pyramid per item, its levels straight into the rows."""
+        arrays = self.preloaded if self.preloaded is not None else (
+            self._pack_arrays() if self._pack is not None else None)
+        if arrays is None:
+            for row, index in enumerate(indices):
+                sources = self._twins if flipped is not None and flipped[row] else self.levels
+                targets = {source: rows[level][row] for level, source in zip(self.levels, sources)}
+                path = self._paths[index]
+                pyramid, keys = read_pyramid(path, sources, out=targets)
+                if len(pyramid) != len(targets):
+                    missing = [source for source in sources if source not in pyramid]
+                    raise KeyError(f"{path} has no level {missing[0]!r}; it has {keys}.")
+            return
+        indices = np.asarray(indices, dtype=np.int64)
+        positions = np.arange(len(indices))
+        groups = [(self.levels, positions)] if flipped is None else [
+            (self.levels, positions[~flipped]), (self._twins, positions[flipped])]
+        for sources, members in groups:
+            if not len(members):
+                continue
+            items = torch.from_numpy(indices[members])
+            contiguous = members[-1] - members[0] + 1 == len(members)
+            for level, source in zip(self.levels, sources):
+                array, target = arrays[source], torch.from_numpy(rows[level])
+                if contiguous and array.device.type == "cpu":
+                    torch.index_select(array, 0, items, out=target[members[0]:members[-1] + 1])
+                else:
+                    gathered = array.index_select(0, items.to(array.device)).cpu()
+                    target.index_copy_(0, torch.from_numpy(members), gathered)
+
+    def _normalize(self, batch, flipped):
+        """Normalise `batch` {level: (B, s*s, D) tensor} in place, each row by the statistics of the level
+        it was read from (its flip/ twin's where flipped): the same operations, hence the same values,
+        as for one item, on whatever device the batch is."""
+        if self._scales is None:
+            return
+        device = next(iter(batch.values())).device
+        scales = self._scales_on.get(device)
+        if scales is None:
+            scales = self._scales_on[device] = {source: tuple(part.to(device) for part in parts)
+                                                for source, parts in self._scales.items()}
+        count = next(iter(batch.values())).shape[0]
+        plain = count if flipped is None else count - int(flipped.sum())
+        grouped = flipped is None or not flipped[:plain].any()  # the twins' rows last, as in loader batches
+        for level, twin in zip(self.levels, self._twins):
+            tensor = batch[level]
+            if grouped:
+                parts = [(tensor[:plain], scales[level])] + ([(tensor[plain:], scales[twin])] if plain < count else [])
+            else:
+                which = torch.as_tensor(flipped, dtype=torch.int64).to(device)
+                parts = [(tensor, tuple(torch.stack([mine, its])[which][:, None]  # (B, 1, D) each
+                                        for mine, its in zip(scales[level], scales[twin])))]
+            for rows, (high, low, std) in parts:
+                rows.sub_(high).sub_(low).div_(std)
 
     def __getitem__(self, index):
-        item = {"name": self.names[index]}  # IndexError past the end, as a list
-        targets = {}
-        for level, source in zip(self.levels, self._sources_for_item()):
-            targets[source] = item[level] = torch.empty(self._shapes[level], dtype=torch.float32)  # (s*s, D)
-        self._fill(index % len(self.files), targets)
-        return item
+        name = self.names[index]  # IndexError past the end, as a list
+        index %= len(self.files)
+        flipped = self._draw_flips(1)
+        sources = self._twins if flipped is not None and flipped[0] else self.levels
+        if self.preloaded is not None:
+            return {"name": name, **{level: self.preloaded[source][index].clone()
+                                     for level, source in zip(self.levels, sources)}}
+        if self._pack is not None:  # one copy per level out of the mapped pack
+            arrays = self._pack_arrays()
+            batch = {level: arrays[source][index:index + 1].clone() for level, source in zip(self.levels, sources)}
+        else:
+            batch = {level: torch.empty((1, *self._shapes[level]), dtype=torch.float32) for level in self.levels}
+            self._read_rows([index], flipped, {level: tensor.numpy() for level, tensor in batch.items()})
+        self._normalize(batch, flipped)
+        return {"name": name, **{level: tensor[0] for level, tensor in batch.items()}}  # (s*s, D) each
 
     def __getitems__(self, indices):
         """The items of a batch, read into one (B, s*s, D) tensor per level: a Batch (see `collate`)."""
         names = [self.names[index] for index in indices]  # IndexError past the end, as a list
-        shared = get_worker_info() is not None
-        batch = {level: _empty_batch((len(indices), *self._shapes[level]), shared) for level in self.levels}
+        indices = [index % len(self.files) for index in indices]
+        flipped = self._draw_flips(len(indices))
+        home = self.preload_device
+        if home is not None and home.type != "cpu":  # a CUDA preload: gathered there
+            batch = {}
+            for level, twin in zip(self.levels, self._twins):
+                batch[level] = self.preloaded[level][torch.as_tensor(indices, device=home)]
+                if flipped is not None and flipped.any():
+                    rows = torch.from_numpy(np.flatnonzero(flipped)).to(home)
+                    batch[level][rows] = self.preloaded[twin][torch.as_tensor(indices, device=home)[rows]]
+        else:
+            shared = get_worker_info() is not None
+            batch = {level: _empty_batch((len(indices), *self._shapes[level]), shared) for level in self.levels}
+            self._read_rows(indices, flipped, {level: tensor.numpy() for level, tensor in batch.items()})
+            if self.preloaded is None:
+                self._normalize(batch, flipped)
         rows = {level: tensor.unbind(0) for level, tensor in batch.items()}  # B views (s*s, D) per level
-        items = []
-        for row, (index, name) in enumerate(zip(indices, names)):
-            item = {"name": name}
-            targets = {}
-            for level, source in zip(self.levels, self._sources_for_item()):
-                targets[source] = item[level] = rows[level][row]
-            self._fill(index % len(self.files), targets)
-            items.append(item)
+        items = [{"name": name, **{level: rows[level][row] for level in self.levels}}
+                 for row, name in enumerate(names)]
         return Batch(items, {"name": names, **batch})
+
+    def _preload(self, preload, device):
+        """Read the levels (and their twins) of every item once into `device` memory, normalised when asked."""
+        count = len(self.files)
+        if not count:
+            self.preloaded, self.source = {}, "preload"
+            return
+        row_bytes = sum(int(np.prod(self._shapes[source])) * 4 for source in self.sources)
+        needed, free = count * row_bytes, free_memory(device)
+        if free is not None and needed > free:
+            twins = " and their flip/ twins" if self.flip else ""
+            raise MemoryError(f"preload={preload!r} needs {_size_text(needed)} ({count} items, levels "
+                              f"{self.levels}{twins}) but {device} has {_size_text(free)} free; preload fewer "
+                              f"levels, or preload=None to read the {self.source} each step")
+        preloaded = {source: torch.empty((count, *self._shapes[source]), dtype=torch.float32, device=device)
+                     for source in self.sources}
+        step = max(1, PRELOAD_CHUNK_BYTES // max(row_bytes, 1))  # items per chunk read
+        chunks = [(start, min(start + step, count), twin) for twin in ((False, True) if self.flip else (False,))
+                  for start in range(0, count, step)]
+
+        def read(chunk):
+            start, end, twin = chunk
+            sources = self._twins if twin else self.levels
+            if device.type == "cpu":  # straight into the preload
+                rows = {level: preloaded[source][start:end] for level, source in zip(self.levels, sources)}
+            else:  # a host chunk, copied to the device below
+                rows = {level: torch.empty((end - start, *self._shapes[level])) for level in self.levels}
+            flipped = np.full(end - start, twin) if self.flip else None
+            self._read_rows(range(start, end), flipped, {level: tensor.numpy() for level, tensor in rows.items()})
+            self._normalize(rows, flipped)
+            return chunk, rows
+
+        from pyramid.pack import read_ahead
+
+        workers = min(4, os.cpu_count() or 1)
+        for (start, end, twin), rows in read_ahead(read, chunks, workers, 2 * workers):
+            if device.type != "cpu":
+                for level, source in zip(self.levels, self._twins if twin else self.levels):
+                    preloaded[source][start:end].copy_(rows[level])
+        self.preloaded, self.source = preloaded, "preload"
+
+
+def _size_text(count):
+    """Bytes as people read them: '4.52 GB', '20.1 MB', '512 kB'."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}" if count < 100 * size else f"{count / size:.0f} {unit}"
+    return f"{count} bytes"
+
+
+def _preload_device(preload):
+    """The torch.device of a preload= argument (None: none), refused in one sentence when unusable."""
+    if preload is None:
+        return None
+    try:
+        device = torch.device(preload)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"preload must be None, 'cpu', 'cuda' or a torch.device, not {preload!r}.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"preload={preload!r}: only CPU and CUDA memory can hold a preload.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"preload={preload!r}: torch sees no CUDA device here; preload='cpu' holds the levels "
+                         f"in this machine's memory.")
+    return device

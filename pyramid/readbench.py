@@ -3,12 +3,14 @@
     python -m pyramid.bench --reader --synthetic_tree 2000      # base-size pyramids it makes (D=768)
     python -m pyramid.bench --reader --tree data/feature_pyramids
 
-Rows, each over the same items in the same shuffled order, in one process unless it says DataLoader:
-the raw read() bound of the files, torch.load, the PyramidDataset of before this reader (torch.load
-with mmap, then a clone per level), PyramidDataset from the files, the raw pread() bound of the pack
-rows an item is made of, PyramidDataset from the pack, and the DataLoader a training loop uses
-(collate_fn=PyramidDataset.collate; the before row with the default collate, as it was used), timed
-on its second epoch with persistent workers, as training runs.
+Rows, each over the same number of items, in one process unless it says DataLoader: the raw read()
+bound of the files, torch.load, the PyramidDataset of before this reader (torch.load with mmap, then
+a clone per level), PyramidDataset items from the files, the raw pread() bound of the pack rows an
+item is made of, PyramidDataset items from the pack; the DataLoader loops (collate_fn=PyramidDataset.collate,
+timed on their second epoch with persistent workers; the before row with the default collate, as it
+was used); the README's old loop (DataLoader(dataset, batch_size, shuffle=True, num_workers), default
+collate, workers started each epoch, as it was written); and dataset.loader(batch_size, shuffle=True)
+from the files, the pack and a CPU preload, each pass a new epoch, timed until it has served the items.
 Rounds are interleaved (each round runs every row once, in a rotated order) and the median is
 reported, so a machine that is busy in bursts slows every row alike.
 """
@@ -83,13 +85,37 @@ def _through_loader(dataset, batch_size, num_workers, seed, collate_fn=None):
     return count / (time.perf_counter() - started)
 
 
+def _readme_loop(dataset, batch_size, num_workers, seed):
+    """Items/s of one epoch of the loop the README showed before dataset.loader(): the default collate,
+    workers started for the epoch."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                                         generator=torch.Generator().manual_seed(seed))
+    started = time.perf_counter()
+    count = sum(len(batch["name"]) for batch in loader)
+    return count / (time.perf_counter() - started)
+
+
+def _through_pyramid_loader(loader, items):
+    """Items/s of the next epoch of a dataset.loader(), until it has served `items` items."""
+    started, count = time.perf_counter(), 0
+    for batch in loader:
+        count += len(batch["name"])
+        if count >= items:
+            break
+    return count / (time.perf_counter() - started)
+
+
 def reader_rows(root, items, rounds, batch_size, num_workers):
-    """{row: (items/s, bytes per item)}: medians over interleaved rounds (see the module docstring)."""
+    """({row: (items/s, bytes per item)}, seconds the CPU preload took): medians over interleaved rounds
+    (see the module docstring)."""
     from pyramid.dataset import PyramidDataset
     from pyramid.pack import level_path, pack_dir
 
     files_dataset = PyramidDataset(root, pack=False)
     pack_dataset = PyramidDataset(root, pack=True)
+    started = time.perf_counter()
+    preload_dataset = PyramidDataset(root, preload="cpu")
+    preload_seconds = time.perf_counter() - started
     levels, files = files_dataset.levels, files_dataset.files
     paths = [os.path.join(root, relative) for relative in files]
     order = np.random.default_rng(0).permutation(len(files))[:items].tolist()
@@ -124,6 +150,15 @@ def reader_rows(root, items, rounds, batch_size, num_workers):
             rows[f"DataLoader(batch {batch_size}, {workers} workers), {name}"] = (
                 lambda dataset=dataset, collate_fn=collate_fn, workers=workers: _through_loader(
                     subset(dataset, order), batch_size, workers, 0, collate_fn), size)
+    for name, dataset in (("files", files_dataset), ("pack", pack_dataset)):
+        rows[f"README's old loop: DataLoader(batch {batch_size}, shuffle, {num_workers} workers), {name}"] = (
+            lambda dataset=dataset: _readme_loop(subset(dataset, order), batch_size, num_workers, 0),
+            file_bytes if name == "files" else row_bytes)
+    for name, dataset, size in (("files", files_dataset, file_bytes), ("pack", pack_dataset, row_bytes),
+                                ("preload cpu", preload_dataset, row_bytes)):
+        loader = dataset.loader(batch_size, shuffle=True)
+        rows[f"dataset.loader({batch_size}, shuffle=True), {name}"] = (
+            lambda loader=loader: _through_pyramid_loader(loader, len(order)), size)
     for function, _ in rows.values():  # warm-up: every byte in the page cache, every code path loaded
         function()
     rates = {name: [] for name in rows}
@@ -134,20 +169,29 @@ def reader_rows(root, items, rounds, batch_size, num_workers):
             rates[name].append(rows[name][0]())
     for fd in pack_fds.values():
         os.close(fd)
-    return {name: (statistics.median(rates[name]), rows[name][1]) for name in names}
+    return {name: (statistics.median(rates[name]), rows[name][1]) for name in names}, preload_seconds
 
 
 def format_reader_table(figures):
     header = (f"{figures['items']} items of {figures['files']} files ({figures['file_mb']:.2f} MB each, levels "
               f"{figures['levels']}), median of {figures['rounds']} interleaved rounds; pack built in "
-              f"{figures['pack_seconds']:.1f} s, {figures['pack_gb']:.2f} GB")
-    lines = [header, f"  {'reader':<48}{'items/s':>10}{'GB/s':>8}"]
-    for name, (rate, size) in figures["rows"].items():
-        lines.append(f"  {name:<48}{rate:>10.0f}{rate * size / 1e9:>8.2f}")
+              f"{figures['pack_seconds']:.1f} s, {figures['pack_gb']:.2f} GB; CPU preload in "
+              f"{figures['preload_seconds']:.1f} s; load average {figures['load_average']}")
     rows = figures["rows"]
+    raw = rows["raw read(), files"][0]
+    width = max(len(name) for name in rows) + 2
+    lines = [header, f"  {'reader':<{width}}{'items/s':>10}{'GB/s':>8}{'of raw':>8}"]
+    for name, (rate, size) in rows.items():
+        lines.append(f"  {name:<{width}}{rate:>10.0f}{rate * size / 1e9:>8.2f}{rate / raw:>7.2f}x")
     lines.append(f"  PyramidDataset files / before: {rows['PyramidDataset, files'][0] / rows['PyramidDataset before (mmap + clone)'][0]:.2f}x; "
                  f"pack / raw pread of its rows: {rows['PyramidDataset, pack'][0] / rows['raw pread(), pack rows'][0]:.2f}; "
-                 f"files / raw read of the files: {rows['PyramidDataset, files'][0] / rows['raw read(), files'][0]:.2f}")
+                 f"files / raw read of the files: {rows['PyramidDataset, files'][0] / raw:.2f}")
+    loader = {name.rsplit(", ", 1)[1]: rate for name, (rate, _) in rows.items() if name.startswith("dataset.loader(")}
+    readme = {name.rsplit(", ", 1)[1]: rate for name, (rate, _) in rows.items() if name.startswith("README's old loop")}
+    lines.append("  dataset.loader / raw read of the files: "
+                 + ", ".join(f"{name} {rate / raw:.2f}" for name, rate in loader.items())
+                 + f"; pack / raw pread of its rows: {loader['pack'] / rows['raw pread(), pack rows'][0]:.2f}"
+                 + "; README's old loop: " + ", ".join(f"{name} {rate / raw:.2f}" for name, rate in readme.items()))
     return "\n".join(lines)
 
 
@@ -188,10 +232,12 @@ def reader_main(args):
         pack_gb = sum(path.stat().st_size for path in pack_dir(root).rglob("*.npy")) / 1e9
         num_workers = 2 if args.num_workers is None else args.num_workers
         batch_size = args.batch_size or 64
-        rows = reader_rows(root, min(args.reader_items, len(records)), args.rounds, batch_size, num_workers)
+        rows, preload_seconds = reader_rows(root, min(args.reader_items, len(records)), args.rounds, batch_size,
+                                            num_workers)
         figures = {"files": len(records), "items": min(args.reader_items, len(records)), "rounds": args.rounds,
                    "file_mb": np.mean([entry[1] for entry in records]) / 1e6, "levels": len(levels),
-                   "pack_seconds": pack_seconds, "pack_gb": pack_gb, "rows": rows}
+                   "pack_seconds": pack_seconds, "pack_gb": pack_gb, "preload_seconds": preload_seconds,
+                   "load_average": " ".join(f"{load:.1f}" for load in os.getloadavg()), "rows": rows}
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

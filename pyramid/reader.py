@@ -4,10 +4,12 @@ A file the extractor writes is torch.save's zip archive, stored uncompressed: a 
 (`data.pkl`) that names, per key, a storage record and its shape, then one record per storage.
 torch.load spends most of its time on machinery around those few hundred bytes (about a tenth of the
 rate a plain read() of the files gives). Here the zip directory and the pickle are parsed with the
-standard library, once per layout (the files of one run share it), and each level asked for is read
-by one preadv() of its record's header and data straight into its own tensor: no copy, no mapping,
-only the bytes of the levels asked for; the head of the file and each record's header are compared
-with the layout's on every read, so a file laid out otherwise is parsed afresh, never misread. Anything this parser does not recognise
+standard library, once per layout (the files of one run share it). The levels asked for are then read
+straight into their tensors, records that lie next to each other by one preadv() (every level of a
+file is one call; the few bytes between records go to a scratch buffer): no copy, no mapping, hardly
+a byte beyond the levels asked for. The head of the file and each record's header are read with the
+data and compared with the layout's on every read, so a file laid out otherwise is parsed afresh,
+never misread. Anything this parser does not recognise
 (another layout, another torch, a compressed archive, a broken file) goes to torch.load, which then
 either reads it or raises its own error, so the values are always torch.load's.
 """
@@ -18,6 +20,7 @@ import pickle
 import struct
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 # How much of each end of a file the first two reads take: the pickle of a 10-level pyramid and the zip
@@ -26,10 +29,15 @@ EDGE_BYTES = 4096
 # Storage types whose tensors numpy can hold (a bfloat16 file goes to torch.load).
 DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
           "LongStorage": torch.int64, "IntStorage": torch.int32}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+                 torch.int64: np.int64, torch.int32: np.int32}
 END_OF_DIRECTORY = b"PK\x05\x06"
 DIRECTORY_ENTRY = b"PK\x01\x02"
 LOCAL_HEADER = b"PK\x03\x04"
 CRC_FIELD = slice(14, 18)  # of a local header: differs from file to file, so never compared
+# Records less than this apart are read by one preadv, the bytes between them into a scratch buffer:
+# the gaps between the records of a pyramid are a few dozen bytes (a data descriptor, the next header).
+MERGE_GAP = 4096
 
 
 class NotPlain(Exception):
@@ -118,6 +126,63 @@ class Layout:
         self.keys = keys  # the file's keys, in order
         self.tensors = tensors  # {key: (local header offset, local header, dtype, shape)}
         self.byteorder = byteorder  # (local header offset, local header) of the byteorder record, or None
+        self._plans = {}
+
+    def plan(self, levels):
+        """The reads that fetch `levels` (a tuple of keys this file has), in file order: one per run of
+        records less than MERGE_GAP apart, each a _Read."""
+        plan = self._plans.get(levels)
+        if plan is not None:
+            return plan
+        spans = [(0, self.head, None)]  # (offset, expected bytes or a level, CRC field within them)
+        if self.byteorder is not None:
+            offset, header = self.byteorder
+            spans.append((offset, header + b"little", CRC_FIELD))
+        for level in dict.fromkeys(levels):
+            offset, header, dtype, shape = self.tensors[level]
+            spans += [(offset, header, CRC_FIELD), (offset + len(header), level, _numel(shape) * dtype.itemsize)]
+        runs = []
+        for span in sorted(spans, key=lambda span: span[0]):
+            if not runs or span[0] - runs[-1][-1][0] - _span_length(runs[-1][-1]) > MERGE_GAP:
+                runs.append([])
+            runs[-1].append(span)
+        self._plans[levels] = plan = [_Read(run) for run in runs]
+        return plan
+
+
+def _span_length(span):
+    return len(span[1]) if isinstance(span[1], bytes) else span[2]
+
+
+class _Read:
+    """One preadv of a plan: from `offset`, `length` bytes into `pieces`, each a level's key (its data,
+    straight into its tensor) or a slice of a scratch buffer; what lands in the scratch must equal
+    `expected` once the bytes never compared (`zeroed`: CRC fields, the gaps between records) are zeroed."""
+
+    def __init__(self, spans):
+        self.offset = spans[0][0]
+        self.pieces, self.zeroed, expected = [], [], bytearray()
+        position = self.offset
+        for offset, content, extra in spans:
+            if offset > position:  # a gap: read, never compared
+                self.pieces.append((len(expected), len(expected) + offset - position))
+                self.zeroed.append(slice(len(expected), len(expected) + offset - position))
+                expected += bytes(offset - position)
+            if isinstance(content, bytes):
+                self.pieces.append((len(expected), len(expected) + len(content)))
+                if extra is not None:
+                    self.zeroed.append(slice(len(expected) + extra.start, len(expected) + extra.stop))
+                expected += content
+                position = offset + len(content)
+            else:
+                self.pieces.append(content)
+                position = offset + extra
+        self.zeroed = [(zeroed, bytes(zeroed.stop - zeroed.start)) for zeroed in self.zeroed]
+        for zeroed, zeros in self.zeroed:
+            expected[zeroed] = zeros
+        self.expected = bytes(expected)
+        self.pieces = [slice(*piece) if isinstance(piece, tuple) else piece for piece in self.pieces]
+        self.length = position - self.offset
 
 
 def _parse_layout(file, size):
@@ -151,46 +216,49 @@ def _parse_layout(file, size):
 
 
 def _target(out, level, dtype, shape):
-    """The tensor a level is read into: out[level] when given (checked to fit), else a new one."""
+    """The tensor a level is read into: out[level] when given (checked to fit), else a new one. out[level]
+    may also be a numpy array (rows of the loader's buffers), read into as it is."""
     if out is None or level not in out:
         return torch.empty(shape, dtype=dtype)
     target = out[level]
-    if target.dtype != dtype or target.numel() != _numel(shape) or not target.is_contiguous():
-        raise OutMismatch(f"out[{level!r}] is {target.dtype} {list(target.shape)}, the file holds {dtype} {list(shape)}")
+    if isinstance(target, np.ndarray):
+        fits = target.dtype == _NUMPY_DTYPES.get(dtype) and target.flags.c_contiguous and target.flags.writeable
+    else:
+        fits = target.dtype == dtype and target.is_contiguous() and target.device.type == "cpu"
+    if not fits or (target.size if isinstance(target, np.ndarray) else target.numel()) != _numel(shape):
+        raise OutMismatch(f"out[{level!r}] is {target.dtype} {list(target.shape)}, the file holds {dtype} "
+                          f"{list(shape)}")
     return target
+
+
+def _bytes_of(target):
+    """A writable buffer over a contiguous tensor or numpy array."""
+    return target if isinstance(target, np.ndarray) else target.numpy()
 
 
 def _read_with(layout, file, levels, out):
     """The levels of the file by `layout`, or NotPlain where the file's bytes say it is laid out otherwise.
 
-    One pread checks the head (data.pkl unchanged: same keys, dtypes, shapes); each level is one
-    preadv of its record's local header and its data straight into a new tensor, and the header read
-    must be the expected one (signature, name, lengths): so the data read is that record's.
+    Each read of the layout's plan is one preadv: the head (data.pkl unchanged: same keys, dtypes,
+    shapes), the byteorder record and each level's local header into a scratch buffer, compared with
+    the layout's (CRC fields aside) once read, so the data read is that record's; the data straight into
+    its tensor.
     """
-    if os.pread(file, len(layout.head), 0) != layout.head:
-        raise NotPlain("another layout")
-    if layout.byteorder is not None:
-        offset, expected = layout.byteorder
-        header, order = bytearray(len(expected)), bytearray(6)
-        os.preadv(file, [header, order], offset)
-        header[CRC_FIELD] = bytes(4)
-        if header != expected or order != b"little":
-            raise NotPlain("another layout, or a big-endian file")
+    wanted = layout.keys if levels is None else [level for level in levels if level in layout.tensors]
     pyramid = {}
-    for level in (layout.keys if levels is None else levels):
-        spec = layout.tensors.get(level)
-        if spec is None:
-            continue  # the caller reports missing levels with the keys the file has
-        offset, expected, dtype, shape = spec
-        tensor = _target(out, level, dtype, shape)
-        data = memoryview(tensor.numpy()).cast("B")
-        header = bytearray(len(expected))
-        if os.preadv(file, [header, data], offset) != len(header) + len(data):
+    for level in wanted:
+        _, _, dtype, shape = layout.tensors[level]
+        pyramid[level] = _target(out, level, dtype, shape)
+    for read in layout.plan(tuple(wanted)):
+        scratch = bytearray(len(read.expected))
+        view = memoryview(scratch)
+        buffers = [view[piece] if type(piece) is slice else _bytes_of(pyramid[piece]) for piece in read.pieces]
+        if os.preadv(file, buffers, read.offset) != read.length:
             raise NotPlain("file shorter than its directory says")
-        header[CRC_FIELD] = bytes(4)
-        if header != expected:
+        for zeroed, zeros in read.zeroed:
+            scratch[zeroed] = zeros
+        if scratch != read.expected:
             raise NotPlain("another layout")
-        pyramid[level] = tensor
     return pyramid, layout.keys
 
 
@@ -199,19 +267,34 @@ _layouts = {}
 MAX_LAYOUTS = 64
 
 
+_last = [None]  # the layout of the last file read: the next one most likely has it too
+
+
 def _read_plain(file, levels, out):
+    # Every byte the data's position depends on is checked by the read itself, so the last file's
+    # layout is tried first, without even looking at this file's size.
+    last = _last[0]
+    if last is not None:
+        try:
+            return _read_with(last, file, levels, out)
+        except NotPlain:
+            pass
     size = os.fstat(file).st_size
     layout = _layouts.get(size)
-    if layout is not None:
+    if layout is not None and layout is not last:
         try:
-            return _read_with(layout, file, levels, out)
+            pyramid = _read_with(layout, file, levels, out)
+            _last[0] = layout
+            return pyramid
         except NotPlain:
             pass
     layout = _parse_layout(file, size)
     if len(_layouts) >= MAX_LAYOUTS:
         _layouts.clear()
     _layouts[size] = layout
-    return _read_with(layout, file, levels, out)
+    pyramid = _read_with(layout, file, levels, out)
+    _last[0] = layout
+    return pyramid
 
 
 def _contiguous_stride(shape):
@@ -233,8 +316,8 @@ def read_pyramid(path, levels=None, out=None):
     """(levels, keys): {key: tensor} for `levels` (None: every key) of the file at `path`, each tensor
     owning its storage, equal to torch.load(path, weights_only=True)[key]; and the file's keys in order.
 
-    `out`: {key: contiguous tensor of the level's dtype and size} to read into instead (rows of a batch),
-    returned in place of new tensors, in their own shape. Levels the file lacks are
+    `out`: {key: contiguous tensor (or numpy array) of the level's dtype and size} to read into instead
+    (rows of a batch), returned in place of new tensors, in their own shape. Levels the file lacks are
     left out; the caller names them. A file this reader cannot parse is read by torch.load, so a broken
     file raises torch.load's error.
     """
@@ -253,6 +336,10 @@ def read_pyramid(path, levels=None, out=None):
     pyramid = {level: content[level] for level in wanted}
     for level in wanted:
         if out is not None and level in out:
-            _target(out, level, pyramid[level].dtype, pyramid[level].shape).copy_(pyramid[level].reshape(out[level].shape))
-            pyramid[level] = out[level]
+            target = _target(out, level, pyramid[level].dtype, pyramid[level].shape)
+            if isinstance(target, np.ndarray):
+                target[...] = pyramid[level].numpy().reshape(target.shape)
+            else:
+                target.copy_(pyramid[level].reshape(target.shape))
+            pyramid[level] = target
     return pyramid, keys

@@ -92,7 +92,11 @@ def test_reader_figures_side_by_side_on_a_synthetic_tree():
     assert 1.0 < figures["pack_gb"] * 1000 / 12 < 1.1  # the pack takes what the files take
     rows = figures["rows"]
     assert {"raw read(), files", "torch.load, files", "PyramidDataset before (mmap + clone)", "PyramidDataset, files",
-            "raw pread(), pack rows", "PyramidDataset, pack"} <= set(rows)
+            "raw pread(), pack rows", "PyramidDataset, pack",
+            "README's old loop: DataLoader(batch 4, shuffle, 0 workers), files",
+            "dataset.loader(4, shuffle=True), files", "dataset.loader(4, shuffle=True), pack",
+            "dataset.loader(4, shuffle=True), preload cpu"} <= set(rows)
+    assert figures["preload_seconds"] > 0
     for name, (rate, size) in rows.items():
         assert 0 < rate < 1e7 and 1.0e6 < size < 1.1e6, name
 def test_gpu_table_runs_on_cpu_with_quick_counts(tmp_path, capsys):

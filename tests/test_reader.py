@@ -1,5 +1,8 @@
 """pyramid/reader.py: read_pyramid gives torch.load's values, for every layout, or torch.load's error."""
 
+import os
+
+import numpy as np
 import pytest
 import torch
 from synthetic_trees import LEVELS, make_pyramid
@@ -67,3 +70,25 @@ def test_reads_into_given_rows(tmp_path):
     with pytest.raises(OutMismatch):
         read_pyramid(tmp_path / "a.pt", ["8x8"], out={"8x8": torch.zeros(63, 8)})
     assert LEVELS[1] == "8x8"
+
+
+def test_adjacent_records_are_one_read_and_numpy_rows_are_read_into(tmp_path, monkeypatch):
+    for index in range(3):
+        save_atomic(make_pyramid(index), tmp_path / f"{index}.pt")
+    read_pyramid(tmp_path / "0.pt")  # the layout, parsed once
+    calls = []
+    preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *args: calls.append(args[2]) or preadv(*args))
+    monkeypatch.setattr(os, "pread", lambda *args: pytest.fail("a read outside the plan"))
+    rows = {level: np.zeros((3, *make_pyramid(0)[level].shape[1:]), np.float32) for level in LEVELS}  # (3, s*s, D)
+    for index in range(3):
+        got, _ = read_pyramid(tmp_path / f"{index}.pt", LEVELS, out={level: rows[level][index] for level in LEVELS})
+        assert all(got[level] is not None for level in LEVELS)
+    assert calls == [0, 0, 0]  # every level of a file, its head and headers: one preadv from its first byte
+    for level in LEVELS:
+        assert np.array_equal(rows[level], torch.cat([make_pyramid(index)[level] for index in range(3)]).numpy())
+    calls.clear()
+    got, _ = read_pyramid(tmp_path / "1.pt", ["1x1"])  # the head, then the far-away record
+    assert len(calls) == 2 and torch.equal(got["1x1"], make_pyramid(1)["1x1"])
+    with pytest.raises(OutMismatch):
+        read_pyramid(tmp_path / "1.pt", ["1x1"], out={"1x1": np.zeros((1, 8), np.float64)})

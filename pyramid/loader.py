@@ -1,0 +1,333 @@
+"""Batches for training, read ahead on a background thread into reused memory: PyramidDataset.loader().
+
+    loader = PyramidDataset(root, levels=["4x4", "8x8"]).loader(64, shuffle=True, device="cuda")
+    for epoch in range(epochs):
+        for batch in loader:                  # one pass = one epoch, a new order each pass
+            batch["8x8"]                      # (64, 64, D) float32, on the GPU
+
+A thread reads whole batches ahead of use (a gather per level from the pack's memory-mapped arrays or
+from a CPU preload, or one preadv per file straight into the batch; all of them release the GIL) into a
+few buffers that are used again and again, so a step costs no allocation and no page fault. Batches for
+a CUDA device are read into pinned buffers and copied on a side stream, one batch ahead; from a CUDA
+preload they are gathered on the device, with no host traffic at all.
+"""
+
+import contextlib
+import queue
+import sys
+import threading
+
+import numpy as np
+import torch
+
+PREFETCH = 2  # batches read ahead of the one in use
+_END = object()  # what the reading thread puts after the last batch
+
+
+class PyramidLoader:
+    """Batches of a PyramidDataset: `{"name": [B names], level: (B, s*s, D) float32, ...}`, the same
+    values as its items (normalised and flipped the same way). Iterating over it is one epoch; len() is
+    the number of batches in an epoch.
+
+    `shuffle`: every epoch in its own order, a pure function of (`seed`, epoch): the same on every run
+    and every rank. Epochs count from 0 and go up by one per pass; `set_epoch(k)` makes the next pass
+    epoch k (to resume). Unshuffled, the items come in the dataset's (sorted-name) order.
+
+    `flip="random"` datasets: whether an item is read from its flip/ twins is drawn from the same
+    generator (see `plan`), so it is reproducible too, and independent of torch's global generator.
+
+    `drop_last`: leave out the last batch of an epoch when it is smaller than `batch_size`.
+
+    `device`: None gives the batches where the data is (CPU memory, or the device of a CUDA preload)
+    in the loader's own reused buffers; a device (e.g. "cuda") gives new tensors there, copied from
+    pinned buffers with non_blocking copies on a side stream, normalised on that device. device="cpu"
+    gives each batch in new memory (one more copy per batch).
+
+    `prefetch`: batches read ahead of the one in use.
+
+    A batch is yours for as long as you hold it: a buffer is used again only once no tensor (or view,
+    or numpy array) of the batch it held is left; a loop that keeps batches gets new memory for the
+    next ones, a loop that drops them reuses prefetch + 3 buffers.
+
+    Under torch.distributed (initialised before iterating; or pass `rank` and `world_size`), every
+    rank computes the same epoch order (same `seed` on every rank) and takes its own contiguous part
+    of it: N // world_size items each, so every rank runs the same number of steps. The N % world_size
+    items at the end of the epoch's order are left out of that epoch (different ones every epoch when
+    shuffled); nothing is served twice (DistributedSampler pads with duplicates instead). `drop_last`
+    then applies to each rank's part.
+    """
+
+    def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0, device=None, rank=None,
+                 world_size=None, prefetch=PREFETCH):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, not {seed!r}.")
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be a positive integer, not {prefetch!r}.")
+        if (rank is None) != (world_size is None):
+            raise ValueError("pass both rank and world_size, or neither (then torch.distributed's are used).")
+        if world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), not {rank} of {world_size}.")
+        self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, batch_size, shuffle, drop_last
+        self.seed, self.prefetch = seed, prefetch
+        self.device = None if device is None else torch.device(device)
+        if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: torch sees no CUDA device here; device=None gives CPU batches.")
+        self._rank, self._world_size = rank, world_size
+        self.epoch = 0  # the epoch the next pass will be
+        self._buffers = None
+
+    def rank_and_world_size(self):
+        """(rank, world size): as given, else torch.distributed's when it is initialised, else (0, 1)."""
+        if self._rank is not None:
+            return self._rank, self._world_size
+        distributed = torch.distributed
+        if distributed.is_available() and distributed.is_initialized():
+            return distributed.get_rank(), distributed.get_world_size()
+        return 0, 1
+
+    def set_epoch(self, epoch):
+        """Make the next pass epoch `epoch` (its order and flips), e.g. when resuming a run."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, not {epoch!r}.")
+        self.epoch = epoch
+
+    def plan(self, epoch):
+        """(indices, flipped) of this rank in `epoch`: the dataset indices in the order they are served,
+        int64 (n,), and which are read from their flip/ twins, bool (n,) (None without flip="random").
+
+        Drawn from numpy's generator seeded by [seed, epoch]: the permutation of all N items (when
+        shuffled), then one bit per dataset index for the flips. Within each batch, the items read from
+        the levels come first, then those read from the twins (each group in the epoch's order), so
+        that each is one gather."""
+        count = len(self.dataset)
+        generator = np.random.default_rng([self.seed, epoch])
+        order = generator.permutation(count) if self.shuffle else np.arange(count)
+        flips = generator.integers(0, 2, count).astype(bool) if self.dataset.flip == "random" else None
+        rank, world_size = self.rank_and_world_size()
+        share = count // world_size
+        indices = order[rank * share:(rank + 1) * share]
+        if flips is None:
+            return indices, None
+        for start in range(0, len(indices), self.batch_size):
+            batch = indices[start:start + self.batch_size]
+            batch[:] = batch[np.argsort(flips[batch], kind="stable")]
+        return indices, flips[indices]
+
+    def __len__(self):
+        share = len(self.dataset) // self.rank_and_world_size()[1]
+        return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
+
+    def _batches(self, indices, flipped):
+        """[(indices, flipped)] per batch of an epoch."""
+        stop = len(indices) - len(indices) % self.batch_size if self.drop_last else len(indices)
+        return [(indices[start:start + self.batch_size],
+                 None if flipped is None else flipped[start:start + self.batch_size])
+                for start in range(0, stop, self.batch_size)]
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        batches = self._batches(*self.plan(epoch))
+        home = self.dataset.preload_device
+        if home is not None and home.type != "cpu":
+            return self._gathered_on_device(batches, home)
+        return self._read_ahead(batches)
+
+    def _gathered_on_device(self, batches, home):
+        """Batches of a CUDA preload: per level one index_select on the device (two with flips: the
+        batch's items read from the levels, then those from the twins); the epoch's indices go to the
+        device once, so a step moves no data between host and device."""
+        dataset = self.dataset
+        everything = np.concatenate([indices for indices, _ in batches]) if batches else np.zeros(0, np.int64)
+        on_device = torch.from_numpy(everything).to(home)
+        start = 0
+        for indices, flipped in batches:
+            rows = on_device[start:start + len(indices)]
+            start += len(indices)
+            plain = len(indices) if flipped is None else int((~flipped).sum())  # the twins' rows come last
+            batch = {"name": [dataset.names[index] for index in indices.tolist()]}
+            for level, twin in zip(dataset.levels, dataset._twins):
+                batch[level] = torch.empty((len(indices), *dataset._shapes[level]), dtype=torch.float32,
+                                           device=home)  # (B, s*s, D)
+                torch.index_select(dataset.preloaded[level], 0, rows[:plain], out=batch[level][:plain])
+                if plain < len(indices):
+                    torch.index_select(dataset.preloaded[twin], 0, rows[plain:], out=batch[level][plain:])
+                if self.device is not None and self.device != home:
+                    batch[level] = batch[level].to(self.device, non_blocking=True)
+            yield batch
+
+    def _read_ahead(self, batches):
+        dataset = self.dataset
+        shapes = {level: dataset._shapes[level] for level in dataset.levels}
+        pinned = self.device is not None and self.device.type == "cuda"
+        if self._buffers is None:  # kept from epoch to epoch: new memory costs page faults
+            self._buffers = _Buffers(lambda: _Buffer(shapes, self.batch_size, pinned), self.prefetch + 3)
+        pool = self._buffers
+        ready = queue.Queue(self.prefetch)
+        stop = threading.Event()
+        # A preload holds normalised values; otherwise, with a device, normalising happens there, after
+        # the copy (on a GPU: no CPU time).
+        normalize_here = self.device is None and dataset.preloaded is None
+        reader = threading.Thread(target=_read_batches, args=(dataset, batches, pool, ready, stop, normalize_here),
+                                  name="pyramid-loader", daemon=True)
+        reader.start()
+        copier = None if self.device is None else _Copier(dataset, self.device, normalize=dataset.preloaded is None)
+        try:
+            ahead = None  # with a device: the batch to hand over next, while the copy of the one after is under way
+            while True:
+                item = ready.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                buffer, indices, flipped = item
+                names = [dataset.names[index] for index in indices.tolist()]
+                if copier is None:
+                    batch = {"name": names, **{level: torch.from_numpy(array[:len(indices)])  # (B, s*s, D), a view
+                                               for level, array in buffer.arrays.items()}}
+                    buffer.busy = False  # from here on the views say whether it is still in use
+                    yield batch
+                    del batch
+                else:
+                    copied = copier.copy(buffer, names, flipped)
+                    if ahead is not None:
+                        yield copier.hand_over(ahead)
+                    ahead = copied
+            if ahead is not None:
+                yield copier.hand_over(ahead)
+        finally:
+            stop.set()
+            reader.join()
+
+
+class _Buffer:
+    """One batch's worth of host memory, a numpy array (batch_size, s*s, D) per level (views of pinned
+    tensors when batches go to a CUDA device)."""
+
+    def __init__(self, shapes, batch_size, pinned):
+        self.tensors = {level: torch.empty((batch_size, *shape), dtype=torch.float32, pin_memory=True)
+                        for level, shape in shapes.items()} if pinned else None
+        # numpy allocates large arrays with huge pages: filling them costs fewer page faults.
+        self.arrays = {level: (self.tensors[level].numpy() if pinned else np.empty((batch_size, *shape), np.float32))
+                       for level, shape in shapes.items()}
+        self.busy = True  # taken: being filled, waiting in the queue, or being handed out
+        self.copied = None  # the CUDA event after the last copy out of it
+        self._unheld = self._references()
+
+    def _references(self):
+        # Every tensor made from an array (torch.from_numpy, and its views) holds one reference to it
+        # (or to a view of it, which holds one to it) until the last of them is freed.
+        return [sys.getrefcount(array) for array in self.arrays.values()]
+
+    def free(self):
+        if self.busy:
+            return False
+        if self.copied is not None:
+            return self.copied.query()
+        return self._references() == self._unheld
+
+
+class _Buffers:
+    """The loader's buffers: a free one when there is one, else a new one (kept while fewer than `size`)."""
+
+    def __init__(self, make, size):
+        self.make, self.size, self.buffers = make, size, []
+        self.lock = threading.Lock()  # two passes at once each have a reading thread
+
+    def take(self):
+        with self.lock:
+            return self._take()
+
+    def _take(self):
+        for buffer in self.buffers:
+            if buffer.free():
+                buffer.busy = True
+                return buffer
+        for buffer in self.buffers:  # a copy out of it still under way: wait for it
+            if not buffer.busy and buffer.copied is not None:
+                buffer.copied.synchronize()
+                buffer.busy = True
+                return buffer
+        fresh = self.make()
+        if len(self.buffers) < self.size:
+            self.buffers.append(fresh)
+        else:  # all held by batches the caller keeps: they stay theirs, this one takes a place
+            held = next((index for index, buffer in enumerate(self.buffers) if not buffer.busy), None)
+            if held is not None:
+                self.buffers[held] = fresh
+        return fresh
+
+
+def _put(ready, item, stop):
+    """Queue `item` for the consumer unless it has stopped listening; True if queued."""
+    while not stop.is_set():
+        try:
+            ready.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _read_batches(dataset, batches, pool, ready, stop, normalize_here):
+    """The reading thread: each batch into a free buffer, then onto the queue; an error goes on the
+    queue too, so it is raised where the batches are used."""
+    try:
+        for indices, flipped in batches:
+            if stop.is_set():
+                return
+            buffer = pool.take()
+            rows = {level: array[:len(indices)] for level, array in buffer.arrays.items()}
+            dataset._read_rows(indices, flipped, rows)
+            if normalize_here:
+                dataset._normalize({level: torch.from_numpy(array) for level, array in rows.items()}, flipped)
+            del rows
+            if not _put(ready, (buffer, indices, flipped), stop):
+                return
+        _put(ready, _END, stop)
+    except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+        _put(ready, error, stop)
+
+
+class _Copier:
+    """Copies host buffers to the loader's device: into new tensors there, on a side stream for CUDA
+    (pinned source, non_blocking), then normalised there."""
+
+    def __init__(self, dataset, device, normalize):
+        self.dataset, self.device, self.normalize = dataset, device, normalize
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def copy(self, buffer, names, flipped):
+        count = len(names)
+        batch = {"name": names}
+        context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with context:
+            for level, array in buffer.arrays.items():
+                source = buffer.tensors[level] if buffer.tensors is not None else torch.from_numpy(array)
+                shape = (count, *array.shape[1:])  # (B, s*s, D)
+                batch[level] = (torch.from_numpy(np.empty(shape, np.float32)) if self.device.type == "cpu"  # huge pages
+                                else torch.empty(shape, dtype=torch.float32, device=self.device))
+                batch[level].copy_(source[:count], non_blocking=self.stream is not None)
+                del source
+            if self.normalize:
+                self.dataset._normalize({level: tensor for level, tensor in batch.items() if level != "name"}, flipped)
+            done = None
+            if self.stream is not None:
+                done = torch.cuda.Event()
+                done.record(self.stream)
+        buffer.copied = done
+        buffer.busy = False
+        return batch, done
+
+    def hand_over(self, copied):
+        """The batch of copy(), safe to use on the current stream: that stream waits for its copy (not for
+        the next one, already under way), and its memory is not reused before that stream is done with it."""
+        batch, done = copied
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            for key, tensor in batch.items():
+                if key != "name":
+                    tensor.record_stream(current)
+        return batch
