@@ -129,8 +129,8 @@ def test_images_with_non_finite_features_are_failures_and_the_others_are_the_nor
     assert outputs(tmp_path / "out") == ["00_dark.pt", "02_right.pt", "04_dark.pt", "05_dark.pt"]
 
     # The normal run: the bad images swapped for dark ones, so every batch has the same shape and rows.
-    reference = run_cli("--input_dir", write_trigger_images(tmp_path / "in_ok", ["dark"] * 2 + ["right"] + ["dark"] * 3),
-                        "--output_dir", tmp_path / "ok", *common)
+    swapped = write_trigger_images(tmp_path / "in_ok", ["dark", "dark", "right", "dark", "dark", "dark"])
+    reference = run_cli("--input_dir", swapped, "--output_dir", tmp_path / "ok", *common)
     assert reference.returncode == 0 and not failures(tmp_path / "ok"), reference.stderr
     for name in ("00_dark", "04_dark", "05_dark", "02_right"):
         got = torch.load(tmp_path / "out" / f"{name}.pt", weights_only=True)
@@ -145,12 +145,11 @@ def test_an_fp16_overflow_says_what_to_try_and_a_mirror_fails_its_image(tmp_path
     args = ("--input_dir", images, "--output_dir", tmp_path / "out", "--model", model, "--flip", "--num_workers", 1)
     result = run_cli(*args, "--dtype", "fp16")
     assert result.returncode == 3, result.stderr
+    advice = "no file written: most likely an fp16 overflow, rerun with --dtype bf16 or --dtype fp32"
     assert failures(tmp_path / "out") == [
-        {"path": "01_left.png", "error": "non-finite features (NaN or inf) for the image, computed in fp16; no file "
-                                         "written: most likely an fp16 overflow, rerun with --dtype bf16 or --dtype fp32"},
-        {"path": "02_right.png", "error": "non-finite features (NaN or inf) for its mirror (--flip), computed in fp16; "
-                                          "no file written: most likely an fp16 overflow, rerun with --dtype bf16 or "
-                                          "--dtype fp32"}]
+        {"path": "01_left.png", "error": f"non-finite features (NaN or inf) for the image, computed in fp16; {advice}"},
+        {"path": "02_right.png",
+         "error": f"non-finite features (NaN or inf) for its mirror (--flip), computed in fp16; {advice}"}]
     assert outputs(tmp_path / "out") == ["00_dark.pt"]
     assert summary_line(result.stderr).startswith("done: 1 written, 0 skipped (already there), 2 failed in ")
 
