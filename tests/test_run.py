@@ -113,7 +113,7 @@ def outputs(directory):
 def test_images_with_non_finite_features_are_failures_and_the_others_are_the_normal_files(tmp_path):
     model = save_overflowing_dinov2(tmp_path / "model", amplification=1e38)
     kinds = ["dark", "left", "right", "white", "dark", "dark"]
-    common = ("--model", model, "--batch_size", 4, "--num_workers", 1)  # batches mix good and bad images
+    common = ("--model", model, "--batch_size", 4, "--num_workers", 0)  # batches mix good and bad images
     result = run_cli("--input_dir", write_trigger_images(tmp_path / "in", kinds), "--output_dir", tmp_path / "out",
                      *common)
     assert result.returncode == 3, result.stderr
@@ -139,11 +139,11 @@ def test_images_with_non_finite_features_are_failures_and_the_others_are_the_nor
 
 
 def test_an_fp16_overflow_says_what_to_try_and_a_mirror_fails_its_image(tmp_path):
-    # Overflows fp16 (56 * 1e4 > 65504), not bf16 or fp32.
+    # Overflows fp16 (56 * 1e4 > 65504), not fp32 or bf16 (which has fp32's range).
     model = save_overflowing_dinov2(tmp_path / "model", amplification=1e4)
     images = write_trigger_images(tmp_path / "in", ["dark", "left", "right"])
-    args = ("--input_dir", images, "--output_dir", tmp_path / "out", "--model", model, "--flip", "--num_workers", 1)
-    result = run_cli(*args, "--dtype", "fp16")
+    result = run_cli("--input_dir", images, "--output_dir", tmp_path / "out", "--model", model, "--flip",
+                     "--num_workers", 0, "--dtype", "fp16")
     assert result.returncode == 3, result.stderr
     advice = "no file written: most likely an fp16 overflow, rerun with --dtype bf16 or --dtype fp32"
     assert failures(tmp_path / "out") == [
@@ -151,11 +151,9 @@ def test_an_fp16_overflow_says_what_to_try_and_a_mirror_fails_its_image(tmp_path
         {"path": "02_right.png",
          "error": f"non-finite features (NaN or inf) for its mirror (--flip), computed in fp16; {advice}"}]
     assert outputs(tmp_path / "out") == ["00_dark.pt"]
+    written = torch.load(tmp_path / "out" / "00_dark.pt", weights_only=True)
+    assert "flip/16x16" in written and all(value.isfinite().all() for value in written.values())
     assert summary_line(result.stderr).startswith("done: 1 written, 0 skipped (already there), 2 failed in ")
-
-    advised = run_cli(*args, "--dtype", "bf16", "--overwrite")
-    assert advised.returncode == 0, advised.stderr
-    assert outputs(tmp_path / "out") == ["00_dark.pt", "01_left.pt", "02_right.pt"] and not failures(tmp_path / "out")
 
 
 def test_a_model_that_is_nan_everywhere_writes_no_file(tmp_path, tiny_model):
@@ -168,7 +166,7 @@ def test_a_model_that_is_nan_everywhere_writes_no_file(tmp_path, tiny_model):
     shutil.copy(tiny_model / "preprocessor_config.json", tmp_path / "model")
     write_images(tmp_path / "in", 5)
     result = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tmp_path / "model",
-                     "--batch_size", 2, "--num_workers", 1)
+                     "--batch_size", 2, "--num_workers", 0)
     assert result.returncode == 3, result.stderr
     assert failures(tmp_path / "out") == [{"path": f"{i:05d}.png", "error": non_finite_message("fp32", [False])}
                                           for i in range(5)]
