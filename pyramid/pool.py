@@ -61,6 +61,17 @@ def build_pyramid(patches, grid_size):
     return levels
 
 
+def finite_images(levels):
+    """(B,) bool on the levels' device: True where every value of the image's pyramid is finite.
+
+    Only the coarsest level is read. Each level is made of sums of the one above it, and a sum that
+    takes in a NaN or an infinity is never finite again, so a non-finite value anywhere in an image's
+    pyramid, or an overflow while pooling, reaches its coarsest level: one small reduction, no host sync.
+    """
+    coarsest = levels[next(reversed(levels))]  # (B, s*s, D)
+    return coarsest.isfinite().flatten(1).all(dim=1)
+
+
 def split_twins(levels):
     """A batch of B images followed by their B mirrors -> the levels of the B images and their flip/ twins.
 

@@ -1,6 +1,7 @@
 """The run loop: plan once, split the work, decode in workers, encode, pool, write, report."""
 
 import _thread
+import functools
 import json
 import os
 import signal
@@ -14,13 +15,13 @@ import torch
 
 from pyramid import exits
 from pyramid.decode import DecoderMissing, Preprocess, decoders, image_loader, pixel_pipeline
-from pyramid.encoder import Encoder, HostCopies, ModelError, load_model_info, resolve_dtype
+from pyramid.encoder import DTYPES, Encoder, HostCopies, ModelError, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
 from pyramid.lock import OutputLock
 from pyramid.manifest import adopt_output_tree, build_manifest, read_manifest, version_changes
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_damaged_outputs, find_images, images_to_do,
                            output_path_for, remove_abandoned_temporaries, scan_outputs)
-from pyramid.pool import build_pyramid, level_key, pyramid_sizes, split_twins
+from pyramid.pool import build_pyramid, finite_images, level_key, pyramid_sizes, split_twins
 from pyramid.progress import Progress, format_duration, log
 from pyramid.runs import append_run, new_run_id, now_iso
 from pyramid.shard import CLAIM_KEY, ChunkSampler, chunk_size_for
@@ -276,7 +277,7 @@ class Tally:
 
     def __init__(self):
         self.writer = None
-        self.failed = 0
+        self.unreadable = 0  # images the decoder could not read
         self.published = 0
         self.peer_stopped = False
         self.encoding_started = None  # after the model loaded: the rate in the summary excludes start-up
@@ -284,6 +285,11 @@ class Tally:
     @property
     def written(self):
         return self.writer.written if self.writer is not None else 0
+
+    @property
+    def failed(self):
+        """Recorded failures: unreadable images, and images whose features came out non-finite."""
+        return self.unreadable + (self.writer.non_finite if self.writer is not None else 0)
 
     @property
     def done(self):
@@ -423,7 +429,7 @@ def _print_summary(written, skipped, failed, seconds, encoding_seconds, failures
     log(f"done: {written} written, {skipped} skipped (already there), {failed} failed "
         f"in {format_duration(seconds)} ({seconds:.1f} s; {rate:.2f} images/s while encoding){shares}")
     if failed:
-        log(f"the failed images are listed in {failures_path}; fix or remove them and rerun")
+        log(f"the failed images are listed in {failures_path}, each with its reason; fix what it says and rerun")
     if stopped:
         log("stopped before the end; rerun the same command to finish")
 
@@ -445,6 +451,22 @@ def _update_bar(team, progress):
         progress.update(team.add("done", 0))
 
 
+FINITE_KEY = "finite"  # the per-image flags, copied to the host with the levels
+
+
+def non_finite_message(dtype, flags):
+    """The failures.jsonl error of an image whose features came out NaN or inf in `dtype`: what happened
+    and what to try. `flags` are its parts' finite flags: [image] or, with --flip, [image, mirror]."""
+    parts = [name for name, finite in zip(("the image", "its mirror (--flip)"), flags) if not finite]
+    what = f"non-finite features (NaN or inf) for {' and '.join(parts)}, computed in {dtype}; no file written: "
+    if dtype == "fp16":
+        return what + "most likely an fp16 overflow, rerun with --dtype bf16 or --dtype fp32"
+    if dtype == "bf16":
+        return what + "rerun with --dtype fp32"
+    return what + ("a sound checkpoint does not do that in fp32, so the weights of --model are likely broken "
+                   "(NaN or inf values, a damaged download): check them or download them again")
+
+
 def _encode_share(input_dir, output_dir, todo, preprocess, encoder, tally, team, signals, progress,
                   batch_size, num_workers, max_pixels=None):
     """Decode, encode and pool the chunks of the to-do list this process claims, handing the pyramids
@@ -453,20 +475,33 @@ def _encode_share(input_dir, output_dir, todo, preprocess, encoder, tally, team,
     loader = image_loader(input_dir, todo, preprocess, batch_size, num_workers,
                           pin_memory=encoder.device.type == "cuda", sampler=sampler, max_pixels=max_pixels)
     grid_size = encoder.info.grid_size
+    parts = 2 if preprocess.flip else 1
     copies = HostCopies(encoder.device, batch_size)
+    dtype = {value: name for name, value in DTYPES.items()}[encoder.dtype]
+
+    def report_non_finite(images, position, flags):  # called by a writer thread
+        message = non_finite_message(dtype, flags)
+        record_failure(output_dir, images[position], message)
+        log(f"failed: {images[position]}: {message}", progress)
+
     for indices, pixels, failures in loader:
         for index, message in failures:
             record_failure(output_dir, todo[index], message)
-            tally.failed += 1
+            tally.unreadable += 1
             log(f"failed: {todo[index]}: {message}", progress)
         if pixels is not None:
             levels = build_pyramid(encoder(pixels), grid_size)  # {"16x16": (B, 256, D), ...} fp32
+            # Checked on the device and read by the writer once the copy is there: the loop never waits.
+            finite = finite_images(levels).view(parts, -1).T.contiguous()  # (B, parts) bool: the image, its mirror
             if preprocess.flip:  # one forward pass of the 2B images and their mirrors
                 levels = split_twins(levels)  # {"16x16": (B, 256, D), ..., "flip/16x16": (B, 256, D), ...}
             # Copied to the host on the side while the next batch computes; the writer waits, not us.
-            host_levels, ready, release = copies.start(levels)
-            tally.writer.submit_batch([output_path_for(todo[i]) for i in indices.tolist()], host_levels,
-                                      ready=ready, release=release)
+            host, ready, release = copies.start({**levels, FINITE_KEY: finite})
+            finite = host.pop(FINITE_KEY)
+            images = [todo[i] for i in indices.tolist()]
+            tally.writer.submit_batch([output_path_for(image) for image in images], host, ready=ready,
+                                      release=release, finite=finite,
+                                      on_non_finite=functools.partial(report_non_finite, images))
         if signals.signum is not None:
             team.request_stop()
             return

@@ -1,7 +1,9 @@
 """Check a finished output tree: every file loads, matches manifest.json, is finite and pools consistently,
-and a pack under it holds the files' values."""
+a pack under it holds the files' values, and (--recompute) a sample of files is what the model makes."""
 
 import json
+import math
+import random
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,14 @@ torch = LazyModule("torch")  # loaded by the first check, so --help and bad argu
 ATOL, RTOL = 1e-5, 1e-4
 PROBLEMS_FOUND = 1  # the exit status when the tree is not as the contract says
 FLIP_PREFIX = "flip/"
+
+# --recompute: the largest max|file - recomputed| / RMS(recomputed), per level, that a file made in the
+# manifest's dtype may show against its fp32 recomputation. Measured in docs/verify.md (worst seen on CPU:
+# fp32 0, fp16 0.0093, bf16 0.085), with room for GPU kernels and trained weights; another model of the
+# same architecture shows 5 or more.
+RECOMPUTE_TOLERANCE = {"fp32": 1e-3, "fp16": 0.1, "bf16": 0.75}
+RECOMPUTE_BATCH_SIZE = 16
+SAMPLE_NAMES_SHOWN = 20
 
 
 def with_flip(levels, flip):
@@ -213,10 +223,154 @@ def read_failures(output_dir):
     return failures, problems
 
 
+def sample_images(images, count, seed):
+    """A seeded random sample of `count` of `images` (all of them when count is at least their number),
+    sorted: the same images, seed and count give the same sample on every machine."""
+    images = sorted(images)
+    if count >= len(images):
+        return images
+    return sorted(random.Random(seed).sample(images, count))
+
+
+def relative_error(stored, recomputed):
+    """max|stored - recomputed| / RMS(recomputed) of one level: scale-free, so one tolerance fits every level
+    and model size, and the max sees a single wrong patch or channel that a mean or a cosine would dilute.
+    inf when they differ where the recomputation is all zeros, or where a value is not finite."""
+    difference = (stored.double() - recomputed.double()).abs().max()
+    rms = recomputed.double().pow(2).mean().sqrt()
+    if rms == 0:
+        return 0.0 if difference == 0 else math.inf
+    error = float(difference / rms)
+    return error if math.isfinite(error) else math.inf
+
+
+def format_errors(errors):
+    """{"16x16": 1.2e-06, ...} -> '16x16 1.2e-06, ...'."""
+    return ", ".join(f"{level} {error:.3g}" for level, error in errors.items())
+
+
+class Recompute:
+    """--recompute: the manifest's model and settings, loaded and checked before any file is read."""
+
+    def __init__(self, manifest, model=None):
+        """Raises UsageError, in one line, when the files cannot be recomputed as they were made."""
+        from pyramid.decode import Preprocess
+        from pyramid.encoder import Encoder, ModelError, load_model_info
+
+        self.dtype = manifest.get("dtype")
+        if self.dtype not in RECOMPUTE_TOLERANCE:
+            raise UsageError(f"--recompute: the manifest's dtype is {self.dtype!r}, not one of "
+                             f"{', '.join(RECOMPUTE_TOLERANCE)}")
+        name = model if model is not None else manifest.get("model")
+        try:
+            info, processor = load_model_info(name)
+        except ModelError as error:
+            raise UsageError(f"--recompute cannot load the model that made the files: {error}") from error
+        if info.revision != manifest.get("revision"):
+            raise UsageError(f"--recompute: the weights of {name} are {info.revision}, the files were made with "
+                             f"{manifest.get('revision')}; give --model the weights that made them")
+        wanted = {"crop_size": info.crop_size, "patch_size": info.patch_size, "hidden_size": info.hidden_size,
+                  "num_register_tokens": info.num_register_tokens}
+        differences = [f"{key} {manifest.get(key)!r} -> {value!r}" for key, value in wanted.items()
+                       if manifest.get(key) != value]
+        if differences:
+            raise UsageError(f"--recompute: model {name} does not make the manifest's files "
+                             f"({'; '.join(differences)})")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.levels = with_flip(manifest["levels"], manifest.get("flip", False))
+        self.preprocess = Preprocess(processor, flip=manifest.get("flip", False))
+        try:
+            self.encoder = Encoder(info, self.preprocess.normaliser(self.device), self.device, "fp32")
+        except ModelError as error:
+            raise UsageError(f"--recompute: {error}") from error
+        self.name = name
+        self.tolerance = RECOMPUTE_TOLERANCE[self.dtype]
+
+    def compare(self, input_dir, output_dir, images):
+        """Re-encode `images` (relative to input_dir) through the extractor's own decode, encode and pool
+        code, and compare each with its file.
+
+        Returns ({relative output path: why it differs}, [(image path, why it cannot be recomputed)],
+        the worst error per level of {"all": files compared, "agreeing": those within tolerance}, the number
+        compared).
+        """
+        from pyramid.decode import image_loader
+        from pyramid.pool import build_pyramid, split_twins
+
+        differing, unreadable, compared = {}, [], 0
+        worst = {"all": dict.fromkeys(self.levels, 0.0), "agreeing": dict.fromkeys(self.levels, 0.0)}
+        loader = image_loader(input_dir, images, self.preprocess, RECOMPUTE_BATCH_SIZE, num_workers=0)
+        progress = Progress(len(images), desc="recomputed")
+        for indices, pixels, failures in loader:
+            unreadable += [(Path(input_dir) / images[index], f"cannot be recomputed: {message}")
+                           for index, message in failures]
+            if pixels is not None:
+                levels = build_pyramid(self.encoder(pixels), self.encoder.info.grid_size)  # {"16x16": (B, 256, D)}
+                if self.preprocess.flip:
+                    levels = split_twins(levels)  # the images, then their mirrors under flip/
+                levels = {key: value.cpu() for key, value in levels.items()}
+                for row, index in enumerate(indices.tolist()):
+                    relative = output_path_for(images[index])
+                    try:
+                        stored = torch.load(Path(output_dir) / relative, map_location="cpu", weights_only=True)
+                        errors = {level: relative_error(stored[level], levels[level][row:row + 1])
+                                  for level in self.levels}
+                    except Exception as error:  # changed since it was checked: gone, torn, rewritten
+                        differing[relative] = (f"cannot be compared with its recomputation "
+                                               f"({type(error).__name__}: {error})")
+                        continue
+                    compared += 1
+                    beyond = {level: error for level, error in errors.items() if not error <= self.tolerance}
+                    for group in ("all", "agreeing") if not beyond else ("all",):
+                        worst[group] = {level: max(worst[group][level], errors[level]) for level in self.levels}
+                    if beyond:
+                        level = max(beyond, key=beyond.get)
+                        differing[relative] = (f"differs from its recomputation beyond the {self.dtype} tolerance "
+                                               f"{self.tolerance:g} in {len(beyond)} level(s) (worst {level}: "
+                                               f"max|diff|/RMS {beyond[level]:.3g}): not what {self.name} makes "
+                                               f"of {images[index]} with these settings")
+            progress.update(progress.done + len(indices) + len(failures))
+        progress.close()
+        return differing, unreadable, worst, compared
+
+
+def recompute_sample(recompute, args, with_files, bad_files):
+    """Draw --recompute's sample of `with_files` (images that have a file) and compare it; files in `bad_files`
+    are sampled but not compared (their problems are named already).
+
+    Returns (problems as (path, sentence), the relative paths of the files that differ, the report's lines).
+    """
+    sample = sample_images(with_files, args.recompute, args.seed)
+    unchecked = [image for image in sample if output_path_for(image) in bad_files]
+    differing, unreadable, worst, compared = recompute.compare(
+        args.input_dir, args.output_dir, [image for image in sample if output_path_for(image) not in bad_files])
+    problems = [(args.output_dir / relative, problem) for relative, problem in differing.items()] + unreadable
+    shown = ", ".join(sample[:SAMPLE_NAMES_SHOWN])
+    if len(sample) > SAMPLE_NAMES_SHOWN:
+        shown += f", ... ({len(sample) - SAMPLE_NAMES_SHOWN} more)"
+    report = [f"recompute: sampled {len(sample)} of {len(with_files)} images with a file (seed {args.seed}): {shown}",
+              f"recompute: compared {compared} with {recompute.name} in fp32 on {recompute.device.type}"
+              + (f" ({len(unchecked)} with problems above not compared)" if unchecked else ""),
+              f"recompute: worst max|file - recomputed|/RMS per level: {format_errors(worst['all'])}; "
+              f"tolerance for {recompute.dtype} files {recompute.tolerance:g}"]
+    if differing and compared > len(differing):
+        report.append(f"recompute: of the {compared - len(differing)} files that agree: "
+                      f"{format_errors(worst['agreeing'])}")
+    return problems, set(differing), report
+
+
 def get_args_parser():
     parser = output_tree_parser("pyramid.verify", __doc__, "the extractor's --output_dir", "threads that load files")
     parser.add_argument("--input_dir", type=Path, default=None,
                         help="the images it was made from: lists images without a file and files without an image")
+    parser.add_argument("--recompute", type=int, default=None, metavar="N",
+                        help="also re-encode a seeded random sample of N images (all when N is at least their "
+                             "number) with the manifest's model and settings, in fp32 on the best device here, and "
+                             "name each file that differs beyond its dtype's tolerance (needs --input_dir)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of --recompute's sample")
+    parser.add_argument("--model", default=None,
+                        help="for --recompute: where the manifest's model is on this machine (a hub id or a "
+                             "save_pretrained directory), when not at the manifest's path; same weights only")
     return parser
 
 
@@ -224,6 +378,13 @@ def check_args(args):
     check_output_tree_args(args)
     if args.input_dir is not None and not args.input_dir.is_dir():
         raise UsageError(f"--input_dir {args.input_dir} is not a directory; pass the extractor's --input_dir")
+    if args.recompute is not None:
+        if args.input_dir is None:
+            raise UsageError("--recompute needs --input_dir, the images the files were made from")
+        if args.recompute < 1:
+            raise UsageError(f"--recompute must be at least 1, not {args.recompute}")
+    elif args.model is not None:
+        raise UsageError("--model is for --recompute; add --recompute N")
 
 
 def main(args):
@@ -233,6 +394,7 @@ def main(args):
         print(f"error: {error}", file=sys.stderr)
         return exits.USAGE
     output_dir = args.output_dir
+    compute_threads = torch.get_num_threads()
     # The files are the parallelism; intra-op threads on ~1 MB tensors only contend with them
     # (measured: with 2 intra-op threads on a loaded 2-core machine, single runs stalled for 8-18 s).
     torch.set_num_threads(1)
@@ -240,6 +402,18 @@ def main(args):
 
     levels, hidden_size, manifest_problems = manifest_layout(output_dir)
     problems += [(output_dir / MANIFEST_NAME, problem) for problem in manifest_problems]
+
+    recompute = None
+    if args.recompute is not None:  # refused before any file is read: the model, its weights, the manifest
+        try:
+            if manifest_problems:
+                reason = manifest_problems[0] if (output_dir / MANIFEST_NAME).exists() else "there is none"
+                raise UsageError(f"--recompute needs {output_dir / MANIFEST_NAME}, which names the model and "
+                                 f"settings that made the files: {reason}")
+            recompute = Recompute(read_manifest(output_dir), args.model)
+        except UsageError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return exits.USAGE
 
     finished, temporaries = scan_outputs(output_dir)
     files = sorted(finished)
@@ -290,12 +464,22 @@ def main(args):
     failures, failure_problems = read_failures(output_dir)
     problems += [(output_dir / FAILURES_NAME, problem) for problem in failure_problems]
 
+    report = []
+    if recompute is not None:
+        with_files = [image for relative, image in expected.items() if relative in finished]
+        torch.set_num_threads(compute_threads)
+        recompute_problems, differing, report = recompute_sample(recompute, args, with_files, bad_files)
+        problems += recompute_problems
+        bad_files.update(differing)
+
     for path, problem in problems:
         print(f"{path}: {problem}")
     if failures:
         print(f"{len(failures)} image(s) recorded as failed in {FAILURES_NAME}:")
         for image, error in failures.items():
             print(f"  {image}: {error}")
+    for line in report:
+        print(line)
     summary = [f"checked {len(files)} files: {len(files) - len(bad_files)} ok, {len(bad_files)} with problems"]
     if args.input_dir is not None:
         summary.append(f"{len(missing)} images without a file")

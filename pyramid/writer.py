@@ -91,6 +91,7 @@ class Writer:
         self.error = None
         self._error_lock = threading.Lock()
         self._written = [0] * threads  # one counter per thread: no lock on the hot path
+        self._non_finite = [0] * threads
         self._made_dirs = set()
         self._threads = [threading.Thread(target=self._loop, args=(slot,), name=f"pyramid-writer-{slot}",
                                           daemon=True) for slot in range(threads)]
@@ -101,15 +102,23 @@ class Writer:
     def written(self):
         return sum(self._written)
 
-    def submit_batch(self, relative_outputs, levels, ready=None, release=None):
+    @property
+    def non_finite(self):
+        """Images given no file because their `finite` flags said so."""
+        return sum(self._non_finite)
+
+    def submit_batch(self, relative_outputs, levels, ready=None, release=None, finite=None, on_non_finite=None):
         """Queue one batch: output paths (B,) and {"16x16": (B, 256, D), ...} CPU fp32 tensors.
 
         `ready` (a CUDA event, or None) completes once `levels` hold their values: the writer waits
         for it, never the caller. `release()` is called once the batch has been copied out of
-        `levels` (also after an error), so the caller may reuse that memory.
+        `levels` (also after an error), so the caller may reuse that memory. `finite`, (B, k) bool
+        arriving with the levels, flags each image's parts (the image, its mirror); an image with a
+        False flag gets no file, and `on_non_finite(position in the batch, its flags as a list)` is
+        called instead, on a writer thread.
         """
         self.check()
-        self.queue.put((relative_outputs, levels, ready, release))
+        self.queue.put((relative_outputs, levels, ready, release, finite, on_non_finite))
 
     def check(self):
         if self.error is not None:
@@ -129,20 +138,40 @@ class Writer:
 
     def _loop(self, slot):
         while (item := self.queue.get()) is not None:
-            relative_outputs, levels, ready, release = item
-            pyramids = []
+            relative_outputs, levels, ready, release, finite, on_non_finite = item
+            pyramids, flags = [], None
             try:
                 if self.error is None:  # after an error, drain so submit_batch never blocks forever
                     if ready is not None:
                         ready.synchronize()
+                    if finite is not None:  # read before the release: its buffer is then reused
+                        flags = finite.reshape(len(relative_outputs), -1).tolist()  # [[image, mirror], ...]
                     pyramids = split_pyramids(levels)
             except Exception as error:  # a failed device copy: raised in the run loop by check()
                 self._fail(error)
             finally:
-                del item, levels  # the batch's memory goes back now, not when the next batch arrives
+                del item, levels, finite  # the batch's memory goes back now, not when the next batch arrives
                 if release is not None:
                     release()
+            if flags is not None and pyramids:
+                relative_outputs, pyramids = self._drop_non_finite(slot, relative_outputs, pyramids, flags,
+                                                                   on_non_finite)
             self._write_files(slot, relative_outputs, pyramids)
+
+    def _drop_non_finite(self, slot, relative_outputs, pyramids, flags, on_non_finite):
+        """The batch's outputs and pyramids without the images flagged non-finite, each reported."""
+        kept = []
+        for position, (relative_output, pyramid, image_flags) in enumerate(zip(relative_outputs, pyramids, flags)):
+            if all(image_flags):
+                kept.append((relative_output, pyramid))
+                continue
+            try:
+                on_non_finite(position, image_flags)
+            except OSError as error:  # failures.jsonl cannot be written: the run's write error
+                self._fail(error)
+                return [], []
+            self._non_finite[slot] += 1
+        return [output for output, _ in kept], [pyramid for _, pyramid in kept]
 
     def _write_files(self, slot, relative_outputs, pyramids):
         for relative_output, pyramid in zip(relative_outputs, pyramids):

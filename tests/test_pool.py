@@ -73,3 +73,21 @@ def test_split_pyramids_owns_its_storage():
 def test_level_side():
     assert level_side("16x16") == 16 and level_side("1x1") == 1
     assert [level_side(key) for key in ("16x8", "x", "0x0", "ax a", "16", 16, None)] == [None] * 7
+
+
+def test_finite_images_flags_each_image_by_its_coarsest_level():
+    from pyramid.pool import finite_images
+
+    patches = torch.randn(5, 16, 3)
+    patches[1, 7, 2] = float("nan")
+    patches[2, 0, 0] = float("inf")
+    patches[3, 4:6, 1] = float("inf")
+    patches[3, 8, 1] = float("-inf")  # inf - inf in a sum: NaN, still non-finite
+    patches[4, [0, 1, 4, 5], 0] = 3e38  # finite, but their 2x2 sum overflows: the 2x2 level holds inf
+    levels = build_pyramid(patches, 4)
+    assert levels["4x4"][4].isfinite().all() and not levels["2x2"][4].isfinite().all()
+    assert finite_images(levels).tolist() == [True, False, False, False, False]
+    reference = torch.stack([torch.cat([value[i].flatten() for value in levels.values()]).isfinite().all()
+                             for i in range(5)])
+    assert torch.equal(finite_images(levels), reference)
+    assert finite_images(build_pyramid(patches[:, :9], 3)).tolist() == [True, False, False, False, True]

@@ -121,3 +121,36 @@ def test_host_copies_off_cuda_hand_the_levels_through():
     host, ready, release = HostCopies("cpu", batch_size=2).start(levels)
     assert ready is None and release is None
     assert all(host[key] is value for key, value in levels.items())
+
+
+def test_images_flagged_non_finite_get_no_file_and_are_reported(tmp_path):
+    # The flags arrive with the values (a CUDA copy) and their memory is reused once released: the writer
+    # must read them after `ready` and before `release`.
+    values = build_pyramid(torch.randn(4, 16, 5), 4)
+    levels = {key: torch.zeros_like(value) for key, value in values.items()}
+    finite = torch.zeros(4, 2, dtype=torch.bool)
+    arriving = {**values, "finite": torch.tensor([[True, True], [False, True], [True, False], [True, True]])}
+    ready = LateValues({**levels, "finite": finite}, arriving)
+    reported = []
+    writer = Writer(tmp_path, threads=2)
+    writer.submit_batch(["a.pt", "b.pt", "c.pt", "d.pt"], levels, ready=ready, release=lambda: finite.fill_(True),
+                        finite=finite, on_non_finite=lambda position, flags: reported.append((position, flags)))
+    writer.submit_batch(["e.pt"], build_pyramid(torch.randn(1, 16, 5), 4), finite=torch.ones(1, 1, dtype=torch.bool),
+                        on_non_finite=lambda *_: reported.append("e"))
+    writer.close()
+    assert reported == [(1, [False, True]), (2, [True, False])]
+    assert scan_outputs(tmp_path) == ({"a.pt", "d.pt", "e.pt"}, [])
+    assert writer.written == 3 and writer.non_finite == 2
+    assert torch.equal(torch.load(tmp_path / "d.pt", weights_only=True)["4x4"], values["4x4"][3:4])
+
+
+def test_a_failure_record_that_cannot_be_written_is_a_write_error(tmp_path):
+    def unwritable(position, flags):
+        raise OSError(28, "No space left on device")
+
+    writer = Writer(tmp_path)
+    writer.submit_batch(["a.pt", "b.pt"], build_pyramid(torch.randn(2, 4, 2), 2),
+                        finite=torch.tensor([[False], [True]]), on_non_finite=unwritable)
+    with pytest.raises(OSError, match="No space"):
+        writer.close()
+    assert writer.written == 0 and writer.non_finite == 0
