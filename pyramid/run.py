@@ -17,7 +17,7 @@ from pyramid.decode import Preprocess, image_loader
 from pyramid.encoder import Encoder, HostCopies, ModelError, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
 from pyramid.lock import OutputLock
-from pyramid.manifest import adopt_output_tree, build_manifest
+from pyramid.manifest import MANIFEST_NAME, adopt_output_tree, build_manifest
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_damaged_outputs, find_images, images_to_do,
                            output_path_for, remove_abandoned_temporaries, scan_outputs)
 from pyramid.pool import build_pyramid, level_key, pyramid_sizes, split_twins
@@ -38,6 +38,7 @@ class Plan:
     error: str | None = None
     model_info: object = None  # ModelInfo, read once (the weights digest reads every weight file)
     processor: object = None  # the model's image processor
+    new_manifest: bool = False  # this run wrote the directory's first manifest.json
 
 
 def default_num_workers(device):
@@ -115,6 +116,7 @@ def plan_run(args, info, dtype, lock=None):
     manifest = build_manifest(info.name, info.revision, dtype, info.crop_size, info.patch_size, levels,
                               info.hidden_size, info.num_register_tokens, flip=args.flip)
     finished, temporaries = scan_outputs(output_dir)
+    new_manifest = not (output_dir / MANIFEST_NAME).exists()
     finished = adopt_output_tree(output_dir, manifest, finished, args.overwrite)  # refuses, or removes old files
     remove_abandoned_temporaries(temporaries)
     damaged = find_damaged_outputs(output_dir, finished & {output_path_for(image) for image in images})
@@ -123,7 +125,8 @@ def plan_run(args, info, dtype, lock=None):
             f"e.g. {min(damaged)}")
     todo = images_to_do(images, finished - damaged)
     prune_failures(output_dir, set(todo))
-    return Plan(todo=todo, found=len(images), skipped=len(images) - len(todo), model_info=info)
+    return Plan(todo=todo, found=len(images), skipped=len(images) - len(todo), model_info=info,
+                new_manifest=new_manifest)
 
 
 class StopNow(KeyboardInterrupt):
@@ -330,6 +333,10 @@ def _run(args, state, team, signals, started, record, lock):
     except ModelError as error:
         if team.is_main:  # every process loads the same weights: one line says it
             log(f"error: {error}", progress)
+            if plan.new_manifest and tally.written == 0:
+                # A refused run writes no manifest: one naming these weights would refuse the next run,
+                # made once they are fixed, as "other settings".
+                (Path(args.output_dir) / MANIFEST_NAME).unlink(missing_ok=True)
         status = exits.USAGE
     except OSError as error:
         log(f"error: {error}", progress)

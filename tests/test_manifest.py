@@ -136,3 +136,33 @@ def test_verify_does_not_pass_a_tree_whose_replacement_is_unfinished():
     assert check_manifest(manifest()) == []
     problems = check_manifest({**manifest(), REPLACING_KEY: True})
     assert len(problems) == 1 and "replacement is unfinished" in problems[0]
+
+
+def test_a_refused_model_leaves_no_manifest_so_the_fixed_model_runs(tmp_path, tiny_model):
+    """A model folder without its weights, then with broken ones: each run exits 2 and writes no manifest,
+    so once the real weights are copied in, the same command runs instead of refusing "other settings"."""
+    from conftest import run_cli, write_images
+
+    write_images(tmp_path / "in", 2)
+    model, out = tmp_path / "model", tmp_path / "out"
+    model.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(tiny_model / name, model / name)
+    command = ["--input_dir", tmp_path / "in", "--output_dir", out, "--model", model]
+
+    result = run_cli(*command)
+    assert result.returncode == 2, result.stderr
+    assert f"--model {model}: this directory has no weights" in result.stderr
+    assert not (out / MANIFEST_NAME).exists()
+
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
+    result = run_cli(*command)
+    assert result.returncode == 2, result.stderr
+    assert "cannot load the weights" in result.stderr
+    assert not (out / MANIFEST_NAME).exists()
+
+    shutil.copy(tiny_model / "model.safetensors", model / "model.safetensors")
+    result = run_cli(*command)
+    assert result.returncode == 0, result.stderr
+    assert "done: 2 written" in result.stderr
+    assert read_manifest(out)["revision"].startswith("sha256:")
