@@ -89,7 +89,7 @@ def prune_failures(output_dir, retried):
 def plan_run(args, info, dtype, lock=None):
     """Find the images, refuse clashes and foreign manifests, take the directory's `lock` (an OutputLock),
     and list the work left. Main process only."""
-    images = find_images(args.input_dir)
+    images = find_images(args.input_dir, skip=[args.output_dir])  # an output tree inside it is no input
     if args.limit:
         images = images[:args.limit]
     if not images:

@@ -248,7 +248,7 @@ def main(args):
     bad_files = set()
     missing = []
     if args.input_dir is not None:
-        expected = {output_path_for(image): image for image in find_images(args.input_dir)}
+        expected = {output_path_for(image): image for image in find_images(args.input_dir, skip=[output_dir])}
         present = set(files)
         missing = [image for relative, image in expected.items() if relative not in present]
         problems += [(args.input_dir / image, f"no output file {output_dir / output_path_for(image)}")
