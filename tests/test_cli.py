@@ -25,6 +25,7 @@ TOOLS = {
     "python -m pyramid.bench": ["--random", "tiny", "--input_dir", "/no/such/dir"],
     "python -m pyramid.stats": ["/no/such/dir"],
     "python -m pyramid.pack": ["/no/such/dir"],
+    "python -m pyramid.runs": ["status", "/no/such/dir", "some-run"],
 }
 
 
