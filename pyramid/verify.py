@@ -159,13 +159,13 @@ def check_pack(output_dir):
     from its rows in a current pack (None when there is no pack to compare); problems of the pack itself."""
     import numpy as np
 
-    from pyramid.pack import RECORD_NAME, level_path, pack_dir, read_record, staleness, tree_state
+    from pyramid.pack import RECORD_NAME, level_path, pack_command, pack_dir, read_record, staleness, tree_state
     from pyramid.reader import read_pyramid
 
     directory = pack_dir(output_dir)
     if not directory.exists():
         return None, []
-    rerun = f"rerun python -m pyramid.pack {output_dir}"
+    rerun = f"rerun {pack_command(output_dir)}"
     record = read_record(output_dir)
     if record is None:
         return None, [(directory, f"has no readable {RECORD_NAME}; {rerun}")]
