@@ -44,6 +44,9 @@ def get_args_parser():
     parser.add_argument("--flip", action="store_true",
                         help="also store the pyramid of the image mirrored left-right, as flip/{s}x{s} levels "
                              "in the same file (one forward pass of the doubled batch)")
+    parser.add_argument("--ignore_free_space", action="store_true",
+                        help="start even when the files to write look larger than the free space on the disk of "
+                             "--output_dir (estimated from the model's levels and hidden size and --flip)")
     parser.add_argument("--fsync", action="store_true",
                         help="flush each file and its directory entry to disk before counting it done, so "
                              "files survive a node crash or power loss too (slower; see docs/scale.md)")

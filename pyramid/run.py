@@ -3,6 +3,7 @@
 import _thread
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -21,11 +22,11 @@ from pyramid.manifest import MANIFEST_NAME, adopt_output_tree, build_manifest
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_damaged_outputs, find_images, images_to_do,
                            output_path_for, remove_abandoned_temporaries, scan_outputs)
 from pyramid.pool import build_pyramid, level_key, pyramid_sizes, split_twins
-from pyramid.progress import Progress, format_duration, log
+from pyramid.progress import Progress, format_bytes, format_duration, log
 from pyramid.runs import append_run, new_run_id, now_iso
 from pyramid.shard import CLAIM_KEY, ChunkSampler, chunk_size_for
 from pyramid.team import Team, cpus_per_process, usable_cpus
-from pyramid.writer import FAILURES_NAME, Writer, default_writer_threads, record_failure
+from pyramid.writer import FAILURES_NAME, Writer, default_writer_threads, estimated_file_bytes, record_failure
 
 
 @dataclass
@@ -36,6 +37,8 @@ class Plan:
     found: int = 0
     skipped: int = 0
     error: str | None = None
+    needed_bytes: int = 0  # the estimated size of the files to write, and the free space of their disk
+    free_bytes: int = 0
     model_info: object = None  # ModelInfo, read once (the weights digest reads every weight file)
     processor: object = None  # the model's image processor
     new_manifest: bool = False  # this run wrote the directory's first manifest.json
@@ -101,6 +104,7 @@ def plan_run(args, info, dtype, lock=None):
         raise UsageError(f"these images would write the same file: {named}; rename or remove one of each")
 
     output_dir = Path(args.output_dir)
+    needed, free = check_free_space(args, info, images, output_dir)  # before anything is written
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -126,7 +130,23 @@ def plan_run(args, info, dtype, lock=None):
     todo = images_to_do(images, finished - damaged)
     prune_failures(output_dir, set(todo))
     return Plan(todo=todo, found=len(images), skipped=len(images) - len(todo), model_info=info,
-                new_manifest=new_manifest)
+                new_manifest=new_manifest, needed_bytes=needed, free_bytes=free)
+
+
+def check_free_space(args, info, images, output_dir):
+    """(bytes the files still to write need, bytes free on the disk of `output_dir`, or of its nearest existing
+    parent); a UsageError when they do not fit, unless --ignore_free_space. A run that learns it lacks space
+    hours later has wasted those hours."""
+    finished, _ = scan_outputs(output_dir)
+    per_file = estimated_file_bytes(pyramid_sizes(info.grid_size), info.hidden_size, args.flip)
+    count = len(images_to_do(images, finished))
+    existing = next(parent for parent in [output_dir, *output_dir.absolute().parents] if parent.exists())
+    free = shutil.disk_usage(existing).free
+    if count * per_file > free and not args.ignore_free_space:
+        raise UsageError(f"the {count} images to do need about {format_bytes(count * per_file)} in {output_dir} "
+                         f"({format_bytes(per_file)} a file) and its disk has {format_bytes(free)} free; free some "
+                         f"space or use another --output_dir (--ignore_free_space starts anyway)")
+    return count * per_file, free
 
 
 class StopNow(KeyboardInterrupt):
@@ -312,7 +332,8 @@ def _run(args, state, team, signals, started, record, lock):
     num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
     if team.is_main:
         log(f"{plan.found} images in {args.input_dir}: {plan.skipped} done already, {len(plan.todo)} to do "
-            f"on {team.world_size} process(es); {args.model} in {dtype} on {device.type}, "
+            f"on {team.world_size} process(es), about {format_bytes(plan.needed_bytes)} to write "
+            f"({format_bytes(plan.free_bytes)} free there); {args.model} in {dtype} on {device.type}, "
             f"batch {batch_size}, {num_workers} decode workers per process, "
             f"chunks of {chunk_size_for(len(plan.todo), team.world_size)}")
         if device.type == "cpu" and team.world_size > 1:
