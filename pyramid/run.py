@@ -434,10 +434,12 @@ def _close_writer(writer, progress, status):
 def _print_summary(written, skipped, failed, seconds, encoding_seconds, failures_path, stopped, per_process):
     """The run's one summary line; images/s counts the time spent encoding, not loading the model.
     With several processes it ends with the images each did, in rank order."""
-    rate = written / encoding_seconds if encoding_seconds > 0 else 0.0
+    # A rate of nothing ("0.00 images/s") reads as a stalled run: a run with nothing to encode says so.
+    pace = f"{written / encoding_seconds:.2f} images/s while encoding" if written and encoding_seconds > 0 \
+        else "nothing encoded"
     shares = f"; per process: {', '.join(map(str, per_process))}" if len(per_process) > 1 else ""
     log(f"done: {written} written, {skipped} skipped (already there), {failed} failed "
-        f"in {format_duration(seconds)} ({seconds:.1f} s; {rate:.2f} images/s while encoding){shares}")
+        f"in {format_duration(seconds)} ({seconds:.1f} s; {pace}){shares}")
     if failed:
         log(f"the failed images are listed in {failures_path}; fix or remove them and rerun")
     if stopped:

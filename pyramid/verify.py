@@ -213,6 +213,11 @@ def read_failures(output_dir):
     return failures, problems
 
 
+def counted(number, singular, plural=None):
+    """'1 problem', '2 problems', '0 leftover temporaries'."""
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+
+
 def get_args_parser():
     parser = output_tree_parser("pyramid.verify", __doc__, "the extractor's --output_dir", "threads that load files")
     parser.add_argument("--input_dir", type=Path, default=None,
@@ -296,11 +301,12 @@ def main(args):
         print(f"{len(failures)} image(s) recorded as failed in {FAILURES_NAME}:")
         for image, error in failures.items():
             print(f"  {image}: {error}")
-    summary = [f"checked {len(files)} files: {len(files) - len(bad_files)} ok, {len(bad_files)} with problems"]
+    summary = [f"checked {counted(len(files), 'file')}: {len(files) - len(bad_files)} ok, "
+               f"{len(bad_files)} with problems"]
     if args.input_dir is not None:
-        summary.append(f"{len(missing)} images without a file")
-    summary += [f"{len(temporaries)} leftover temporaries", f"{len(failures)} recorded failures",
-                f"{len(problems)} problems in all"]
+        summary.append(f"{counted(len(missing), 'image')} without a file")
+    summary += [counted(len(temporaries), "leftover temporary", "leftover temporaries"),
+                counted(len(failures), "recorded failure"), f"{counted(len(problems), 'problem')} in all"]
     print("; ".join(summary))
     return PROBLEMS_FOUND if problems else exits.OK
 

@@ -158,6 +158,7 @@ def test_an_output_tree_inside_the_input_is_never_read_as_input(tmp_path, tiny_m
     result = run_cli(*command)
     assert result.returncode == 0, result.stderr
     assert "2 images in" in result.stderr and "done: 0 written, 2 skipped" in result.stderr
+    assert "s; nothing encoded)" in result.stderr and "images/s" not in result.stderr
     assert sorted(str(path.relative_to(out)) for path in out.rglob("*.pt")) == ["00000.pt", "00001.pt"]
     assert len(PyramidDataset(out)) == 2
     assert verify.main(verify.get_args_parser().parse_args([str(out), "--input_dir", str(root)])) == 0

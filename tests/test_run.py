@@ -28,3 +28,14 @@ def test_defaults_follow_the_device(monkeypatch):
     assert default_num_workers(torch.device("cuda")) == max(1, min(16, cpu_workers - 1))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # more processes than cores: never zero workers
     assert default_num_workers(torch.device("cpu")) == 1
+
+
+def test_the_summary_of_a_run_with_nothing_to_encode_gives_no_rate(tmp_path, capsys):
+    from pyramid.run import _print_summary
+
+    _print_summary(0, 64, 0, 3.2, 0.0, tmp_path / FAILURES_NAME, False, [0])
+    assert capsys.readouterr().err == ("done: 0 written, 64 skipped (already there), 0 failed in 0:00:03 "
+                                       "(3.2 s; nothing encoded)\n")
+    _print_summary(10, 0, 0, 4.0, 2.0, tmp_path / FAILURES_NAME, False, [6, 4])
+    assert capsys.readouterr().err == ("done: 10 written, 0 skipped (already there), 0 failed in 0:00:04 (4.0 s; "
+                                       "5.00 images/s while encoding); per process: 6, 4\n")
