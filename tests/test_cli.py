@@ -117,13 +117,14 @@ def test_console_commands_match_pyproject():
 def make_venv(root):
     """A throwaway virtual environment, nothing installed in it, that sees the packages (torch, pip, setuptools,
     ...) of the interpreter running the tests, wherever they are: the system's, or those of the venv that the
-    README's test command made. A .pth file lists that interpreter's import path, the checkout left out, so
-    `import pyramid` finds only what the test installs. (`--system-site-packages` would show the packages of
-    the base interpreter the venvs were made from, which a fresh venv's own installs are not.)"""
+    README's test command made (inside the checkout, say). A .pth file lists that interpreter's import path,
+    less the checkout itself and its tests/ (which the tests put there), so `import pyramid` finds only what
+    the test installs. (`--system-site-packages` would show the packages of the base interpreter the venvs
+    were made from, which a fresh venv's own installs are not.)"""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
     site_packages, = (root / "lib").glob("python3*/site-packages")
     inherited = [entry for entry in sys.path
-                 if entry and Path(entry).is_dir() and not Path(entry).resolve().is_relative_to(REPO)]
+                 if entry and Path(entry).is_dir() and Path(entry).resolve() not in (REPO, REPO / "tests")]
     (site_packages / "running_interpreter.pth").write_text("\n".join(inherited) + "\n")
     return root
 
