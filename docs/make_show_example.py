@@ -1,4 +1,4 @@
-"""Build docs/show_example.png from the test fixtures: the tiny random-weight DINOv2 on tests/data/astronaut.png.
+"""Build docs/show_example.png from the test fixtures: the tiny random-weight DINOv2 on pyramid/data/astronaut.png.
 
     python docs/make_show_example.py
 
@@ -43,7 +43,7 @@ def tiny_pyramid(model_dir, image_path):
 
 def main():
     if not KNOWN_IMAGE.is_file():
-        print(f"error: {KNOWN_IMAGE} is missing; copy the test images into tests/data/", file=sys.stderr)
+        print(f"error: {KNOWN_IMAGE} is missing; it ships with the package (pyramid/data/)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_tiny_dinov2(Path(tmp) / "tiny_dinov2")

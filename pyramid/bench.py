@@ -7,6 +7,7 @@ that the peers ship; with --table the whole GPU table (docs/gpu.md).
     python -m pyramid.bench --random base --synthetic 64 --baseline     # no weights, no data needed
     python -m pyramid.bench --reader --synthetic_tree 2000              # the training-side readers
     python -m pyramid.bench --table                                      # the GPU table (docs/gpu.md)
+    python -m pyramid.bench --save_random_model models/random-base       # a --model for offline trials
 """
 
 import json
@@ -27,8 +28,8 @@ from pyramid.team import usable_cpus
 np = LazyModule("numpy")
 torch = LazyModule("torch")
 
-REPO = Path(__file__).resolve().parent.parent
-PHOTO = REPO / "tests" / "data" / "astronaut.png"
+# Shipped in the package (pyproject's package-data), so the bench runs from an installed wheel too.
+PHOTO = Path(__file__).resolve().parent / "data" / "astronaut.png"
 
 # The preprocessor_config.json that facebook/dinov2-base ships, verbatim.
 DINOV2_PREPROCESSOR = {
@@ -144,18 +145,22 @@ def measure_write(output_dir, hidden_size, grid_size, batch_size, count, threads
 
 def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype, output_parent=None,
                        extra_args=()):
-    """The real job, `python extract_distributed.py`, into a temporary directory (inside `output_parent`
-    where given).
+    """The real job, `python -m pyramid.extract` of this very package, into a temporary directory (inside
+    `output_parent` where given).
 
     Returns (images/s while encoding, as its summary line reports, peak RSS of its main process in MiB,
     the output directory). The caller removes the directory.
     """
     output_dir = tempfile.mkdtemp(prefix="pyramid-bench-", dir=output_parent)
-    command = [sys.executable, str(REPO / "extract_distributed.py"), "--input_dir", str(input_dir),
+    command = [sys.executable, "-m", "pyramid.extract", "--input_dir", str(input_dir),
                "--output_dir", output_dir, "--model", str(model), "--batch_size", str(batch_size),
                "--num_workers", str(num_workers), "--dtype", dtype, "--limit", str(limit), *extra_args]
+    # The folder this package was imported from comes first on the child's path: an installed wheel, or a
+    # checkout run from anywhere, measures its own extractor.
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    python_path = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                               env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=python_path))
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     stderr = process.stderr.read()
@@ -258,6 +263,10 @@ def get_args_parser():
                        help="batch sizes of the table [64 128 256 on GPU, 16 on CPU]")
     table.add_argument("--quick", action="store_true", help="a few images only: a check that the table runs")
     table.add_argument("--save", default=None, metavar="FILE.json", help="also write the table's figures here")
+    parser.add_argument("--save_random_model", type=Path, default=None, metavar="DIR",
+                        help="measure nothing: save a random-weight DINOv2 of --random's size (default base) to DIR "
+                             "in save_pretrained layout, with the real dinov2 preprocessor config, for trying the "
+                             "tools without the hub (--model DIR)")
     return parser
 
 
@@ -287,7 +296,28 @@ def ideal_rate(model_rate, decode_rate, device, write_rate=None):
     return 1 / (1 / model_rate + 1 / decode_rate)
 
 
+def save_random_model(args):
+    """--save_random_model DIR: the model, a line saying what it is, exit 0; or a refusal, exit 2."""
+    directory = args.save_random_model
+    if args.model is not None:
+        print("error: --save_random_model makes a random model; give its size with --random, not --model",
+              file=sys.stderr)
+        return exits.USAGE
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        print(f"error: --save_random_model {directory} exists and is not an empty directory; name a new one",
+              file=sys.stderr)
+        return exits.USAGE
+    size = args.random or "base"
+    hidden_size, layers, heads = RANDOM_SIZES[size]
+    save_random_dinov2(directory, size)
+    print(f"saved a random-weight DINOv2 ({size}: hidden size {hidden_size}, {layers} layers, {heads} heads) to "
+          f"{directory}; pass --model {directory} to the tools (its features are noise: for trials, not training)")
+    return exits.OK
+
+
 def main(args):
+    if args.save_random_model is not None:
+        return save_random_model(args)
     if args.reader:
         from pyramid.readbench import reader_main
 
@@ -520,7 +550,7 @@ def format_table(figures):
             ("model bound", f"{figures['model_bound']:.1f} images/s", "forward + pooling on ready batches"),
             ("write bound", f"{figures['write_bound']:.1f} files/s",
              f"{figures['write_bound_mb']:.0f} MB/s, {figures['write_threads']} writer threads, ready CPU tensors"),
-            ("end to end", f"{figures['end_to_end']:.1f} images/s", "python extract_distributed.py"),
+            ("end to end", f"{figures['end_to_end']:.1f} images/s", "the extractor: python -m pyramid.extract"),
             ("ideal", f"{figures['ideal']:.1f} images/s",
              "min(model, decode, write)" if figures["device"].startswith("cuda") else "1 / (1/model + 1/decode)"),
             ("end to end / decode", f"{figures['end_to_end_over_decode_bound']:.2f}", ""),

@@ -56,11 +56,18 @@ def output_tree_parser(module, description, output_help, workers_help):
 
 
 def check_output_tree_args(args):
-    """The checks of `output_tree_parser`'s arguments; raises UsageError."""
+    """The checks of `output_tree_parser`'s arguments; raises UsageError. A tree that a live run is still
+    writing is refused: half its files would be checked, counted or packed as if they were all."""
+    from pyramid.lock import live_run
+
     if not args.output_dir.is_dir():
         raise UsageError(f"{args.output_dir} is not a directory; pass the extractor's --output_dir")
     if args.workers < 1:
         raise UsageError(f"--workers must be at least 1, not {args.workers}")
+    writer = live_run(args.output_dir)
+    if writer is not None:
+        raise UsageError(f"{args.output_dir} is being written by a live run ({writer}); wait for it to end "
+                         f"(or stop it and rerun it to finish), then run this again")
 
 
 def run_tool(module):

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from pyramid.pack import (available_levels, current_pack, item_name, level_path, pack_dir, tree_digest,
-                          tree_state)
+from pyramid.pack import (available_levels, current_pack, item_name, level_path, pack_command, pack_dir,
+                          tree_digest, tree_state)
 from pyramid.reader import read_pyramid
 
 FLIP_CHOICES = (False, "random")
@@ -204,10 +204,10 @@ class PyramidDataset(Dataset):
         if record is None:
             if pack is True:
                 raise ValueError(f"{pack_dir(self.root)} cannot be used: {'; '.join(reasons)}; "
-                                 f"run python -m pyramid.pack {self.root}")
+                                 f"run {pack_command(self.root, self.sources)}")
             if reasons != ["no pack"]:
                 warnings.warn(f"{pack_dir(self.root)} is not used ({'; '.join(reasons)}): reading the files; "
-                              f"python -m pyramid.pack {self.root} brings it up to date", stacklevel=3)
+                              f"{pack_command(self.root, self.sources)} brings it up to date", stacklevel=3)
             return None
         layout = {}
         for level in self.sources:

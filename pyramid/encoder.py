@@ -135,8 +135,25 @@ def _load_config_and_processor(name):
         pass
     error = _hub_model_error(name)
     if error is not None:
+        if "/" in str(name):  # 'models/x' reads as a hub id, but was perhaps meant as a directory
+            raise ModelError(f"{error}; nor is there a directory {name} in {os.getcwd()}")
         raise error
     return AutoConfig.from_pretrained(name), AutoImageProcessor.from_pretrained(name, backend="pil")
+
+
+def check_local_model(name):
+    """A ModelError naming what a local model directory lacks, before transformers reads it: its messages
+    for a missing file speak of the hub, and a directory without weights would pass this far and have its
+    digest of no weights recorded in the manifest, refusing the run made once they are copied in."""
+    directory = Path(os.path.expanduser(str(name)))
+    if not directory.is_dir():
+        return
+    missing = [file for file in ("config.json", "preprocessor_config.json") if not (directory / file).is_file()]
+    if not any(path.name.endswith(WEIGHT_SUFFIXES) for path in directory.iterdir()):
+        missing.append("weights (*.safetensors or *.bin)")
+    if missing:
+        raise ModelError(f"--model {name}: this directory has no {' and no '.join(missing)}; a local model is a "
+                         f"directory saved with save_pretrained: config.json, preprocessor_config.json and the weights")
 
 
 def load_model_info(name):
@@ -145,6 +162,7 @@ def load_model_info(name):
 
     Returns (ModelInfo, processor). Raises ModelError with one clear line.
     """
+    check_local_model(name)
     try:
         config, processor = _load_config_and_processor(name)
     except ModelError:

@@ -47,6 +47,9 @@ def get_args_parser():
     parser.add_argument("--max_pixels", type=int, default=None,
                         help="an image with more pixels (read from its header, before decoding) is a recorded "
                              "failure, not a decode (default: Pillow's own limit, 2 x PIL.Image.MAX_IMAGE_PIXELS)")
+    parser.add_argument("--ignore_free_space", action="store_true",
+                        help="start even when the files to write look larger than the free space on the disk of "
+                             "--output_dir (estimated from the model's levels and hidden size and --flip)")
     parser.add_argument("--fsync", action="store_true",
                         help="flush each file and its directory entry to disk before counting it done, so "
                              "files survive a node crash or power loss too (slower; see docs/scale.md)")

@@ -68,6 +68,15 @@ def _read(path):
     return (content if isinstance(content, dict) else {}), age
 
 
+def live_run(output_dir):
+    """'host node3, process 4242 (...)' of the live run holding the lock of `output_dir`, or None: no lock,
+    or one left by a run that is gone (the same test a new run makes before it takes a lock over)."""
+    holder, age = _read(Path(output_dir) / LOCK_NAME)
+    if holder is None or why_stale(holder, age, this_run()) is not None:
+        return None
+    return describe(holder)
+
+
 class OutputLock:
     """The lock of one output directory, held by the main process of a run from planning to the end."""
 

@@ -32,8 +32,12 @@ def is_image_name(name):
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def find_images(input_dir):
+def find_images(input_dir, skip=()):
     """Relative POSIX paths of every image under `input_dir`, recursively, sorted by that path.
+
+    The directories in `skip` are never entered, whatever the name they are reached by: an output tree
+    inside the input directory is not read as input (pictures that pyramid.show drew there, say). `skip`
+    names that are `input_dir` itself or do not exist change nothing.
 
     Sorting the relative path string gives every process, run and machine the same order.
 
@@ -48,6 +52,13 @@ def find_images(input_dir):
     """
     root = os.fspath(input_dir)
     found, seen = [], set()
+    for directory in skip:
+        try:
+            status = os.stat(directory)
+            if not os.path.samestat(status, os.stat(root)):
+                seen.add((status.st_dev, status.st_ino))  # as if already read
+        except OSError:
+            continue
     # (links followed, relative path, absolute path): a directory is first claimed by its smallest key.
     waiting = [(0, "", root)]
     while waiting:

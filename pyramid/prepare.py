@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pyramid.cli import argument_parser, command_name
 from pyramid.paths import (IMAGE_SUFFIXES, is_temporary_name, remove_abandoned_temporaries, temporary_name,
@@ -62,14 +62,15 @@ def output_name(relative: str) -> str:
 
 
 def refuse_clashes(relatives: list[str]) -> None:
-    """Raise PrepareError naming two source files that would write the same PNG (`a.png`, `a.jpg`)."""
-    seen = {}
+    """Raise PrepareError naming every group of source files that would write the same PNG (`a.png`, `a.jpg`),
+    all in one message, so one rename pass fixes them all."""
+    by_name = {}
     for relative in relatives:
-        name = output_name(relative)
-        if name in seen:
-            raise PrepareError(f"{seen[name]} and {relative} would both become {name}; "
-                               f"rename one of them in the source")
-        seen[name] = relative
+        by_name.setdefault(output_name(relative), []).append(relative)
+    clashes = [f"{' and '.join(group)} would all become {name}" for name, group in by_name.items() if len(group) > 1]
+    if clashes:
+        raise PrepareError(f"{len(clashes)} name clash{'es' if len(clashes) > 1 else ''}: {'; '.join(clashes)}; "
+                           f"rename all but one of each in the source")
 
 
 class FileSource:
@@ -275,7 +276,11 @@ def to_png(data: bytes | None, resolution: int | None) -> bytes:
     """
     if not data:
         raise ValueError("no image bytes")
-    with Image.open(io.BytesIO(data)) as image:
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # Pillow's message names the BytesIO object, which tells the user nothing
+        raise ValueError(f"not an image in any format Pillow reads (it starts with {data[:8]!r})") from None
+    with opened as image:
         image.load()
         upright = image.getexif().get(EXIF_ORIENTATION, 1) == 1
         if image.format == "PNG" and upright and resolution is None:

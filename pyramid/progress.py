@@ -10,6 +10,14 @@ def format_duration(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def format_bytes(count):
+    """A byte count for people: 73_400_000_000 -> '73.4 GB', 2_500_000 -> '2.5 MB', 49_152 -> '49.2 KB'."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count / 1e3:.1f} KB"
+
+
 class Progress:
     """Counts images done out of `total`. `update(done)` takes the running total of all processes.
 

@@ -4,6 +4,7 @@ import _thread
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -18,15 +19,15 @@ from pyramid.decode import DecoderMissing, Preprocess, decoders, image_loader, p
 from pyramid.encoder import DTYPES, Encoder, HostCopies, ModelError, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
 from pyramid.lock import OutputLock
-from pyramid.manifest import adopt_output_tree, build_manifest, read_manifest, version_changes
+from pyramid.manifest import MANIFEST_NAME, adopt_output_tree, build_manifest, read_manifest, version_changes
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_damaged_outputs, find_images, images_to_do,
                            output_path_for, remove_abandoned_temporaries, scan_outputs)
 from pyramid.pool import build_pyramid, finite_images, level_key, pyramid_sizes, split_twins
-from pyramid.progress import Progress, format_duration, log
+from pyramid.progress import Progress, format_bytes, format_duration, log
 from pyramid.runs import append_run, new_run_id, now_iso
 from pyramid.shard import CLAIM_KEY, ChunkSampler, chunk_size_for
 from pyramid.team import Team, cpus_per_process, usable_cpus
-from pyramid.writer import FAILURES_NAME, Writer, default_writer_threads, record_failure
+from pyramid.writer import FAILURES_NAME, Writer, default_writer_threads, estimated_file_bytes, record_failure
 
 
 @dataclass
@@ -37,9 +38,12 @@ class Plan:
     found: int = 0
     skipped: int = 0
     error: str | None = None
+    needed_bytes: int = 0  # the estimated size of the files to write, and the free space of their disk
+    free_bytes: int = 0
     model_info: object = None  # ModelInfo, read once (the weights digest reads every weight file)
     processor: object = None  # the model's image processor
     version_changes: dict = field(default_factory=dict)  # {package: [old, new]} of the files kept
+    new_manifest: bool = False  # this run wrote the directory's first manifest.json
 
 
 def default_num_workers(device):
@@ -90,7 +94,7 @@ def prune_failures(output_dir, retried):
 def plan_run(args, info, dtype, lock=None, pixels=None):
     """Find the images, refuse clashes and foreign manifests, take the directory's `lock` (an OutputLock),
     and list the work left. `pixels`: the pixel pipeline (decode.pixel_pipeline). Main process only."""
-    images = find_images(args.input_dir)
+    images = find_images(args.input_dir, skip=[args.output_dir])  # an output tree inside it is no input
     if args.limit:
         images = images[:args.limit]
     if not images:
@@ -102,6 +106,7 @@ def plan_run(args, info, dtype, lock=None, pixels=None):
         raise UsageError(f"these images would write the same file: {named}; rename or remove one of each")
 
     output_dir = Path(args.output_dir)
+    needed, free = check_free_space(args, info, images, output_dir)  # before anything is written
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -133,7 +138,23 @@ def plan_run(args, info, dtype, lock=None, pixels=None):
     todo = images_to_do(images, finished - damaged)
     prune_failures(output_dir, set(todo))
     return Plan(todo=todo, found=len(images), skipped=len(images) - len(todo), model_info=info,
-                version_changes=changes)
+                version_changes=changes, new_manifest=previous is None, needed_bytes=needed, free_bytes=free)
+
+
+def check_free_space(args, info, images, output_dir):
+    """(bytes the files still to write need, bytes free on the disk of `output_dir`, or of its nearest existing
+    parent); a UsageError when they do not fit, unless --ignore_free_space. A run that learns it lacks space
+    hours later has wasted those hours."""
+    finished, _ = scan_outputs(output_dir)
+    per_file = estimated_file_bytes(pyramid_sizes(info.grid_size), info.hidden_size, args.flip)
+    count = len(images_to_do(images, finished))
+    existing = next(parent for parent in [output_dir, *output_dir.absolute().parents] if parent.exists())
+    free = shutil.disk_usage(existing).free
+    if count * per_file > free and not args.ignore_free_space:
+        raise UsageError(f"the {count} images to do need about {format_bytes(count * per_file)} in {output_dir} "
+                         f"({format_bytes(per_file)} a file) and its disk has {format_bytes(free)} free; free some "
+                         f"space or use another --output_dir (--ignore_free_space starts anyway)")
+    return count * per_file, free
 
 
 class StopNow(KeyboardInterrupt):
@@ -327,7 +348,8 @@ def _run(args, state, team, signals, started, record, lock):
     num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
     if team.is_main:
         log(f"{plan.found} images in {args.input_dir}: {plan.skipped} done already, {len(plan.todo)} to do "
-            f"on {team.world_size} process(es); {args.model} in {dtype} on {device.type}, "
+            f"on {team.world_size} process(es), about {format_bytes(plan.needed_bytes)} to write "
+            f"({format_bytes(plan.free_bytes)} free there); {args.model} in {dtype} on {device.type}, "
             f"batch {batch_size}, {num_workers} decode workers per process, "
             f"chunks of {chunk_size_for(len(plan.todo), team.world_size)}")
         if device.type == "cpu" and team.world_size > 1:
@@ -348,6 +370,10 @@ def _run(args, state, team, signals, started, record, lock):
     except ModelError as error:
         if team.is_main:  # every process loads the same weights: one line says it
             log(f"error: {error}", progress)
+            if plan.new_manifest and tally.written == 0:
+                # A refused run writes no manifest: one naming these weights would refuse the next run,
+                # made once they are fixed, as "other settings".
+                (Path(args.output_dir) / MANIFEST_NAME).unlink(missing_ok=True)
         status = exits.USAGE
     except OSError as error:
         log(f"error: {error}", progress)
@@ -424,10 +450,12 @@ def _close_writer(writer, progress, status):
 def _print_summary(written, skipped, failed, seconds, encoding_seconds, failures_path, stopped, per_process):
     """The run's one summary line; images/s counts the time spent encoding, not loading the model.
     With several processes it ends with the images each did, in rank order."""
-    rate = written / encoding_seconds if encoding_seconds > 0 else 0.0
+    # A rate of nothing ("0.00 images/s") reads as a stalled run: a run with nothing to encode says so.
+    pace = f"{written / encoding_seconds:.2f} images/s while encoding" if written and encoding_seconds > 0 \
+        else "nothing encoded"
     shares = f"; per process: {', '.join(map(str, per_process))}" if len(per_process) > 1 else ""
     log(f"done: {written} written, {skipped} skipped (already there), {failed} failed "
-        f"in {format_duration(seconds)} ({seconds:.1f} s; {rate:.2f} images/s while encoding){shares}")
+        f"in {format_duration(seconds)} ({seconds:.1f} s; {pace}){shares}")
     if failed:
         log(f"the failed images are listed in {failures_path}, each with its reason; fix what it says and rerun")
     if stopped:

@@ -11,6 +11,9 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pyramid import exits
+from pyramid.cli import HelpFormatter, argument_parser, command_name
+
 RUNS_NAME = "runs.jsonl"
 RUN_ID_VARIABLE = "PYRAMID_RUN_ID"
 
@@ -74,17 +77,27 @@ def status_of(output_dir, run_id):
     return None
 
 
-def main(argv):
-    if len(argv) != 3 or argv[0] != "status":
-        print("usage: python -m pyramid.runs status OUTPUT_DIR RUN_ID", file=sys.stderr)
-        return 2
-    status = status_of(argv[1], argv[2])
+def get_args_parser():
+    parser = argument_parser(command_name("pyramid.runs"), __doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = commands.add_parser("status", formatter_class=HelpFormatter,
+                                 help="print the exit status that run RUN_ID reported; exit 1 if it has no line")
+    status.add_argument("output_dir", type=Path, help="the extractor's --output_dir")
+    status.add_argument("run_id", help=f"the run's id, as ${RUN_ID_VARIABLE} named it")
+    return parser
+
+
+def main(args):
+    if not args.output_dir.is_dir():
+        print(f"error: {args.output_dir} is not a directory; pass the extractor's --output_dir", file=sys.stderr)
+        return exits.USAGE
+    status = status_of(args.output_dir, args.run_id)
     if status is None:
-        print(f"no run {argv[2]!r} in {Path(argv[1]) / RUNS_NAME}", file=sys.stderr)
+        print(f"no run {args.run_id!r} in {args.output_dir / RUNS_NAME}", file=sys.stderr)
         return 1
     print(status)
-    return 0
+    return exits.OK
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(get_args_parser().parse_args()))

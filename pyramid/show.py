@@ -2,12 +2,16 @@
 
     python -m pyramid.show data/feature_pyramids/00001.pt --image data/raw_images/00001.png
     python -m pyramid.show data/feature_pyramids --image data/raw_images --grid 8 -o grid.png
+    python -m pyramid.show data/feature_pyramids/00001.pt --image data/raw_images/00001.png --flip
 
 The first three principal components of the patch features, mapped to RGB, are the usual picture
 for DINOv2: parts of a face come out as coherent colours. The basis and the colour scale are fitted
 once, on the finest level (of the file, of the rows drawn, or of `--pca_from`), and applied to every
 level, so a colour means the same thing in every cell of the picture. Projection is linear, so a
 coarse cell's colour (before clipping) is the mean of the four finer cells it was pooled from.
+
+Files made with --flip also hold the mirrored image's pyramid (flip/{s}x{s}); --flip draws it too, in a
+row of its own under each file's row, beside the mirrored image, in the same colours.
 """
 
 import pickle
@@ -21,6 +25,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pyramid.cli import LazyModule, argument_parser, command_name
 from pyramid.paths import IMAGE_SUFFIXES, scan_outputs
 from pyramid.pool import level_side
+
+FLIP_PREFIX = "flip/"  # the extractor's --flip levels: "flip/16x16", ...
 
 torch = LazyModule("torch")  # loaded with the first pyramid, so --help and bad arguments answer at once
 
@@ -57,13 +63,25 @@ def first_line(error):
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+def key_side(key):
+    """The grid side of a level key or of its mirrored twin: '8x8' -> 8, 'flip/8x8' -> 8; None otherwise."""
+    return level_side(key.removeprefix(FLIP_PREFIX) if isinstance(key, str) else key)
+
+
 def levels_finest_first(pyramid):
     """The pyramid's level keys, finest first: {'1x1', '4x4', '2x2'} -> ['4x4', '2x2', '1x1']."""
-    return sorted(pyramid, key=level_side, reverse=True)
+    return sorted(pyramid, key=key_side, reverse=True)
+
+
+def split_twins(pyramid):
+    """(levels, mirrored twins) of a loaded pyramid: {'8x8', 'flip/8x8', ...} -> ({'8x8', ...}, {'flip/8x8', ...})."""
+    twins = {key: value for key, value in pyramid.items() if key.startswith(FLIP_PREFIX)}
+    return {key: value for key, value in pyramid.items() if key not in twins}, twins
 
 
 def load_pyramid(path):
-    """Load a pyramid file and check it is one: a dict of 'sxs' -> float tensor [1, s*s, D], one D."""
+    """Load a pyramid file and check it is one: a dict of 'sxs' (and, from --flip, 'flip/sxs') -> float tensor
+    [1, s*s, D], one D."""
     try:
         with warnings.catch_warnings():  # torch warns about a pickle's protocol before it refuses the file
             warnings.simplefilter("ignore")
@@ -82,9 +100,9 @@ def load_pyramid(path):
                         f"got {type(pyramid).__name__})")
     hidden_sizes = set()
     for key, value in pyramid.items():
-        side = level_side(key)
+        side = key_side(key)
         if side is None:
-            raise ShowError(f"{path}: not a pyramid (key {key!r} is not of the form 'sxs')")
+            raise ShowError(f"{path}: not a pyramid (key {key!r} is not of the form 'sxs' or 'flip/sxs')")
         if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 3
                 and value.shape[0] == 1 and value.shape[1] == side * side):
             shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -92,6 +110,8 @@ def load_pyramid(path):
         hidden_sizes.add(value.shape[2])
     if len(hidden_sizes) > 1:
         raise ShowError(f"{path}: not a pyramid (levels have different hidden sizes {sorted(hidden_sizes)})")
+    if not split_twins(pyramid)[0]:
+        raise ShowError(f"{path}: not a pyramid (only 'flip/' levels, no levels of the image itself)")
     return pyramid
 
 
@@ -170,16 +190,19 @@ def level_picture(tokens, pca, cell):
 # ----------------------------------------------------------------------------- the image
 
 
-def model_view(path, resize=RESIZE_SHORTEST_EDGE, crop=CROP_SIZE):
-    """The image as the model saw it: EXIF orientation applied, RGB, shortest edge resized to
-    `resize` (bicubic), centre crop `crop` x `crop`; the same arithmetic as the dinov2 processor."""
+def model_view(path, resize=RESIZE_SHORTEST_EDGE, crop=CROP_SIZE, mirrored=False):
+    """The image as the model saw it: EXIF orientation applied, RGB, (`mirrored`: flipped left-right, as
+    --flip does before the processor,) shortest edge resized to `resize` (bicubic), centre crop `crop` x
+    `crop`; the same arithmetic as the dinov2 processor."""
+    from PIL import ImageOps
+
     from pyramid.decode import load_rgb, resize_and_crop  # loads torch: imported for the work, not for --help
 
     try:
         image = load_rgb(path)  # the extractor's own input rules
     except Exception as error:
         raise ShowError(f"{path}: not a readable image ({first_line(error)})") from None
-    return resize_and_crop(image, resize, crop, crop)
+    return resize_and_crop(ImageOps.mirror(image) if mirrored else image, resize, crop, crop)
 
 
 def matching_image(image_root, relative):
@@ -255,6 +278,9 @@ def get_args_parser():
     parser.add_argument("--pca_files", type=int, default=64,
                         help="how many files of --pca_from to fit on, evenly spread over the sorted tree")
     parser.add_argument("--cell", type=int, default=CROP_SIZE, help="side of each drawn cell in pixels")
+    parser.add_argument("--flip", action="store_true",
+                        help="also draw the mirrored image's pyramid (the flip/ levels of a file made with the "
+                             "extractor's --flip), in a row under each file's row, beside the mirrored image")
     return parser
 
 
@@ -322,15 +348,27 @@ def main(args):
             raise ShowError("--pca_files and --cell must be positive")
         output = output_path(args)
         planned = rows_to_draw(args)
-        pyramids = {path: load_pyramid(path) for _, path, _ in planned}
+        pyramids = {path: split_twins(load_pyramid(path)) for _, path, _ in planned}  # path -> (levels, twins)
+        if args.flip:
+            unmirrored = [path for path, (_, twins) in pyramids.items() if not twins]
+            if unmirrored:
+                raise ShowError(f"--flip: {unmirrored[0]} has no flip/ levels (the extractor ran without --flip)")
         fitting = pca_fitting_paths(args, [path for _, path, _ in planned])
-        features = [finest_tokens(pyramids[p] if p in pyramids else load_pyramid(p)) for p in fitting]
-        hidden_sizes = {f.shape[1] for f in features} | {finest_tokens(p).shape[1] for p in pyramids.values()}
+        features = [finest_tokens(pyramids[p][0] if p in pyramids else split_twins(load_pyramid(p))[0])
+                    for p in fitting]
+        if args.flip and args.pca_from is None:  # the twins drawn are part of the data the colours fit
+            features += [finest_tokens(twins) for _, twins in pyramids.values()]
+        hidden_sizes = {f.shape[1] for f in features} | {finest_tokens(p).shape[1] for p, _ in pyramids.values()}
         if len(hidden_sizes) > 1:
             raise ShowError(f"the files have different hidden sizes {sorted(hidden_sizes)}: "
                             f"they come from different models and cannot share one PCA")
         pca = fit_pca(torch.cat(features))  # (N, D) from every fitting file's finest level
-        rows = [(name, pyramids[path], model_view(image) if image else None) for name, path, image in planned]
+        rows = []
+        for name, path, image in planned:
+            levels, twins = pyramids[path]
+            rows.append((name, levels, model_view(image) if image else None))
+            if args.flip:
+                rows.append((f"{name} mirrored", twins, model_view(image, mirrored=True) if image else None))
     except ShowError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

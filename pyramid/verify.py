@@ -169,13 +169,13 @@ def check_pack(output_dir):
     from its rows in a current pack (None when there is no pack to compare); problems of the pack itself."""
     import numpy as np
 
-    from pyramid.pack import RECORD_NAME, level_path, pack_dir, read_record, staleness, tree_state
+    from pyramid.pack import RECORD_NAME, level_path, pack_command, pack_dir, read_record, staleness, tree_state
     from pyramid.reader import read_pyramid
 
     directory = pack_dir(output_dir)
     if not directory.exists():
         return None, []
-    rerun = f"rerun python -m pyramid.pack {output_dir}"
+    rerun = f"rerun {pack_command(output_dir)}"
     record = read_record(output_dir)
     if record is None:
         return None, [(directory, f"has no readable {RECORD_NAME}; {rerun}")]
@@ -359,6 +359,11 @@ def recompute_sample(recompute, args, with_files, bad_files):
     return problems, set(differing), report
 
 
+def counted(number, singular, plural=None):
+    """'1 problem', '2 problems', '0 leftover temporaries'."""
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+
+
 def get_args_parser():
     parser = output_tree_parser("pyramid.verify", __doc__, "the extractor's --output_dir", "threads that load files")
     parser.add_argument("--input_dir", type=Path, default=None,
@@ -422,7 +427,7 @@ def main(args):
     bad_files = set()
     missing = []
     if args.input_dir is not None:
-        expected = {output_path_for(image): image for image in find_images(args.input_dir)}
+        expected = {output_path_for(image): image for image in find_images(args.input_dir, skip=[output_dir])}
         present = set(files)
         missing = [image for relative, image in expected.items() if relative not in present]
         problems += [(args.input_dir / image, f"no output file {output_dir / output_path_for(image)}")
@@ -480,11 +485,12 @@ def main(args):
             print(f"  {image}: {error}")
     for line in report:
         print(line)
-    summary = [f"checked {len(files)} files: {len(files) - len(bad_files)} ok, {len(bad_files)} with problems"]
+    summary = [f"checked {counted(len(files), 'file')}: {len(files) - len(bad_files)} ok, "
+               f"{len(bad_files)} with problems"]
     if args.input_dir is not None:
-        summary.append(f"{len(missing)} images without a file")
-    summary += [f"{len(temporaries)} leftover temporaries", f"{len(failures)} recorded failures",
-                f"{len(problems)} problems in all"]
+        summary.append(f"{counted(len(missing), 'image')} without a file")
+    summary += [counted(len(temporaries), "leftover temporary", "leftover temporaries"),
+                counted(len(failures), "recorded failure"), f"{counted(len(problems), 'problem')} in all"]
     print("; ".join(summary))
     return PROBLEMS_FOUND if problems else exits.OK
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 from pyramid.bench import RANDOM_SIZES, save_random_dinov2  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
-KNOWN_IMAGE = DATA / "astronaut.png"
+KNOWN_IMAGE = REPO / "pyramid" / "data" / "astronaut.png"  # shipped in the package: pyramid.bench draws on it
 
 TINY_HIDDEN = RANDOM_SIZES["tiny"][0]
 

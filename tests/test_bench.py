@@ -122,3 +122,18 @@ def test_gpu_table_runs_on_cpu_with_quick_counts(tmp_path, capsys):
         cosines = figures["fidelity"][dtype]
         assert list(cosines) == ["16x16", "8x8", "4x4", "2x2", "1x1"]
         assert all(0.99 < value <= 1.0 + 1e-6 for value in cosines.values()), (dtype, cosines)
+
+
+def test_save_random_model_gives_a_model_the_tools_load(tmp_path):
+    from pyramid.encoder import load_model_info
+
+    directory = tmp_path / "models" / "random-tiny"
+    result = subprocess.run([sys.executable, "-m", "pyramid.bench", "--save_random_model", str(directory),
+                             "--random", "tiny"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"saved a random-weight DINOv2 (tiny: hidden size 32, 2 layers, 2 heads) to "
+                                    f"{directory}; pass --model {directory}")
+    info, _ = load_model_info(directory)
+    assert (info.hidden_size, info.grid_size) == (32, 16) and info.revision.startswith("sha256:")
+    # A second save would mix two models in one folder: refused.
+    assert main(get_args_parser().parse_args(["--save_random_model", str(directory)])) == 2

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ TOOLS = {
     "python -m pyramid.bench": ["--random", "tiny", "--input_dir", "/no/such/dir"],
     "python -m pyramid.stats": ["/no/such/dir"],
     "python -m pyramid.pack": ["/no/such/dir"],
+    "python -m pyramid.runs": ["status", "/no/such/dir", "some-run"],
 }
 
 
@@ -113,9 +115,17 @@ def test_console_commands_match_pyproject():
 
 
 def make_venv(root):
-    """A throwaway virtual environment that sees the system's packages (torch, ...), nothing installed."""
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root)],
-                   check=True, timeout=120)
+    """A throwaway virtual environment, nothing installed in it, that sees the packages (torch, pip, setuptools,
+    ...) of the interpreter running the tests, wherever they are: the system's, or those of the venv that the
+    README's test command made (inside the checkout, say). A .pth file lists that interpreter's import path,
+    less the checkout itself and its tests/ (which the tests put there), so `import pyramid` finds only what
+    the test installs. (`--system-site-packages` would show the packages of the base interpreter the venvs
+    were made from, which a fresh venv's own installs are not.)"""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
+    site_packages, = (root / "lib").glob("python3*/site-packages")
+    inherited = [entry for entry in sys.path
+                 if entry and Path(entry).is_dir() and Path(entry).resolve() not in (REPO, REPO / "tests")]
+    (site_packages / "running_interpreter.pth").write_text("\n".join(inherited) + "\n")
     return root
 
 
@@ -148,6 +158,10 @@ def check_installed(venv, elsewhere, package_root):
                                 text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"usage: {command} "), result.stdout.splitlines()[:1]
+    result = subprocess.run([str(venv / "bin" / "python"), "-m", "pyramid.extract", "--help"], cwd=elsewhere,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m pyramid.extract "), result.stdout.splitlines()[:1]
 
 
 def test_editable_install_serves_imports_and_commands_outside_the_checkout(tmp_path):
@@ -171,4 +185,60 @@ def test_wheel_install_serves_imports_and_commands(tmp_path):
     pip(venv, str(wheel))
     shutil.rmtree(project)  # the installed copy must stand alone
     site_packages, = (venv / "lib").glob("python3*/site-packages")
-    check_installed(venv, tmp_path / "wheels", site_packages)
+    elsewhere = tmp_path / "wheels"
+    check_installed(venv, elsewhere, site_packages)
+
+    # What the wheel says it needs to run: the runtime dependencies, no test tool.
+    metadata = next(site_packages.glob("dinov2_feature_pyramids-*.dist-info")) / "METADATA"
+    required = {requirement_name(line.split(":", 1)[1]) for line in metadata.read_text().splitlines()
+                if line.startswith("Requires-Dist:") and "extra ==" not in line}
+    assert required == {requirement_name(line) for line in pyproject()["project"]["dependencies"]}
+    assert not required & {"pytest", "pypng", "opencv-python-headless", "setuptools"}, required
+
+    # A real bench run of the installed package: its photograph and its extractor come from the wheel.
+    result = subprocess.run([str(venv / "bin" / "pyramid-bench"), "--random", "tiny", "--synthetic", "2",
+                             "--limit", "2", "--batch_size", "2", "--num_workers", "0", "--json"],
+                            cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["images"] == 2 and figures["end_to_end"] > 0, figures
+
+
+def requirement_name(line):
+    """The distribution a requirement line names, normalised: 'Pillow>=10.0' -> 'pillow'."""
+    return re.split(r"[<>=!~;\[ ]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def pyproject():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def requirement_lines(path):
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_requirements_txt_is_the_dependencies_and_the_test_tools():
+    """The README's set-up installs what the package needs and what the tests need; the package asks for the
+    first alone (a training machine does not need pytest)."""
+    project = pyproject()["project"]
+    assert requirement_lines(REPO / "requirements.txt") == project["dependencies"] + project["optional-dependencies"]["test"]
+
+
+def test_the_dependencies_are_what_the_package_imports():
+    """Every third-party module that pyramid/ imports is a dependency, and every dependency is imported."""
+    import ast
+    import importlib.metadata
+
+    optional = {"torchvision"}  # used where installed, never needed (docs/extract.md)
+    imported = set()
+    for path in (REPO / "pyramid").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"pyramid"} - optional
+    distributions = importlib.metadata.packages_distributions()
+    needed = {requirement_name(distributions[module][0]) for module in third_party}
+    assert needed == {requirement_name(line) for line in pyproject()["project"]["dependencies"]}

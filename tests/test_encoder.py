@@ -3,6 +3,7 @@
 import http.server
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -83,11 +84,13 @@ def test_weights_digest_changes_with_the_weights(tmp_path):
 
 def test_unusable_models_are_refused_in_one_line(tmp_path, tiny_model):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match="cannot load model"):
+    with pytest.raises(ModelError, match="this directory has no config.json and no preprocessor_config.json and "
+                                         r"no weights \(\*.safetensors or \*.bin\); a local model is"):
         load_model_info(tmp_path / "empty")
     (tmp_path / "vit").mkdir()
     (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
     (tmp_path / "vit" / "preprocessor_config.json").write_text((tiny_model / "preprocessor_config.json").read_text())
+    (tmp_path / "vit" / "model.safetensors").write_bytes(b"")  # never read: the config refuses it first
     with pytest.raises(ModelError, match="DINOv2"):
         load_model_info(tmp_path / "vit")
 
@@ -112,6 +115,30 @@ def test_which_names_can_only_be_directories(tmp_path, monkeypatch):
         assert looks_local(name), name
     for name in ("facebook/dinov2-base", "dinov2-base", "facebok/dinov2-base"):
         assert not looks_local(name), name
+
+
+def test_a_local_directory_missing_a_file_is_told_so_not_sent_to_the_hub(tmp_path, tiny_model, monkeypatch):
+    """transformers' message for a missing preprocessor_config.json points at huggingface.co."""
+    monkeypatch.chdir(tmp_path)
+    for missing in ("config.json", "preprocessor_config.json", "model.safetensors"):
+        shutil.copytree(tiny_model, tmp_path / "models" / missing)
+        (tmp_path / "models" / missing / missing).unlink()
+        with pytest.raises(ModelError) as error:
+            load_model_info(f"models/{missing}")  # relative, no ./
+        assert str(error.value).startswith(f"--model models/{missing}: this directory has no "), error.value
+        assert "huggingface.co" not in str(error.value)
+
+
+def test_a_relative_path_that_is_not_there_is_named_as_one_too(tmp_path, hub, monkeypatch):
+    """'models/x' is a valid hub id too: when it is not on the hub, the message says it is no directory here either."""
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    hub("http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError) as error:
+        load_model_info("models/x")
+    assert str(error.value).endswith(f"; nor is there a directory models/x in {tmp_path}"), error.value
 
 
 def test_a_missing_local_directory_is_named_at_once(tmp_path):

@@ -112,3 +112,28 @@ def test_a_live_run_refuses_a_second_launch_at_once(tmp_path, tiny_model):
     assert "took over the lock" in result.stderr and len(list((tmp_path / "out").glob("*.pt"))) == 2
     assert not (tmp_path / "out" / LOCK_NAME).exists()  # released at the end
     assert refused_after < 60
+
+
+def test_verify_stats_and_pack_refuse_a_tree_a_live_run_is_writing(tmp_path, capsys):
+    """They read the files at hand: under a live run, half of them (verify said "7 ok")."""
+    from synthetic_trees import write_tree
+
+    from pyramid import pack, stats, verify
+
+    tree = write_tree(tmp_path / "tree", ["a", "b"])
+    tools = {"verify": verify, "stats": stats, "pack": pack}
+    live = OutputLock(tree).acquire()
+    try:
+        for name, tool in tools.items():
+            assert tool.main(tool.get_args_parser().parse_args([str(tree)])) == 2, name
+            assert capsys.readouterr().err == (
+                f"error: {tree} is being written by a live run (host {socket.gethostname()}, process {os.getpid()}); "
+                f"wait for it to end (or stop it and rerun it to finish), then run this again\n"), name
+    finally:
+        live.release()
+    assert not (tree / "stats.pt").exists() and not (tree / "pack").exists()
+    # A lock a killed run left behind blocks nothing.
+    write_lock(tree, host=socket.gethostname(), pid=dead_pid())
+    for name, tool in tools.items():
+        assert tool.main(tool.get_args_parser().parse_args([str(tree)])) == 0, (name, capsys.readouterr())
+    assert (tree / "stats.pt").exists() and (tree / "pack").exists()

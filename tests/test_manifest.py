@@ -203,3 +203,33 @@ def test_the_run_records_its_pipeline_and_notes_other_versions(tmp_path, tiny_mo
     assert read_runs(tmp_path / "out")[-1]["version_changes"] == {"pyspng": ["0.0.1", pyspng.__version__],
                                                                    "torch": ["2.0.0", torch.__version__]}
     assert read_manifest(tmp_path / "out") == {**made, "versions": read_manifest(tmp_path / "out")["versions"]}
+
+
+def test_a_refused_model_leaves_no_manifest_so_the_fixed_model_runs(tmp_path, tiny_model):
+    """A model folder without its weights, then with broken ones: each run exits 2 and writes no manifest,
+    so once the real weights are copied in, the same command runs instead of refusing "other settings"."""
+    from conftest import run_cli, write_images
+
+    write_images(tmp_path / "in", 2)
+    model, out = tmp_path / "model", tmp_path / "out"
+    model.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(tiny_model / name, model / name)
+    command = ["--input_dir", tmp_path / "in", "--output_dir", out, "--model", model]
+
+    result = run_cli(*command)
+    assert result.returncode == 2, result.stderr
+    assert f"--model {model}: this directory has no weights" in result.stderr
+    assert not (out / MANIFEST_NAME).exists()
+
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
+    result = run_cli(*command)
+    assert result.returncode == 2, result.stderr
+    assert "cannot load the weights" in result.stderr
+    assert not (out / MANIFEST_NAME).exists()
+
+    shutil.copy(tiny_model / "model.safetensors", model / "model.safetensors")
+    result = run_cli(*command)
+    assert result.returncode == 0, result.stderr
+    assert "done: 2 written" in result.stderr
+    assert read_manifest(out)["revision"].startswith("sha256:")

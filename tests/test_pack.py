@@ -158,3 +158,25 @@ def test_verify_finds_a_pack_row_that_differs_from_its_file(tree, capsys):
     assert [line for line in lines if "differs" in line] == [
         f"{tree / 'b.pt'}: 2x2 differs from its row 3 in {pack_dir(tree) / '2x2.npy'}; "
         f"rerun python -m pyramid.pack {tree}"]
+
+
+def test_the_advice_to_rebuild_a_stale_pack_rebuilds_what_was_there(tree, capsys):
+    """A pack of 4x4 and 1x1 gone stale: the warning, the refusal and verify give the command with those
+    levels (a plain `pyramid.pack DIR` would pack every level: 73 GB for 70k base-size files)."""
+    assert pack_main(pack_parser().parse_args([str(tree), "--levels", "4x4", "1x1"])) == 0
+    torch.save(make_pyramid(9), tree / "new.pt")
+    command = f"python -m pyramid.pack {tree} --levels 4x4 1x1"
+    with pytest.warns(UserWarning, match=re.escape(f"{command} brings it up to date")):
+        PyramidDataset(tree, levels=["1x1"])
+    with pytest.raises(ValueError, match=re.escape(f"run python -m pyramid.pack {tree} --levels 8x8 4x4 1x1")):
+        PyramidDataset(tree, levels=["8x8"], pack=True)
+    capsys.readouterr()
+    assert verify_main(verify_parser().parse_args([str(tree)])) == 1
+    assert f"is stale, so never read (1 file(s) added since it was packed); rerun {command}\n" in capsys.readouterr().out
+    # The command given rebuilds exactly those levels; once every level is packed, the advice is plain.
+    assert pack_main(pack_parser().parse_args(command.split()[3:])) == 0
+    assert read_record(tree)["levels"] == ["4x4", "1x1"]
+    assert pack_main(pack_parser().parse_args([str(tree)])) == 0
+    (tree / "new.pt").unlink()
+    with pytest.warns(UserWarning, match=re.escape(f"python -m pyramid.pack {tree} brings it up to date")):
+        PyramidDataset(tree, levels=["1x1"])

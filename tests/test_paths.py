@@ -131,6 +131,39 @@ def test_cli_through_a_link_loop_writes_each_image_once(tmp_path, tiny_model):
     assert [record["path"] for record in records] == ["gone.png"]
     assert records[0]["error"] == "FileNotFoundError: dangling symbolic link to 'missing.png'"
     assert result.stderr.count("gone.png") == 1
+def test_find_images_never_enters_a_skipped_directory_by_any_name(tmp_path):
+    for name in ["a.png", "out/00000.png", "out/sub/b.jpg", "keep/c.png"]:
+        touch(tmp_path / name)
+    os.symlink("out", tmp_path / "alias")
+    assert find_images(tmp_path, skip=[tmp_path / "out"]) == ["a.png", "keep/c.png"]
+    assert find_images(tmp_path, skip=[tmp_path / "alias"]) == ["a.png", "keep/c.png"]
+    # The input directory itself, or a directory not made yet, skips nothing.
+    everything = find_images(tmp_path)
+    assert find_images(tmp_path, skip=[tmp_path, tmp_path / "not_yet"]) == everything
+    assert "out/00000.png" in everything
+
+
+def test_an_output_tree_inside_the_input_is_never_read_as_input(tmp_path, tiny_model):
+    """The reviewer's steps: extract into in/out, draw a file with pyramid.show (its picture lands beside the
+    file, in the output tree), extract again. The picture was read as an image (out/out/00000.pt)."""
+    from pyramid import PyramidDataset, show, verify
+
+    root, out = tmp_path / "in", tmp_path / "in" / "out"
+    write_images(root, 2)
+    command = ["--input_dir", root, "--output_dir", out, "--model", tiny_model, "--num_workers", 0]
+    assert run_cli(*command).returncode == 0
+    assert show.main(show.get_args_parser().parse_args([str(out / "00000.pt"), "--cell", "16"])) == 0
+    assert (out / "00000.png").is_file()
+
+    result = run_cli(*command)
+    assert result.returncode == 0, result.stderr
+    assert "2 images in" in result.stderr and "done: 0 written, 2 skipped" in result.stderr
+    assert "s; nothing encoded)" in result.stderr and "images/s" not in result.stderr
+    assert sorted(str(path.relative_to(out)) for path in out.rglob("*.pt")) == ["00000.pt", "00001.pt"]
+    assert len(PyramidDataset(out)) == 2
+    assert verify.main(verify.get_args_parser().parse_args([str(out), "--input_dir", str(root)])) == 0
+
+
 def pyramid_file(path, hidden=8):
     path.parent.mkdir(parents=True, exist_ok=True)
     save_atomic({"16x16": torch.randn(1, 256, hidden), "1x1": torch.randn(1, 1, hidden)}, path)

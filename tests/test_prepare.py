@@ -137,7 +137,9 @@ def test_broken_image_is_reported_by_name_and_skipped(tmp_path, capsys):
     out = tmp_path / "out"
     assert run("--source", source, "--output_dir", out) == 3
     captured = capsys.readouterr()
-    assert "failed: row 1 (broken.parquet)" in captured.err
+    assert "failed: row 1 (broken.parquet): ValueError: not an image in any format Pillow reads (it starts with " \
+           "b'\\x89PNG not')" in captured.err
+    assert "BytesIO" not in captured.err
     assert "2 written, 0 skipped (already there), 1 failed" in captured.out
     assert listing(out) == ["00000.png", "00002.png"]
     # A rerun tries the broken one again and leaves the good ones.
@@ -241,6 +243,15 @@ def test_clashing_names_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "a.jpg" in err and "a.png" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_every_name_clash_is_named_in_one_run(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_images(src, 6, names=["a.png", "a.jpg", "ok.png", "b/c.jpeg", "b/c.webp", "b/c.PNG"])
+    assert run("--source", src, "--output_dir", tmp_path / "out") == 2
+    assert capsys.readouterr().err == (
+        "error: 2 name clashes: a.jpg and a.png would all become a.png; b/c.PNG and b/c.jpeg and b/c.webp would all "
+        "become b/c.png; rename all but one of each in the source\n")
 
 
 @pytest.mark.parametrize("argv, words", [

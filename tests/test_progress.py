@@ -55,3 +55,12 @@ def test_interactive_uses_a_bar():
     progress.update(10)
     progress.close()
     assert "\r" in stream.getvalue() and "10/10" in stream.getvalue()
+
+
+def test_format_bytes():
+    from pyramid.progress import format_bytes
+
+    assert format_bytes(73_400_000_000) == "73.4 GB"
+    assert format_bytes(2_500_000) == "2.5 MB"
+    assert format_bytes(49_152) == "49.2 KB"
+    assert format_bytes(0) == "0.0 KB"

@@ -181,3 +181,14 @@ def test_non_finite_message_names_the_part_and_the_dtype_to_try():
         "rerun with --dtype fp32")
     assert non_finite_message("fp16", [False, False]).startswith(
         "non-finite features (NaN or inf) for the image and its mirror (--flip), computed in fp16")
+
+
+def test_the_summary_of_a_run_with_nothing_to_encode_gives_no_rate(tmp_path, capsys):
+    from pyramid.run import _print_summary
+
+    _print_summary(0, 64, 0, 3.2, 0.0, tmp_path / FAILURES_NAME, False, [0])
+    assert capsys.readouterr().err == ("done: 0 written, 64 skipped (already there), 0 failed in 0:00:03 "
+                                       "(3.2 s; nothing encoded)\n")
+    _print_summary(10, 0, 0, 4.0, 2.0, tmp_path / FAILURES_NAME, False, [6, 4])
+    assert capsys.readouterr().err == ("done: 10 written, 0 skipped (already there), 0 failed in 0:00:04 (4.0 s; "
+                                       "5.00 images/s while encoding); per process: 6, 4\n")

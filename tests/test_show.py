@@ -249,3 +249,66 @@ def test_python_dash_m_runs(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert path.with_suffix(".png").is_file() and "wrote" in result.stdout
+
+
+# ----------------------------------------------------------------------------- files made with --flip
+
+
+def with_twin(pyramid, twin):
+    """A file as the extractor's --flip writes it: the levels, then their flip/ twins."""
+    return {**pyramid, **{f"flip/{key}": value for key, value in twin.items()}}
+
+
+def mirrored(tokens, side=16):
+    """The patch grid mirrored left-right: (s*s, D) -> (s*s, D)."""
+    return tokens.reshape(side, side, -1).flip(1).reshape(side * side, -1)
+
+
+def test_a_file_made_with_flip_is_drawn_and_its_twin_on_request(tmp_path):
+    tokens = two_halves()
+    path = tmp_path / "00001.pt"
+    torch.save(with_twin(make_pyramid(tokens), make_pyramid(mirrored(tokens))), path)
+    cell = 32
+    assert run_show(path, "--cell", cell, "-o", tmp_path / "plain.png") == 0
+    plain = Image.open(tmp_path / "plain.png").convert("RGB")
+    assert plain.size == (show.GAP + 5 * (cell + show.GAP), show.GAP + show.LABEL_HEIGHT + cell + show.GAP)
+
+    assert run_show(path, "--cell", cell, "--flip", "-o", tmp_path / "flip.png") == 0
+    picture = Image.open(tmp_path / "flip.png").convert("RGB")
+    assert picture.size == (plain.width, show.GAP + 2 * (show.LABEL_HEIGHT + cell + show.GAP))
+    image, twin = picture.crop(cell_box(0, 0, cell)), picture.crop(cell_box(1, 0, cell))
+    # The twin row draws the mirrored halves, in the same colours: its left is the image's right.
+    left, right = image.getpixel((2, cell // 2)), image.getpixel((cell - 3, cell // 2))
+    assert sum(abs(a - b) for a, b in zip(left, right)) > 200
+    assert sum(abs(a - b) for a, b in zip(twin.getpixel((2, cell // 2)), right)) < 30
+    assert sum(abs(a - b) for a, b in zip(twin.getpixel((cell - 3, cell // 2)), left)) < 30
+
+
+def test_flip_rows_in_directory_mode_with_mirrored_images(tmp_path):
+    tokens = two_halves()
+    (tmp_path / "pyramids").mkdir()
+    for i in range(2):
+        torch.save(with_twin(make_pyramid(tokens), make_pyramid(mirrored(tokens))), tmp_path / "pyramids" / f"{i}.pt")
+    (tmp_path / "images").mkdir()
+    image = Image.new("RGB", (256, 256), (255, 0, 0))
+    image.paste((0, 0, 255), (128, 0, 256, 256))  # red left half, blue right half
+    for i in range(2):
+        image.save(tmp_path / "images" / f"{i}.png")
+    cell, output = 32, tmp_path / "grid.png"
+    assert run_show(tmp_path / "pyramids", "--image", tmp_path / "images", "--flip", "--cell", cell,
+                    "-o", output) == 0
+    picture = Image.open(output).convert("RGB")
+    assert picture.height == show.GAP + 4 * (show.LABEL_HEIGHT + cell + show.GAP)  # two files, two rows each
+    for row in (0, 2):
+        drawn = picture.crop(cell_box(row, 0, cell))
+        assert_solid(drawn.crop((0, 0, 8, cell)), (255, 0, 0), tolerance=8)
+        twin = picture.crop(cell_box(row + 1, 0, cell))  # the mirrored image: blue on the left
+        assert_solid(twin.crop((0, 0, 8, cell)), (0, 0, 255), tolerance=8)
+
+
+def test_flip_on_a_file_without_twins_is_refused_in_one_line(tmp_path, capsys):
+    path = save_pyramids(tmp_path, 1)[0]
+    assert run_show(path, "--flip", "-o", tmp_path / "o.png") == 2
+    err = capsys.readouterr().err
+    assert "has no flip/ levels" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.png").exists()

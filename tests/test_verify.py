@@ -149,8 +149,8 @@ def test_cli_names_every_problem_one_per_line(tmp_path):
         f"{output / '.00004.pt.tmp.1234'}: leftover temporary file"]
     assert "1 image(s) recorded as failed in failures.jsonl:" in lines
     assert "  00004.png: cannot identify image" in lines
-    assert lines[-1] == ("checked 5 files: 1 ok, 4 with problems; 1 images without a file; "
-                         "1 leftover temporaries; 1 recorded failures; 6 problems in all")
+    assert lines[-1] == ("checked 5 files: 1 ok, 4 with problems; 1 image without a file; "
+                         "1 leftover temporary; 1 recorded failure; 6 problems in all")
 
 
 def test_recorded_failures_alone_are_not_problems(tmp_path, capsys):
@@ -159,7 +159,16 @@ def test_recorded_failures_alone_are_not_problems(tmp_path, capsys):
     status, lines = verify(capsys, output)
     assert status == 0
     assert lines[-2:] == ["  bad.png: truncated", "checked 3 files: 3 ok, 0 with problems; 0 leftover temporaries; "
-                                                  "1 recorded failures; 0 problems in all"]
+                                                  "1 recorded failure; 0 problems in all"]
+
+
+def test_the_summary_counts_one_as_one(tmp_path, capsys):
+    output = write_tree(tmp_path / "out", ["only"])
+    (output / "only.pt").write_bytes(b"torn")
+    status, lines = verify(capsys, output)
+    assert status == 1
+    assert lines[-1] == ("checked 1 file: 0 ok, 1 with problems; 0 leftover temporaries; 0 recorded failures; "
+                         "1 problem in all")
 
 
 def test_a_file_that_disagrees_with_the_manifest(tmp_path, capsys):
