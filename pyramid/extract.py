@@ -44,6 +44,10 @@ def get_args_parser():
     parser.add_argument("--flip", action="store_true",
                         help="also store the pyramid of the image mirrored left-right, as flip/{s}x{s} levels "
                              "in the same file (one forward pass of the doubled batch)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model with torch.compile for speed (a minute or so first); the files are "
+                             "the same to the dtype's rounding; where it cannot compile, one line says so and the "
+                             "run goes on uncompiled")
     parser.add_argument("--fsync", action="store_true",
                         help="flush each file and its directory entry to disk before counting it done, so "
                              "files survive a node crash or power loss too (slower; see docs/scale.md)")
