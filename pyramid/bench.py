@@ -599,9 +599,6 @@ def run_table(args):
         figures["attention"] = attention_kernel(encoder, batch_sizes[0])
         model_bounds = {batch: measure_model(encoder, batch, max(counts.values()) // 2) for batch in batch_sizes}
         encoder = None
-        if args.compile:
-            figures["compiled"] = measure_compiled(info, preprocess, device, dtype, batch_sizes[0],
-                                                   max(counts.values()) // 2, model_bounds[batch_sizes[0]])
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the end-to-end runs are other processes: leave them the GPU's memory
         write_bounds = {batch: measure_write(write_dir, info.hidden_size, info.grid_size, batch,
@@ -641,11 +638,28 @@ def run_table(args):
         fidelity_names = find_images(inputs[256])[:fidelity_count]
         figures["fidelity"] = measure_fidelity(info, preprocess, inputs[256], fidelity_names, device)
         figures["fidelity_images"] = len(fidelity_names)
+        if args.save:
+            Path(args.save).write_text(json.dumps(figures, indent=2) + "\n")
+        if not args.json:  # the table now: compiling (last, a minute or more) may run past a time limit
+            print(format_markdown_table(figures), flush=True)
+        if args.compile:
+            figures["compiled"] = measure_compiled(info, preprocess, device, dtype, batch_sizes[0],
+                                                   max(counts.values()) // 2, model_bounds[batch_sizes[0]])
+            if not args.json:
+                print("\n" + compiled_line(figures["compiled"]))
 
     if args.save:
         Path(args.save).write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures, indent=2) if args.json else format_markdown_table(figures))
+    if args.json:
+        print(json.dumps(figures, indent=2))
     return exits.OK
+
+
+def compiled_line(compiled):
+    """The table's line on --compile: the compiled model bound against eager, or why it could not compile."""
+    return compiled.get("failure") or (
+        f"--compile: model bound {compiled['model_bound']:.1f} images/s at batch {compiled['batch_size']}, "
+        f"{compiled['over_eager']:.2f}x eager; compiling took {compiled['compile_seconds']:.0f} s.")
 
 
 def measure_compiled(info, preprocess, device, dtype, batch_size, count, eager_rate):
@@ -685,8 +699,7 @@ def disk_shortfall(directory, needed):
 
 
 def format_markdown_table(figures):
-    """The table's figures as markdown: one row per input and batch size, the write levers, --compile, the
-    fidelity."""
+    """The table's figures as markdown: one row per input and batch size, the write levers, the fidelity."""
     ideal = "min(decode, model, write)" if figures["device"].startswith("cuda") else "1/(1/decode + 1/model)"
     cpus = f" with {figures['cpus']} CPUs" if figures["device"].startswith("cuda") else ""
     lines = [f"{figures['model']} DINOv2 in {figures['dtype']} on {figures['device_name']}{cpus}, "
@@ -716,11 +729,6 @@ def format_markdown_table(figures):
                      + (f" | {held:.3f} ms |" if held is not None else " | (no schedstat) |"))
     lines += ["", f"Disk-bound: {write['disk_files']} files, then os.sync(): {write['disk_files_per_second']:.0f} "
               f"files/s ({write['disk_mb_per_second']:.0f} MB/s), {figures['write_threads']} writer threads."]
-    compiled = figures.get("compiled")
-    if compiled:
-        lines += ["", compiled.get("failure") or (
-            f"--compile: model bound {compiled['model_bound']:.1f} images/s at batch {compiled['batch_size']}, "
-            f"{compiled['over_eager']:.2f}x eager; compiling took {compiled['compile_seconds']:.0f} s.")]
     levels = next(iter(figures["fidelity"].values()), {})
     lines += ["", f"Fidelity against fp32, min cosine per patch vector over {figures['fidelity_images']} images:",
               "", "| dtype | " + " | ".join(levels) + " |", "|---|" + "---|" * len(levels)]
