@@ -186,20 +186,38 @@ def load_model_info(name):
     return info, processor
 
 
+# The attention kernels SDPA dispatches to, by their aten op, as `attention_kernel` names them.
+SDPA_KERNELS = {
+    "_scaled_dot_product_flash_attention": "sdpa: flash",
+    "_scaled_dot_product_flash_attention_for_cpu": "sdpa: flash (CPU)",
+    "_scaled_dot_product_efficient_attention": "sdpa: mem-efficient",
+    "_scaled_dot_product_cudnn_attention": "sdpa: cuDNN",
+    "_scaled_dot_product_attention_math": "sdpa: math",
+    "_scaled_dot_product_fused_attention_overrideable": "sdpa: device's own",
+}
+
+
 class Encoder:
     """A frozen DINOv2 on `device` computing in `dtype`: uint8 pixels (B, 3, H, W) -> patches (B, G*G, D) fp32.
 
     `normalise` turns the uint8 crops into the processor's float pixels on the device, so the
-    host-to-device copy is uint8 and the model sees exactly the processor's values.
+    host-to-device copy is uint8 and the model sees exactly the processor's values. Attention is
+    PyTorch's scaled_dot_product_attention (SDPA), asked for by name: it picks flash or memory-efficient
+    kernels where the device and dtype have them (`attention_kernel` says which runs).
+
+    `compile=True` runs the model through torch.compile. A batch shorter than the longest one seen
+    (a batch with failures, the last one) is padded with zero images to that length and the padding's
+    output dropped: one shape, so one compilation. Where compiling fails (no compiler, no Triton), the
+    first call says so in one line through `warn` and the model runs uncompiled from then on.
     """
 
-    def __init__(self, info, normalise, device, dtype):
+    def __init__(self, info, normalise, device, dtype, compile=False, warn=None):
         from transformers import AutoModel
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # one bar per run is ours; N loading bars are noise
         try:
-            model = AutoModel.from_pretrained(info.name, dtype=DTYPES[dtype])
+            model = AutoModel.from_pretrained(info.name, dtype=DTYPES[dtype], attn_implementation="sdpa")
         except Exception as error:
             raise ModelError(f"cannot load the weights of {info.name!r}: {error}") from error
         if torch.device(device).type == "cuda" and dtype == "fp32":
@@ -210,12 +228,61 @@ class Encoder:
         self.normalise = normalise
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
+        self.compiled = torch.compile(self.model) if compile else None
+        self.compile_failure = None  # the one line said when compiling failed
+        self._warn = warn
+        self._rows = 0  # the longest batch the compiled model has seen
 
     @torch.inference_mode()
     def __call__(self, pixels):
         pixels = self.normalise(pixels.to(self.device, non_blocking=True))  # (B, 3, H, W) fp32
-        hidden = self.model(pixel_values=pixels.to(self.dtype)).last_hidden_state  # (B, 1+R+G*G, D)
+        hidden = self._forward(pixels.to(self.dtype))  # (B, 1+R+G*G, D)
         return strip_special_tokens(hidden, self.info.num_register_tokens).to(torch.float32)  # (B, G*G, D)
+
+    def _forward(self, pixels):
+        if self.compiled is None:
+            return self.model(pixel_values=pixels).last_hidden_state
+        rows = pixels.shape[0]
+        self._rows = max(self._rows, rows)
+        padded = torch.cat([pixels, pixels.new_zeros((self._rows - rows, *pixels.shape[1:]))]) \
+            if rows < self._rows else pixels  # (rows seen, 3, H, W)
+        try:
+            return self.compiled(pixel_values=padded).last_hidden_state[:rows]
+        except Exception as error:  # the compiler's own errors: no C++ compiler, no Triton, an unsupported op
+            self.compiled = None
+            self.compile_failure = (f"warning: --compile: the model cannot be compiled here "
+                                    f"({type(error).__name__}: {_first_line(error)[:200]}); it runs uncompiled")
+            if self._warn is not None:
+                self._warn(self.compile_failure)
+            return self.model(pixel_values=pixels).last_hidden_state
+
+
+def attention_kernel(encoder, batch_size):
+    """The attention kernel `encoder`'s model runs for a batch of `batch_size` crops, in its dtype on
+    its device: 'sdpa: flash', 'sdpa: mem-efficient', 'sdpa: cuDNN', 'sdpa: math', ... (several joined
+    by ', ' if layers differ), or 'eager: matmul + softmax' where the model never calls SDPA.
+
+    Read off the aten ops one real forward pass dispatches (SDPA picks its kernel per call, from the
+    device, dtype and shapes).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    side = encoder.info.crop_size
+    pixels = torch.zeros((batch_size, 3, side, side), dtype=torch.uint8, device=encoder.device)
+    # no_grad, not inference_mode: under inference_mode the dispatch mode sees SDPA before it picks a kernel.
+    with torch.no_grad(), Seen() as seen:
+        encoder.model(pixel_values=encoder.normalise(pixels).to(encoder.dtype))
+    kernels = sorted(name for op, name in SDPA_KERNELS.items() if op in seen.names)
+    return ", ".join(kernels) if kernels else "eager: matmul + softmax"
 
 
 class CopyDone:
@@ -242,17 +309,20 @@ class HostCopies:
     k's pyramid crosses to the host, and the host never waits for the GPU. It returns the host
     tensors, a CUDA event that completes once they hold their values (the writer waits on it, on its
     own thread), and a `release` that gives the buffers back. A fixed number of pinned buffer sets
-    is reused: `start` blocks while all are lent out, so memory stays flat and a GPU that outruns
-    the writer waits for it instead of queueing without end.
+    is reused: `start` blocks while all are lent out (`waits` counts how often), so memory stays flat
+    and a GPU that outruns the writer waits for it instead of queueing without end. Six sets: each
+    of up to four writer threads holds one while it writes its files from it, and two more let the
+    GPU run ahead.
 
     Elsewhere the levels are already on the host: they are returned as they are, with no event.
     """
 
-    def __init__(self, device, batch_size, buffers=4):
+    def __init__(self, device, batch_size, buffers=6):
         self.device = torch.device(device)
         self.batch_size = batch_size  # the rows of a buffer: a batch with failures is shorter, never longer
         self.buffers = buffers
-        self._made = 0
+        self.waits = 0  # batches that found every buffer set lent out and waited for one
+        self.made = 0  # buffer sets allocated so far, at most `buffers`
         self._free = queue.Queue()  # pinned buffer sets the writer has released
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._device_index = None
@@ -279,9 +349,11 @@ class HostCopies:
 
     def _take_buffer(self, levels):
         """A free pinned buffer set that fits `levels`; a new one while fewer than `buffers` exist."""
-        if self._free.empty() and self._made < self.buffers:
-            self._made += 1
+        if self._free.empty() and self.made < self.buffers:
+            self.made += 1
             return self._allocate(levels)
+        if self._free.empty():
+            self.waits += 1
         buffer = self._free.get()  # blocks while the writer still holds every buffer
         fits = buffer.keys() == levels.keys() and all(
             buffer[key].shape[1:] == value.shape[1:] and buffer[key].shape[0] >= value.shape[0]

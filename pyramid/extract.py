@@ -50,6 +50,10 @@ def get_args_parser():
     parser.add_argument("--ignore_free_space", action="store_true",
                         help="start even when the files to write look larger than the free space on the disk of "
                              "--output_dir (estimated from the model's levels and hidden size and --flip)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model with torch.compile for speed (a minute or so first); the files are "
+                             "the same to the dtype's rounding; where it cannot compile, one line says so and the "
+                             "run goes on uncompiled")
     parser.add_argument("--fsync", action="store_true",
                         help="flush each file and its directory entry to disk before counting it done, so "
                              "files survive a node crash or power loss too (slower; see docs/scale.md)")

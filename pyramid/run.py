@@ -69,6 +69,40 @@ def default_batch_size(device):
     return 64 if torch.device(device).type == "cuda" else 16
 
 
+# Batches each decode worker keeps ready (the DataLoader's prefetch_factor), and those the main process
+# holds besides (the one being pinned, the one being encoded).
+PREFETCHED_PER_WORKER = 2
+HELD_BY_MAIN = 2
+
+
+def shared_memory_needed(batch_size, num_workers, crop_size, flip=False):
+    """Bytes of /dev/shm the decode workers fill at most: each batch of uint8 crops (B, 3, crop, crop),
+    doubled with --flip, crosses from a worker to the main process through shared memory."""
+    if num_workers == 0:
+        return 0
+    batch_bytes = batch_size * 3 * crop_size * crop_size * (2 if flip else 1)
+    return (num_workers * PREFETCHED_PER_WORKER + HELD_BY_MAIN) * batch_bytes
+
+
+def shared_memory_warning(batch_size, num_workers, crop_size, flip=False, shm="/dev/shm"):
+    """One line when `shm` has less room than the decode workers need (a container's 64 MB default), else None."""
+    needed = shared_memory_needed(batch_size, num_workers, crop_size, flip)
+    try:
+        stats = os.statvfs(shm)
+    except OSError:  # no /dev/shm (not Linux): torch shares memory another way
+        return None
+    free = stats.f_bavail * stats.f_frsize
+    if needed <= free:
+        return None
+    return (f"warning: {shm} has {free / 2**20:.0f} MB free, but {num_workers} decode workers at batch {batch_size} "
+            f"hold up to {needed / 2**20:.0f} MB there; workers may die with 'Bus error': give it more (docker run "
+            f"--shm-size={_round_up_gb(needed)}g) or pass a smaller --num_workers or --batch_size")
+
+
+def _round_up_gb(size):
+    return max(1, -(-size // 2**30))
+
+
 def _recorded_path(line):
     """The image path of a failures.jsonl line, or None for a blank or torn line."""
     try:
@@ -228,7 +262,15 @@ def stop_with_launcher():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run(args):
+@dataclass(frozen=True)
+class Stages:
+    """The run's stateful stages, as classes: tests pass their own (a slowed writer, synchronous copies)."""
+
+    writer: type = Writer  # Writer(output_dir, threads=..., fsync=...)
+    copies: type = HostCopies  # HostCopies(device, batch_size)
+
+
+def run(args, stages=Stages()):
     """The whole job in this process, as one of a team of 1..N. Returns the exit status."""
     from accelerate import PartialState
 
@@ -241,7 +283,7 @@ def run(args):
         with StopSignals() as signals:
             stop_with_launcher()
             try:
-                record["status"] = _run(args, state, team, signals, started, record, lock)
+                record["status"] = _run(args, state, team, signals, started, record, lock, stages)
             except StopNow:
                 if team.is_main:
                     log("stopped at once by a second Ctrl-C; every file handed to the writer is complete, "
@@ -317,7 +359,7 @@ class Tally:
         return self.written + self.failed
 
 
-def _run(args, state, team, signals, started, record, lock):
+def _run(args, state, team, signals, started, record, lock, stages):
     device = state.device
     dtype = resolve_dtype(args.dtype, device)
     plan = Plan()
@@ -354,6 +396,9 @@ def _run(args, state, team, signals, started, record, lock):
             f"chunks of {chunk_size_for(len(plan.todo), team.world_size)}")
         if device.type == "cpu" and team.world_size > 1:
             log(_cpu_processes_warning(int(os.environ.get("LOCAL_WORLD_SIZE", team.world_size))))
+        if plan.todo and (warning := shared_memory_warning(batch_size, num_workers, plan.model_info.crop_size,
+                                                          args.flip)):
+            log(warning)
 
     progress = Progress(len(plan.todo)) if team.is_main else None
     tally = Tally()
@@ -362,11 +407,13 @@ def _run(args, state, team, signals, started, record, lock):
     try:
         if plan.todo:
             preprocess = Preprocess(plan.processor, flip=args.flip)
-            encoder = Encoder(plan.model_info, preprocess.normaliser(device), device, dtype)
-            tally.writer = Writer(args.output_dir, threads=default_writer_threads(), fsync=args.fsync)
+            encoder = Encoder(plan.model_info, preprocess.normaliser(device), device, dtype, compile=args.compile,
+                              warn=(lambda line: log(line, progress)) if team.is_main else None)
+            tally.writer = stages.writer(args.output_dir, threads=default_writer_threads(), fsync=args.fsync)
             tally.encoding_started = time.monotonic()
             _encode_share(args.input_dir, args.output_dir, plan.todo, preprocess, encoder, tally, team, signals,
-                          progress, batch_size, num_workers, args.max_pixels)
+                          progress, batch_size, num_workers, stages.copies(encoder.device, batch_size),
+                          args.max_pixels)
     except ModelError as error:
         if team.is_main:  # every process loads the same weights: one line says it
             log(f"error: {error}", progress)
@@ -496,7 +543,7 @@ def non_finite_message(dtype, flags):
 
 
 def _encode_share(input_dir, output_dir, todo, preprocess, encoder, tally, team, signals, progress,
-                  batch_size, num_workers, max_pixels=None):
+                  batch_size, num_workers, copies, max_pixels=None):
     """Decode, encode and pool the chunks of the to-do list this process claims, handing the pyramids
     to the writer. Claims go through the team's store as the loader asks for more: no collectives."""
     sampler = ChunkSampler(len(todo), chunk_size_for(len(todo), team.world_size), lambda: team.add(CLAIM_KEY) - 1)
@@ -504,7 +551,6 @@ def _encode_share(input_dir, output_dir, todo, preprocess, encoder, tally, team,
                           pin_memory=encoder.device.type == "cuda", sampler=sampler, max_pixels=max_pixels)
     grid_size = encoder.info.grid_size
     parts = 2 if preprocess.flip else 1
-    copies = HostCopies(encoder.device, batch_size)
     dtype = {value: name for name, value in DTYPES.items()}[encoder.dtype]
 
     def report_non_finite(images, position, flags):  # called by a writer thread

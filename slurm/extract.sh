@@ -14,13 +14,24 @@
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gres=gpu:4                 # the node's GPUs: one extraction process each
-#SBATCH --cpus-per-task=32           # decode workers: about 8 cores per GPU keep dinov2-base fed
-#SBATCH --mem=64G
+#SBATCH --cpus-per-task=64           # 16 cores per GPU: see 'Node sizing' below
+#SBATCH --mem=96G                    # 24 GB per GPU process: see 'Node sizing' below
 #SBATCH --time=04:00:00
 #SBATCH --signal=B:USR1@300          # SIGUSR1 to this script 5 minutes before the limit
 #SBATCH --requeue
 #SBATCH --open-mode=append           # a requeued run appends to the same log
 #SBATCH --output=logs/%x-%j.out      # logs/ must exist where you submit (the repository ships it)
+#
+# Node sizing, per GPU (dinov2-base in fp16 does ~4,000 images/s on an H100; docs/gpu.md):
+#   256x256 PNGs (python -m pyramid.prepare --resolution 256): 16 cores, ~10 decoding (~400 images/s each),
+#     ~2 writing the 1 MB files, 1 feeding the GPU.
+#   1024x1024 PNGs: decode-bound at ~35 images/s per core whatever the GPU: 16 cores give ~500 images/s,
+#     more cores more (64 per GPU: ~2,000). Preparing the images at 256 is cheaper than cores.
+#   Memory: ~1.5 GB for the main process and ~0.4 GB per decode worker, plus the page cache the files
+#     pass through (it counts against --mem: past ~20% of it, writers wait for the disk).
+#   /dev/shm: decode workers hand batches over in shared memory, (2 x workers + 2) batches of
+#     batch x 150 KB each: ~300 MB per GPU process at batch 64 with 15 workers, twice that with --flip.
+#     Containers often give 64 MB (docker: --shm-size=1g per GPU); the extractor warns when it is short.
 #
 # ---- EDIT for your cluster: delete the first '#' of a line to use it ------------------------------
 ##SBATCH --partition=gpu

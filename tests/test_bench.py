@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from pyramid.bench import (bound_name, get_args_parser, ideal_rate, main, measure_write, write_synthetic_faces,
-                           write_table_inputs)
+from pyramid.bench import (bound_name, dirty_limit_bytes, get_args_parser, ideal_rate, main, measure_write,
+                           write_levers, write_regime, write_synthetic_faces, write_table_inputs)
 
 
 def test_ideal_rate_overlaps_on_gpu_and_adds_up_on_cpu():
@@ -23,20 +24,60 @@ def test_ideal_rate_overlaps_on_gpu_and_adds_up_on_cpu():
     assert bound_name({"decode": 30.0, "model": 10.0, "write": 20.0}) == "model"
 
 
-def test_write_bound_writes_real_files_and_cleans_up(tmp_path, monkeypatch):
+@pytest.mark.parametrize("serialise, function", [("layout", "write_atomic"), ("torch.save", "save_atomic")])
+def test_write_bound_writes_real_files_and_cleans_up(tmp_path, monkeypatch, serialise, function):
     import pyramid.writer
 
-    saved = []
-    real_save = pyramid.writer.save_atomic
-    monkeypatch.setattr(pyramid.writer, "save_atomic",
-                        lambda obj, path, **options: (saved.append(obj), real_save(obj, path, **options)))
-    files_per_second, megabytes_per_second = measure_write(tmp_path, 8, 4, 3, 7, threads=2)
-    assert len(saved) == 9  # whole batches: 7 files asked, 3 batches of 3
-    assert all(value.shape == (1, side * side, 8) for pyramid in saved
-               for value, side in zip(pyramid.values(), (4, 2, 1)))
+    written = []
+    real = getattr(pyramid.writer, function)
+    monkeypatch.setattr(pyramid.writer, function,
+                        lambda content, path, **options: (written.append(path), real(content, path, **options)))
+    files_per_second, megabytes_per_second, used = measure_write(tmp_path, 8, 4, 3, 7, threads=2, serialise=serialise)
+    assert len(written) == 9 and used == serialise  # whole batches: 7 files asked, 3 batches of 3
     file_bytes = 4 * 8 * (16 + 4 + 1)
     assert 0 < files_per_second and megabytes_per_second > files_per_second * file_bytes / 1e6  # + zip overhead
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_regime_tells_memory_page_cache_and_disk_apart(tmp_path):
+    limit = dirty_limit_bytes()
+    assert limit is not None and limit > 0  # Linux: /proc/sys/vm and /proc/meminfo
+    assert write_regime(tmp_path, 10**6) == "page cache" or write_regime(tmp_path, 10**6) == "memory (tmpfs)"
+    if write_regime(tmp_path, 10**6) == "page cache":
+        assert write_regime(tmp_path, 2 * limit) == "disk"
+    if Path("/dev/shm").is_dir():
+        assert write_regime("/dev/shm", 10**15) == "memory (tmpfs)"
+
+
+def test_write_levers_measure_both_serialisers_and_the_gil(tmp_path):
+    levers = write_levers(tmp_path, 8, 4, 4, 8, (1, 2), rounds=1)
+    assert set(levers["files_per_second"]) == {"layout", "torch.save"}
+    assert all(set(per) == {"1", "2"} and all(rate > 0 for rate in per.values())
+               for per in levers["files_per_second"].values())
+    assert all(value is None or value >= 0 for value in levers["gil_ms_per_file"].values())
+    assert levers["serialiser"] == "layout" and levers["regime"] in ("page cache", "memory (tmpfs)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_preflight_says_what_a_run_here_would_use(capsys):
+    assert main(get_args_parser().parse_args(["--preflight", "--random", "tiny", "--num_workers", "1"])) == 0
+    lines = capsys.readouterr().out.splitlines()
+    said = {line.partition(":")[0]: line for line in lines}
+    assert said["device"].startswith("device: cpu (torch sees no CUDA device)")
+    assert "torch " + torch.__version__ in said["libraries"]
+    assert said["PNG decoder"].startswith("PNG decoder: pyspng ")  # installed here (requirements.txt)
+    assert said["attention"].startswith("attention: sdpa: ") and "fp32, batch 16, cpu" in said["attention"]
+    assert said["files"].startswith("files: torch.save's bytes made by ArchiveLayout")
+    assert "image processor" in said and "/dev/shm" in said and "torch.compile" in said and "disk" in said
+
+
+def test_preflight_names_the_missing_png_decoder(capsys, monkeypatch):
+    import pyramid.decode
+
+    monkeypatch.setattr(pyramid.decode, "pyspng", None)
+    assert main(get_args_parser().parse_args(["--preflight", "--random", "tiny", "--num_workers", "0"])) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("PNG decoder"))
+    assert "pyspng is not installed" in line and "docs/gpu.md" in line
 
 
 def test_table_inputs_are_prepare_sized_pngs(tmp_path):
@@ -99,10 +140,12 @@ def test_reader_figures_side_by_side_on_a_synthetic_tree():
     assert figures["preload_seconds"] > 0
     for name, (rate, size) in rows.items():
         assert 0 < rate < 1e7 and 1.0e6 < size < 1.1e6, name
-def test_gpu_table_runs_on_cpu_with_quick_counts(tmp_path, capsys):
+def test_gpu_table_runs_on_cpu_with_quick_counts(tmp_path, capsys, monkeypatch):
     # In this process (the end-to-end runs are subprocesses all the same), no decode workers: seconds saved.
+    # torch.compile stands aside (compiling takes minutes here): --compile's measuring code still runs.
+    monkeypatch.setattr(torch, "compile", lambda model, **options: model)
     args = get_args_parser().parse_args(["--table", "--random", "tiny", "--quick", "--batch_sizes", "4",
-                                         "--num_workers", "0", "--save", str(tmp_path / "table.json")])
+                                         "--num_workers", "0", "--compile", "--save", str(tmp_path / "table.json")])
     assert main(args) == 0
     markdown = capsys.readouterr().out
     figures = json.loads((tmp_path / "table.json").read_text())
@@ -116,6 +159,12 @@ def test_gpu_table_runs_on_cpu_with_quick_counts(tmp_path, capsys):
         assert row["ideal"] == pytest.approx(1 / (1 / rates["model"] + 1 / rates["decode"]))
         assert row["end_to_end_over_ideal"] == pytest.approx(row["end_to_end"] / row["ideal"])
         assert row["bound"] == min(rates, key=rates.get)
+    assert all(row["files_went_to"] in ("page cache", "memory (tmpfs)") for row in figures["rows"])
+    assert figures["serialiser"] == "layout" and figures["attention"].startswith("sdpa: ")
+    write = figures["write"]
+    assert set(write["files_per_second"]) == {"layout", "torch.save"} and write["disk_files_per_second"] > 0
+    assert "| layout | " in markdown and "| torch.save | " in markdown and "Disk-bound: " in markdown
+    assert figures["compiled"]["model_bound"] > 0 and "--compile: model bound" in markdown
     # 256x256 PNGs decode faster than 1024x1024 ones: the two inputs really differ.
     assert figures["rows"][1]["decode_bound"] > figures["rows"][0]["decode_bound"]
     for dtype in ("fp16", "bf16"):  # computed on CPU here, on the GPU there

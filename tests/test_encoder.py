@@ -207,3 +207,81 @@ def test_a_hub_id_the_hub_does_not_have(hub):
             load_model_info("facebok/dinov2-base")
     finally:
         server.shutdown()
+
+
+def test_attention_is_sdpa_asked_for_by_name_and_the_kernel_is_named(tiny_model):
+    from transformers import AutoModel
+
+    from pyramid.encoder import attention_kernel
+
+    info, processor = load_model_info(tiny_model)
+    encoder = Encoder(info, Preprocess(processor).normaliser("cpu"), "cpu", "fp32")
+    assert encoder.model.config._attn_implementation == "sdpa"
+    assert attention_kernel(encoder, 2).startswith("sdpa: ")  # on this CPU: "sdpa: flash (CPU)"
+    encoder.model = AutoModel.from_pretrained(tiny_model, attn_implementation="eager")
+    assert attention_kernel(encoder, 2) == "eager: matmul + softmax"
+
+
+class Shapes:
+    """Stands in for the compiled model: runs the model, keeping the batch shapes it was called with."""
+
+    def __init__(self, model, fail=False):
+        self.model, self.fail, self.shapes = model, fail, []
+
+    def __call__(self, pixel_values):
+        self.shapes.append(tuple(pixel_values.shape))
+        if self.fail:
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore lines")
+        return self.model(pixel_values=pixel_values)
+
+
+def test_compiled_model_sees_one_shape_and_short_batches_keep_their_values(tiny_model):
+    info, processor = load_model_info(tiny_model)
+    normalise = Preprocess(processor).normaliser("cpu")
+    eager = Encoder(info, normalise, "cpu", "fp32")
+    compiled = Encoder(info, normalise, "cpu", "fp32")
+    compiled.compiled = Shapes(compiled.model)
+    pixels = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)
+    for rows in (4, 3, 1, 4):  # a batch with failures, the last batch: padded to the longest seen
+        assert torch.allclose(compiled(pixels[:rows]), eager(pixels[:rows]), atol=1e-5)
+    assert compiled.compiled.shapes == [(4, 3, 224, 224)] * 4
+
+
+def test_a_model_that_cannot_compile_says_so_once_and_runs_uncompiled(tiny_model):
+    info, processor = load_model_info(tiny_model)
+    said = []
+    encoder = Encoder(info, Preprocess(processor).normaliser("cpu"), "cpu", "fp32", warn=said.append)
+    encoder.compiled = Shapes(encoder.model, fail=True)
+    pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    first, second = encoder(pixels), encoder(pixels)
+    assert torch.equal(first, second) and encoder.compiled is None
+    assert said == ["warning: --compile: the model cannot be compiled here (RuntimeError: InvalidCxxCompiler: "
+                    "No working C++ compiler found); it runs uncompiled"]
+
+
+def test_compile_on_a_machine_without_a_compiler_runs_uncompiled_with_one_line(tmp_path, tiny_model):
+    # A real failure: torch.compile's CPU backend needs a C++ compiler, and CXX names none. Slow (~20 s on
+    # a quiet 2-core machine: the model is traced before the compiler is looked for), but it is the only
+    # check that --compile reaches the model and that a failed compilation costs nothing but its line.
+    from conftest import run_cli, write_images
+    from pyramid.decode import load_rgb
+    from pyramid.pool import build_pyramid
+
+    paths = write_images(tmp_path / "in", 3)
+    result = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
+                     "--batch_size", 2, "--num_workers", 0, "--compile", env={"CXX": "/nonexistent/c++"})
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "--compile" in line]
+    assert len(said) == 1 and said[0].startswith("warning: --compile: the model cannot be compiled here ("), said
+    assert "C++ compiler" in said[0] and said[0].endswith("it runs uncompiled")
+    # The files are the uncompiled model's, bit for bit: the same batches of 2 and 1, computed here.
+    info, processor = load_model_info(tiny_model)
+    preprocess = Preprocess(processor)
+    encoder = Encoder(info, preprocess.normaliser("cpu"), "cpu", "fp32")
+    pixels = torch.stack([preprocess(load_rgb(path)) for path in paths])
+    expected = [build_pyramid(encoder(pixels[start:start + 2]), info.grid_size) for start in (0, 2)]
+    for number, path in enumerate(sorted((tmp_path / "out").glob("*.pt"))):
+        written = torch.load(path, weights_only=True)
+        assert all(torch.equal(written[key][0], expected[number // 2][key][number % 2]) for key in written), path
+    record = json.loads((tmp_path / "out" / "runs.jsonl").read_text().splitlines()[-1])
+    assert record["settings"]["compile"] is True

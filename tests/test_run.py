@@ -192,3 +192,16 @@ def test_the_summary_of_a_run_with_nothing_to_encode_gives_no_rate(tmp_path, cap
     _print_summary(10, 0, 0, 4.0, 2.0, tmp_path / FAILURES_NAME, False, [6, 4])
     assert capsys.readouterr().err == ("done: 10 written, 0 skipped (already there), 0 failed in 0:00:04 (4.0 s; "
                                        "5.00 images/s while encoding); per process: 6, 4\n")
+
+
+def test_shared_memory_the_decode_workers_need():
+    from pyramid.run import shared_memory_needed, shared_memory_warning
+
+    # (15 workers x 2 prefetched + 2 held) batches of 64 uint8 224x224 crops; --flip doubles each batch.
+    assert shared_memory_needed(64, 15, 224) == 32 * 64 * 3 * 224 * 224 == 308_281_344
+    assert shared_memory_needed(64, 15, 224, flip=True) == 2 * 308_281_344
+    assert shared_memory_needed(64, 0, 224) == 0  # no workers: nothing crosses processes
+    assert shared_memory_warning(16, 2, 224, shm="/") is None  # plenty of room
+    line = shared_memory_warning(10**6, 15, 224, shm="/")  # far more than any disk
+    assert line.startswith("warning: / has ") and "15 decode workers at batch 1000000 hold up to " in line
+    assert "--shm-size=" in line and "--num_workers" in line and "\n" not in line

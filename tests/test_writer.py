@@ -1,14 +1,18 @@
 """pyramid/writer.py: atomic files, the failures record, write errors."""
 
+import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from pyramid.paths import scan_outputs
-from pyramid.pool import build_pyramid
-from pyramid.writer import Writer, record_failure, save_atomic
+from pyramid.paths import is_complete_archive, scan_outputs
+from pyramid.pool import build_pyramid, split_pyramids, split_twins
+from pyramid.writer import Writer, record_failure, save_atomic, write_atomic
 
 
 def test_save_atomic_leaves_only_the_final_file(tmp_path):
@@ -154,3 +158,83 @@ def test_a_failure_record_that_cannot_be_written_is_a_write_error(tmp_path):
     with pytest.raises(OSError, match="No space"):
         writer.close()
     assert writer.written == 0 and writer.non_finite == 0
+
+
+def torch_save_bytes(pyramid):
+    buffer = io.BytesIO()
+    torch.save(pyramid, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_files_are_torch_saves_bytes_without_torch_save(tmp_path, monkeypatch, flip):
+    with torch.inference_mode():  # as the encoder makes them
+        levels = build_pyramid(torch.randn(6 if flip else 3, 256, 768), 16)  # base size: 1 MB files
+    if flip:
+        levels = split_twins(levels)
+    saves = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (saves.append(1), real_save(*args, **kwargs)))
+    writer = Writer(tmp_path, threads=2)
+    writer.submit_batch(["a.pt", "b.pt", "c.pt"], levels)
+    writer.close()
+    assert all(layout is not None for layout in writer.layouts.values())
+    assert len(saves) <= 2  # the layout (zeros) and the check of its first file; no torch.save per file
+    for name, pyramid in zip(["a.pt", "b.pt", "c.pt"], split_pyramids(levels)):
+        assert (tmp_path / name).read_bytes() == torch_save_bytes(pyramid), name
+        assert is_complete_archive(tmp_path / name)
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert list(loaded) == list(levels) and all(
+        value.is_contiguous() and value.untyped_storage().nbytes() == value.numel() * 4 for value in loaded.values())
+    # Zip tools read them as torch.save's: every record's CRC32 checked.
+    checked = subprocess.run([sys.executable, "-m", "zipfile", "-t", str(tmp_path / "b.pt")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0 and "Done testing" in checked.stdout, checked.stdout + checked.stderr
+    if shutil.which("unzip"):
+        checked = subprocess.run(["unzip", "-t", str(tmp_path / "b.pt")], capture_output=True, text=True)
+        assert checked.returncode == 0 and "No errors detected" in checked.stdout, checked.stdout
+
+
+def test_a_torch_save_laid_out_otherwise_is_used_as_it_is(tmp_path, monkeypatch):
+    # torch.save without CRC32s (a setting of recent torch, per thread) makes archives ArchiveLayout does not
+    # reproduce: its first-file check sees that, and torch.save writes every file.
+    from torch.utils.serialization import config
+
+    real_save = torch.save
+
+    def save_without_crc32(*args, **kwargs):
+        before, config.save.compute_crc32 = config.save.compute_crc32, False
+        try:
+            return real_save(*args, **kwargs)
+        finally:
+            config.save.compute_crc32 = before
+
+    monkeypatch.setattr(torch, "save", save_without_crc32)
+    levels = build_pyramid(torch.randn(2, 16, 8), 4)
+    writer = Writer(tmp_path)
+    writer.submit_batch(["a.pt", "b.pt"], levels)
+    writer.close()
+    assert list(writer.layouts.values()) == [None]
+    assert (tmp_path / "b.pt").read_bytes() == torch_save_bytes(split_pyramids(levels)[1])
+
+
+def test_torch_save_serialiser_writes_the_same_bytes(tmp_path):
+    levels = build_pyramid(torch.randn(2, 64, 8), 8)
+    for serialise in ("layout", "torch.save"):
+        writer = Writer(tmp_path / serialise, serialise=serialise)
+        writer.submit_batch(["a.pt", "b.pt"], levels)
+        writer.close()
+    assert (tmp_path / "layout" / "b.pt").read_bytes() == (tmp_path / "torch.save" / "b.pt").read_bytes()
+    with pytest.raises(ValueError, match="serialise"):
+        Writer(tmp_path, serialise="pickle")
+
+
+def test_write_atomic_finishes_files_the_kernel_takes_in_parts(tmp_path, monkeypatch):
+    real_writev = os.writev
+    calls = []
+    monkeypatch.setattr(os, "writev", lambda fd, buffers: (calls.append(1), real_writev(
+        fd, [bytes(b"".join(bytes(piece) for piece in buffers)[:1000])]))[1])
+    pieces = [b"head", memoryview(bytes(range(256)) * 20), b"", bytearray(b"tail")]
+    write_atomic(pieces, tmp_path / "a.pt")
+    assert (tmp_path / "a.pt").read_bytes() == b"".join(bytes(piece) for piece in pieces)
+    assert len(calls) == 6 and sorted(os.listdir(tmp_path)) == ["a.pt"]
