@@ -356,8 +356,9 @@ def test_disk_full_gives_one_clear_error_and_no_partial_file(tmp_path, tiny_mode
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs to fill ({mounted.stderr.decode().strip()}); needs root")
     try:
+        # --ignore_free_space: the run must start and meet the full disk, not be refused up front.
         result = run_cli("--input_dir", input_dir, "--output_dir", small / "out", "--model", tiny_model,
-                         "--limit", 12, "--batch_size", 2, "--num_workers", 0)
+                         "--limit", 12, "--batch_size", 2, "--num_workers", 0, "--ignore_free_space")
         written = outputs(small / "out")
         assert_complete_and_equal(small / "out", reference)
         left = temporaries(small / "out")
