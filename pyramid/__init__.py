@@ -16,7 +16,7 @@ Module map, one stage a module:
     exits.py     exit statuses and the usage error
     progress.py  a tqdm bar on a terminal, plain lines in logs
     extract.py   the extractor's command line (extract_distributed.py, python -m pyramid.extract): parse, check, run
-    run.py       the run loop: accelerate state, DataLoader, encode, pool, write, summary
+    loop.py      the run loop: accelerate state, DataLoader, encode, pool, write, summary
     prepare.py   download / copy an FFHQ or CelebA-HQ subset into data/raw_images/
     verify.py    check a finished output tree
     dataset.py   PyramidDataset, the reader for the training phase (files, pack or preload, normalised, flipped)

@@ -470,7 +470,7 @@ def main(args):
     from pyramid.decode import Preprocess
     from pyramid.encoder import Encoder, load_model_info, resolve_dtype
     from pyramid.paths import find_images
-    from pyramid.run import default_batch_size, default_num_workers
+    from pyramid.loop import default_batch_size, default_num_workers
     from pyramid.writer import default_writer_threads
 
     with tempfile.TemporaryDirectory(prefix="pyramid-bench-") as scratch:
@@ -598,7 +598,7 @@ def run_table(args):
     from pyramid.decode import Preprocess
     from pyramid.encoder import Encoder, attention_kernel, load_model_info, resolve_dtype
     from pyramid.paths import find_images
-    from pyramid.run import default_num_workers
+    from pyramid.loop import default_num_workers
     from pyramid.writer import default_writer_threads
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -782,7 +782,7 @@ def run_preflight(args):
     from pyramid.decode import Preprocess
     from pyramid.encoder import Encoder, attention_kernel, load_model_info, resolve_dtype
     from pyramid.pool import build_pyramid
-    from pyramid.run import default_batch_size, default_num_workers, shared_memory_needed, shared_memory_warning
+    from pyramid.loop import default_batch_size, default_num_workers, shared_memory_needed, shared_memory_warning
     from pyramid.writer import checked_layout, default_writer_threads
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

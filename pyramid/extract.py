@@ -97,7 +97,7 @@ def main(args):
     # of the decode bound. It must be set before torch loads; an explicit setting is kept.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        from pyramid.run import run  # torch and transformers load only for a run that can start
+        from pyramid.loop import run  # torch and transformers load only for a run that can start
 
         return run(args)
     except KeyboardInterrupt:  # Ctrl-C before the run could stop cleanly, or a second one

@@ -60,7 +60,7 @@ def option_help(help_text, option):
 
 @pytest.mark.parametrize("command", ["python extract_distributed.py", "python -m pyramid.bench"])
 def test_num_workers_help_says_what_the_code_does(command, monkeypatch):
-    from pyramid.run import default_num_workers
+    from pyramid.loop import default_num_workers
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cores = len(os.sched_getaffinity(0))

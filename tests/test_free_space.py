@@ -1,4 +1,4 @@
-"""Free space: a run whose files cannot fit on the output disk is refused before it starts (pyramid/run.py),
+"""Free space: a run whose files cannot fit on the output disk is refused before it starts (pyramid/loop.py),
 from the size a file takes (pyramid/writer.py's estimate), on a real small filesystem."""
 
 import os

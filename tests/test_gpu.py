@@ -256,9 +256,9 @@ class Watched:
 
 
 def extract_in_process(input_dir, output_dir, model, batch_size, *options, stages=None):
-    """The extractor's own run in this process, with `stages` (pyramid.run.Stages) in place of the run's."""
+    """The extractor's own run in this process, with `stages` (pyramid.loop.Stages) in place of the run's."""
     from pyramid.extract import get_args_parser
-    from pyramid.run import Stages, run
+    from pyramid.loop import Stages, run
 
     args = get_args_parser().parse_args(["--input_dir", str(input_dir), "--output_dir", str(output_dir),
                                          "--model", str(model), "--batch_size", str(batch_size),
@@ -295,7 +295,7 @@ def test_async_copies_and_writers_give_the_synchronous_files_bit_for_bit(device,
                                                                            tmp_path):
     if device == "cpu" and IN_REPORT:
         pytest.skip("the CPU variant runs in the CPU suite")
-    from pyramid.run import Stages
+    from pyramid.loop import Stages
 
     input_dir, count, batch_size, broken = async_inputs(device)
     runs = {}
