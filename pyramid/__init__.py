@@ -6,7 +6,7 @@ Module map, one stage a module:
                  a crash cut short included)
     decode.py    open an image by the input rules (EXIF, RGB, 16-bit) and preprocess it in DataLoader workers
     encoder.py   the DINOv2 model and its image processor: uint8 batch in, patch grid out
-    pool.py      strip CLS/register tokens, 2x2-average the 16x16 grid down to 1x1
+    levels.py    strip CLS/register tokens, 2x2-average the 16x16 grid down to 1x1
     writer.py    atomic .pt writes (torch.save's bytes, the GIL mostly free) on background threads, failures.jsonl
     manifest.py  what made the files (manifest.json), the refusal to mix settings, --overwrite's replacement
     runs.py      runs.jsonl: one line per run (status, counts, times, settings) for scripts

@@ -102,7 +102,7 @@ def measure_decode(input_dir, names, preprocess, batch_size, num_workers):
 
 def measure_model(encoder, batch_size, count):
     """Images/s of the forward pass and pooling alone, on ready uint8 batches already on the device."""
-    from pyramid.pool import build_pyramid
+    from pyramid.levels import build_pyramid
 
     side = encoder.info.crop_size
     pixels = torch.randint(0, 256, (batch_size, 3, side, side), dtype=torch.uint8, device=encoder.device)
@@ -126,7 +126,7 @@ def measure_write(output_dir, hidden_size, grid_size, batch_size, count, threads
     of `output_dir` (in a temporary directory inside it, removed after). With `sync` the clock stops
     only once the files are on the disk (os.sync): the disk's pace, not the page cache's. Returns
     (files/s, MB/s, the serialiser the files were made by: "layout" or "torch.save")."""
-    from pyramid.pool import build_pyramid
+    from pyramid.levels import build_pyramid
     from pyramid.writer import Writer
 
     levels = build_pyramid(torch.randn(batch_size, grid_size * grid_size, hidden_size), grid_size)
@@ -159,7 +159,7 @@ def measure_writer_gil(output_dir, hidden_size, grid_size, batch_size, serialise
     import statistics
     import threading
 
-    from pyramid.pool import build_pyramid
+    from pyramid.levels import build_pyramid
     from pyramid.writer import Writer
 
     levels = build_pyramid(torch.randn(batch_size, grid_size * grid_size, hidden_size), grid_size)
@@ -318,7 +318,7 @@ def straightforward_extract(model_name, input_dir, names, output_dir, batch_size
     from transformers import AutoImageProcessor, AutoModel
 
     from pyramid.encoder import DTYPES
-    from pyramid.pool import build_pyramid, split_pyramids, strip_special_tokens
+    from pyramid.levels import build_pyramid, split_pyramids, strip_special_tokens
 
     processor = AutoImageProcessor.from_pretrained(model_name)
     model = AutoModel.from_pretrained(model_name, dtype=DTYPES[dtype]).to(device).eval()
@@ -568,7 +568,7 @@ def measure_fidelity(info, preprocess, input_dir, names, device, dtypes=("fp16",
     {"fp16": {"16x16": 0.99999, ...}, ...}; a dtype the device cannot compute in is left out."""
     from pyramid.decode import load_rgb
     from pyramid.encoder import Encoder
-    from pyramid.pool import build_pyramid
+    from pyramid.levels import build_pyramid
 
     pixels = torch.stack([preprocess(load_rgb(Path(input_dir) / name)) for name in names])  # (N, 3, H, W) uint8
     pyramids = {}
@@ -712,7 +712,7 @@ def measure_compiled(info, preprocess, device, dtype, batch_size, count, eager_r
 
 def pyramid_file_bytes(info):
     """About how many bytes one file holds: every level, float32, plus ~2 KB of zip records."""
-    from pyramid.pool import pyramid_sizes
+    from pyramid.levels import pyramid_sizes
 
     return sum(side * side for side in pyramid_sizes(info.grid_size)) * info.hidden_size * 4 + 2048
 
@@ -781,7 +781,7 @@ def run_preflight(args):
     from pyramid import decode
     from pyramid.decode import Preprocess
     from pyramid.encoder import Encoder, attention_kernel, load_model_info, resolve_dtype
-    from pyramid.pool import build_pyramid
+    from pyramid.levels import build_pyramid
     from pyramid.loop import default_batch_size, default_num_workers, shared_memory_needed, shared_memory_warning
     from pyramid.writer import checked_layout, default_writer_threads
 

@@ -22,7 +22,7 @@ from pyramid.lock import OutputLock
 from pyramid.manifest import MANIFEST_NAME, adopt_output_tree, build_manifest, read_manifest, version_changes
 from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_damaged_outputs, find_images, images_to_do,
                            output_path_for, remove_abandoned_temporaries, scan_outputs)
-from pyramid.pool import build_pyramid, finite_images, level_key, pyramid_sizes, split_twins
+from pyramid.levels import build_pyramid, finite_images, level_key, pyramid_sizes, split_twins
 from pyramid.progress import Progress, format_bytes, format_duration, log
 from pyramid.runs import append_run, new_run_id, now_iso
 from pyramid.shard import CLAIM_KEY, ChunkSampler, chunk_size_for

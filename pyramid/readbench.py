@@ -29,7 +29,7 @@ def write_synthetic_tree(directory, count, grid=16, hidden=768, flip=False, seed
     """`count` pyramids as the extractor writes them (random 16x16 level, true 2x2 means below), with a
     manifest; flip/ twins (the 16x16 grid mirrored) with `flip`. Returns the directory."""
     from pyramid.manifest import build_manifest, write_manifest
-    from pyramid.pool import build_pyramid, level_key, pyramid_sizes, split_pyramids, split_twins
+    from pyramid.levels import build_pyramid, level_key, pyramid_sizes, split_pyramids, split_twins
     from pyramid.writer import save_atomic
 
     directory = Path(directory)

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pyramid.cli import LazyModule, argument_parser, command_name
 from pyramid.paths import IMAGE_SUFFIXES, scan_outputs
-from pyramid.pool import level_side
+from pyramid.levels import level_side
 
 FLIP_PREFIX = "flip/"  # the extractor's --flip levels: "flip/16x16", ...
 

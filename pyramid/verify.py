@@ -14,7 +14,7 @@ from pyramid.cli import LazyModule, check_output_tree_args, output_tree_parser
 from pyramid.exits import UsageError
 from pyramid.manifest import FORMAT_VERSION, MANIFEST_NAME, REPLACING_KEY, read_manifest
 from pyramid.paths import find_images, output_path_for, scan_outputs
-from pyramid.pool import level_key, level_side, pyramid_sizes
+from pyramid.levels import level_key, level_side, pyramid_sizes
 from pyramid.progress import Progress
 from pyramid.writer import FAILURES_NAME
 
@@ -295,7 +295,7 @@ class Recompute:
         compared).
         """
         from pyramid.decode import image_loader
-        from pyramid.pool import build_pyramid, split_twins
+        from pyramid.levels import build_pyramid, split_twins
 
         differing, unreadable, compared = {}, [], 0
         worst = {"all": dict.fromkeys(self.levels, 0.0), "agreeing": dict.fromkeys(self.levels, 0.0)}

@@ -10,7 +10,7 @@ from transformers import AutoImageProcessor
 from conftest import run_cli, write_images
 from pyramid.decode import Preprocess, collate
 from pyramid.manifest import build_manifest, manifest_differences, read_manifest
-from pyramid.pool import split_twins
+from pyramid.levels import split_twins
 from pyramid.verify import get_args_parser as verify_parser
 from pyramid.verify import main as verify_main
 

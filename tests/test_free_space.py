@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_HIDDEN, run_cli, write_images
-from pyramid.pool import build_pyramid, pyramid_sizes, split_pyramids, split_twins
+from pyramid.levels import build_pyramid, pyramid_sizes, split_pyramids, split_twins
 from pyramid.writer import estimated_file_bytes, save_atomic
 
 DISK_BYTES = 2 * 1024 * 1024

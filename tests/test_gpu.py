@@ -162,7 +162,7 @@ def test_num_workers_0_on_cuda_gives_the_same_files(tmp_path, tiny_model):
 
 @needs_cuda
 def test_host_copies_carry_each_batch_while_the_next_computes():
-    from pyramid.pool import build_pyramid
+    from pyramid.levels import build_pyramid
 
     copies = HostCopies("cuda", batch_size=8, buffers=2)
     for step in range(5):

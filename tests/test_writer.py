@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pyramid.paths import is_complete_archive, scan_outputs
-from pyramid.pool import build_pyramid, split_pyramids, split_twins
+from pyramid.levels import build_pyramid, split_pyramids, split_twins
 from pyramid.writer import Writer, record_failure, save_atomic, write_atomic
 
 

@@ -1,4 +1,4 @@
-"""Strip the CLS and register tokens and build the 2x2-averaged feature pyramid."""
+"""The pyramid levels: strip the CLS and register tokens, then 2x2 means of the patch grid down to 1x1."""
 
 
 def strip_special_tokens(hidden_states, num_register_tokens=0):
