@@ -10,7 +10,7 @@ Module map, one stage a module:
     writer.py    atomic .pt writes (torch.save's bytes, the GIL mostly free) on background threads, failures.jsonl
     manifest.py  what made the files (manifest.json), the refusal to mix settings, --overwrite's replacement
     runs.py      runs.jsonl: one line per run (status, counts, times, settings) for scripts
-    shard.py     share the to-do list: each process claims the next small chunk when it is ready for more
+    chunks.py    share the to-do list: each process claims the next small chunk when it is ready for more
     lock.py      one run at a time per output directory: a lock file naming its run, kept fresh by a heartbeat
     team.py      the processes of a run: shared plan, counters, stop requests, an end wait that never hangs
     exits.py     exit statuses and the usage error

@@ -25,7 +25,7 @@ from pyramid.paths import (IMAGE_SUFFIXES, find_clashes, find_damaged_outputs, f
 from pyramid.levels import build_pyramid, finite_images, level_key, pyramid_sizes, split_twins
 from pyramid.progress import Progress, format_bytes, format_duration, log
 from pyramid.runs import append_run, new_run_id, now_iso
-from pyramid.shard import CLAIM_KEY, ChunkSampler, chunk_size_for
+from pyramid.chunks import CLAIM_KEY, ChunkSampler, chunk_size_for
 from pyramid.team import Team, cpus_per_process, usable_cpus
 from pyramid.writer import FAILURES_NAME, Writer, default_writer_threads, estimated_file_bytes, record_failure
 

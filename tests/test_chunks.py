@@ -1,4 +1,4 @@
-"""pyramid/shard.py: chunks claimed through a shared counter give every item to exactly one process."""
+"""pyramid/chunks.py: chunks claimed through a shared counter give every item to exactly one process."""
 
 import os
 import socket
@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from conftest import REPO, write_images
 
-from pyramid.shard import CHUNKS_PER_PROCESS, CLAIM_KEY, MAX_CHUNK, ChunkSampler, chunk_size_for, chunk_range
+from pyramid.chunks import CHUNKS_PER_PROCESS, CLAIM_KEY, MAX_CHUNK, ChunkSampler, chunk_size_for, chunk_range
 from pyramid.team import Team
 
 
