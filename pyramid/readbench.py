@@ -15,7 +15,9 @@ Rounds are interleaved (each round runs every row once, in a rotated order) and 
 reported, so a machine that is busy in bursts slows every row alike.
 """
 
+import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -24,18 +26,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyramid import exits
+from pyramid.dataset import PyramidDataset
+from pyramid.encoder import ModelInfo
+from pyramid.exits import UsageError
+from pyramid.levels import build_pyramid, split_pyramids, split_twins
+from pyramid.manifest import build_manifest, write_manifest
+from pyramid.pack import build_pack
+from pyramid.tree import available_levels, current_pack, item_name, pack_dir, pack_level_path, tree_state
+from pyramid.writer import save_atomic
+
 
 def write_synthetic_tree(directory, count, grid=16, hidden=768, flip=False, seed=0):
     """`count` pyramids as the extractor writes them (random 16x16 level, true 2x2 means below), with a
     manifest; flip/ twins (the 16x16 grid mirrored) with `flip`. Returns the directory."""
-    from pyramid.manifest import build_manifest, write_manifest
-    from pyramid.levels import build_pyramid, level_key, pyramid_sizes, split_pyramids, split_twins
-    from pyramid.writer import save_atomic
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    levels = [level_key(size) for size in pyramid_sizes(grid)]
-    write_manifest(directory, build_manifest("synthetic", None, "fp32", grid * 14, 14, levels, hidden, 0, flip=flip))
+    info = ModelInfo(name="synthetic", revision=None, crop_size=grid * 14, patch_size=14, hidden_size=hidden,
+                     num_register_tokens=0)
+    write_manifest(directory, build_manifest(info, "fp32", flip=flip))
     generator = torch.Generator().manual_seed(seed)
     for index in range(count):
         patches = torch.randn(1, grid * grid, hidden, generator=generator)  # (1, G*G, D)
@@ -59,7 +68,7 @@ class MmapCloneDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         pyramid = torch.load(self.root / self.files[index], weights_only=True, mmap=True)
-        item = {"name": self.files[index].removesuffix(".pt")}
+        item = {"name": item_name(self.files[index])}
         for level in self.levels:
             item[level] = pyramid[level][0].clone()  # (s*s, D)
         return item
@@ -108,9 +117,6 @@ def _through_pyramid_loader(loader, items):
 def reader_rows(root, items, rounds, batch_size, num_workers):
     """({row: (items/s, bytes per item)}, seconds the CPU preload took): medians over interleaved rounds
     (see the module docstring)."""
-    from pyramid.dataset import PyramidDataset
-    from pyramid.pack import level_path, pack_dir
-
     files_dataset = PyramidDataset(root, pack=False)
     pack_dataset = PyramidDataset(root, pack=True)
     started = time.perf_counter()
@@ -121,7 +127,7 @@ def reader_rows(root, items, rounds, batch_size, num_workers):
     order = np.random.default_rng(0).permutation(len(files))[:items].tolist()
     file_bytes = int(np.mean([os.path.getsize(paths[i]) for i in order]))
     layout = pack_dataset._pack  # {level: (path, offset of row 0, bytes per row, shape)}
-    pack_fds = {level: os.open(level_path(pack_dir(root), level), os.O_RDONLY) for level in levels}
+    pack_fds = {level: os.open(pack_level_path(pack_dir(root), level), os.O_RDONLY) for level in levels}
     row_bytes = sum(layout[level][2] for level in levels)
     plain = MmapCloneDataset(root, files, levels)
     subset = torch.utils.data.Subset
@@ -185,7 +191,8 @@ def format_reader_table(figures):
         lines.append(f"  {name:<{width}}{rate:>10.0f}{rate * size / 1e9:>8.2f}{rate / raw:>7.2f}x")
     lines.append(f"  PyramidDataset files / mmap + clone: "
                  f"{rows['PyramidDataset, files'][0] / rows['torch.load mmap + clone, files'][0]:.2f}x; "
-                 f"pack / raw pread of its rows: {rows['PyramidDataset, pack'][0] / rows['raw pread(), pack rows'][0]:.2f}; "
+                 f"pack / raw pread of its rows: "
+                 f"{rows['PyramidDataset, pack'][0] / rows['raw pread(), pack rows'][0]:.2f}; "
                  f"files / raw read of the files: {rows['PyramidDataset, files'][0] / raw:.2f}")
     loader = {name.rsplit(", ", 1)[1]: rate for name, (rate, _) in rows.items() if name.startswith("dataset.loader(")}
     plain = {name.rsplit(", ", 1)[1]: rate for name, (rate, _) in rows.items() if name.startswith("plain loop")}
@@ -198,19 +205,10 @@ def format_reader_table(figures):
 
 def reader_main(args):
     """Entry of `python -m pyramid.bench --reader`: the table (or JSON) of reader_rows."""
-    import json
-    import shutil
-    import sys
-
-    from pyramid import exits
-    from pyramid.pack import build_pack, current_pack, pack_dir, tree_state
-
     if (args.tree is None) == (args.synthetic_tree is None):
-        print("error: --reader needs --tree DIR or --synthetic_tree N", file=sys.stderr)
-        return exits.USAGE
+        raise UsageError("--reader needs --tree DIR or --synthetic_tree N")
     if args.tree is not None and not args.tree.is_dir():
-        print(f"error: --tree {args.tree} is not a directory", file=sys.stderr)
-        return exits.USAGE
+        raise UsageError(f"--tree {args.tree} is not a directory")
     torch.set_num_threads(1)
     scratch = None
     try:
@@ -221,10 +219,7 @@ def reader_main(args):
             root = args.tree
         manifest, records = tree_state(root)
         if not records:
-            print(f"error: no .pt files under {root}", file=sys.stderr)
-            return exits.USAGE
-        from pyramid.pack import available_levels
-
+            raise UsageError(f"no .pt files under {root}")
         levels = available_levels(root, manifest, records[0][0])
         started = time.perf_counter()
         if current_pack(root, manifest, records, levels)[0] is None:

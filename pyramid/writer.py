@@ -1,7 +1,6 @@
 """Atomic .pt writes on background threads, and the failures.jsonl record."""
 
 import io
-import json
 import os
 import queue
 import struct
@@ -9,10 +8,11 @@ import threading
 import zlib
 from pathlib import Path
 
-from pyramid.paths import temporary_name, writer_tag
+from pyramid.cli import LazyModule
 from pyramid.team import cpus_per_process
+from pyramid.tree import FAILURES_NAME, append_json_line, temporary_name, writer_tag
 
-FAILURES_NAME = "failures.jsonl"
+torch = LazyModule("torch")  # loaded by the first file written: the tools that import this module start without it
 
 
 def save_atomic(obj, path, fsync=False):
@@ -22,8 +22,6 @@ def save_atomic(obj, path, fsync=False):
     removed. With `fsync` the file's data reaches the disk before the rename and the rename before
     returning, so the file also survives a node crash or power loss (see docs/scale.md for the cost).
     """
-    import torch  # here, not at the top: verify reads FAILURES_NAME from this module and starts without torch
-
     buffer = io.BytesIO()
     # Serialised in memory, then written by plain file I/O: a full disk (or any failing write) then
     # raises OSError "No space left on device", where torch.save to a path reports only
@@ -133,8 +131,6 @@ class ArchiveLayout:
 
     def __init__(self, shapes):
         """`shapes`: {key: the shape of one image's level, (1, S*S, D)}, float32, in the file's key order."""
-        import torch
-
         template = io.BytesIO()
         torch.save({key: torch.zeros(shape) for key, shape in shapes.items()}, template)
         data = template.getvalue()
@@ -161,7 +157,7 @@ class ArchiveLayout:
         self.gaps = [data[bounds[i]:bounds[i + 1]] for i in range(0, len(bounds), 2)]
         self.order = sorted(range(len(shapes)), key=lambda number: records[self.level_records[number]][1])
         self.patches = [[] for _ in self.gaps]  # per gap: [(offset in it, record index or None for the id)]
-        for index, (_, start, _, _, crc_at) in enumerate(records):
+        for index, (*_, crc_at) in enumerate(records):
             if index in self.level_records or index == self.id_record:
                 for offset in crc_at:
                     self._add_patch(bounds, offset, index)
@@ -219,14 +215,9 @@ def _fsync_directory(directory):
 
 
 def record_failure(output_dir, relative_path, message):
-    """Append one {"path", "error"} line to failures.jsonl: one write call with O_APPEND, so lines
-    from several processes never interleave."""
-    line = json.dumps({"path": relative_path, "error": message}, ensure_ascii=False) + "\n"
-    fd = os.open(Path(output_dir) / FAILURES_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line.encode("utf-8"))
-    finally:
-        os.close(fd)
+    """Append one {"path", "error"} line to failures.jsonl (tree.append_json_line: one write with O_APPEND,
+    so lines from several processes never interleave)."""
+    append_json_line(Path(output_dir) / FAILURES_NAME, {"path": relative_path, "error": message})
 
 
 def default_writer_threads():
@@ -246,8 +237,6 @@ SERIALISERS = ("layout", "torch.save")
 def checked_layout(levels):
     """The ArchiveLayout of the images of `levels` ({key: (B, S*S, D) float32}), once its file of the
     first image is torch.save's, byte for byte; None where torch.save lays its archive out otherwise."""
-    import torch
-
     try:
         layout = ArchiveLayout({key: (1, *value.shape[1:]) for key, value in levels.items()})
     except NotTorchSaveLayout:
@@ -265,8 +254,6 @@ def _image_pyramid(levels, index):
     workers and the other writers for the cores; on two busy cores one 1 MB clone took 8 ms of CPU
     (spinning at OpenMP barriers) instead of 0.2 ms.
     """
-    import torch
-
     return {key: torch.from_numpy(value[index:index + 1].numpy().copy()) for key, value in levels.items()}
 
 

@@ -18,7 +18,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](tar
 # A path that starts at one of the repository's own top-level folders: slurm/extract.sh, docs/x.md, ...
 TOP_FOLDERS = sorted(p.name for p in REPO.iterdir() if p.is_dir() and p.name in
                      {"docs", "pyramid", "slurm", "tests", ".ci"})
-REPO_PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./-]*[\w-])" % "|".join(re.escape(f) for f in TOP_FOLDERS))
+REPO_PATH = re.compile(r"(?<![\w./-])((?:" + "|".join(re.escape(f) for f in TOP_FOLDERS) + r")/[\w./-]*[\w-])")
 # A bare file name of the kinds the repository holds at its root or in those folders: extract_distributed.py
 BARE_NAME = re.compile(r"(?<![\w./-])([\w-]+\.(?:py|sh|md|yaml|toml))(?![\w/-])")
 MODULE = re.compile(r"python -m (pyramid(?:\.\w+)+)")
