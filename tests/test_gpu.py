@@ -259,11 +259,12 @@ def extract_in_process(input_dir, output_dir, model, batch_size, *options, stage
     """The extractor's own run in this process, with `stages` (pyramid.loop.Stages) in place of the run's."""
     from pyramid.extract import get_args_parser
     from pyramid.loop import Stages, run
+    from pyramid.settings import Settings
 
     args = get_args_parser().parse_args(["--input_dir", str(input_dir), "--output_dir", str(output_dir),
                                          "--model", str(model), "--batch_size", str(batch_size),
                                          "--num_workers", "2" if not CUDA else "8", *options])
-    return run(args, stages or Stages())
+    return run(Settings.from_args(args), stages or Stages())
 
 
 def file_bytes(directory):
