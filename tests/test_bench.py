@@ -11,8 +11,18 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from pyramid.bench import (bound_name, dirty_limit_bytes, get_args_parser, ideal_rate, main, measure_write,
-                           write_levers, write_regime, write_synthetic_faces, write_table_inputs)
+from pyramid.bench import (
+    bound_name,
+    dirty_limit_bytes,
+    get_args_parser,
+    ideal_rate,
+    main,
+    measure_write,
+    write_levers,
+    write_regime,
+    write_synthetic_faces,
+    write_table_inputs,
+)
 
 
 def test_ideal_rate_overlaps_on_gpu_and_adds_up_on_cpu():

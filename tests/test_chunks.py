@@ -11,8 +11,7 @@ import pytest
 import torch.distributed as dist
 
 from conftest import REPO, write_images
-
-from pyramid.chunks import CHUNKS_PER_PROCESS, CLAIM_KEY, MAX_CHUNK, ChunkSampler, chunk_size_for, chunk_range
+from pyramid.chunks import CHUNKS_PER_PROCESS, CLAIM_KEY, MAX_CHUNK, ChunkSampler, chunk_range, chunk_size_for
 from pyramid.team import Team
 
 

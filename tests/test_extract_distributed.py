@@ -10,7 +10,7 @@ from datetime import datetime
 import torch
 from PIL import Image
 
-from conftest import REPO, write_images, run_cli
+from conftest import REPO, run_cli, write_images
 
 TWO_CPU_PROCESSES = REPO / "tests" / "accelerate_cpu_2proc.yaml"
 

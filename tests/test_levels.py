@@ -2,8 +2,7 @@
 
 import torch
 
-from pyramid.levels import (average_2x2, build_pyramid, level_side, pyramid_sizes, split_pyramids,
-                          strip_special_tokens)
+from pyramid.levels import average_2x2, build_pyramid, level_side, pyramid_sizes, split_pyramids, strip_special_tokens
 
 
 def reference_average_2x2(patches, size):
