@@ -106,3 +106,13 @@ def test_the_checker_sees_a_missing_page():
     assert not exists("docs/nonexistent.md", "path")
     assert slug("Reruns, failures, offline") == "reruns-failures-offline"
     assert slug("Measuring it: `python -m pyramid.bench`") == "measuring-it-python--m-pyramidbench"
+
+
+def test_the_code_map_names_every_module_once():
+    """docs/code-map.md is the one module map (pyramid/__init__.py points to it): a module added or renamed
+    without its line there fails here."""
+    text = (REPO / "docs" / "code-map.md").read_text()
+    named = re.findall(r"^\| `(pyramid/\w+\.py)` \|", text, flags=re.M)
+    modules = sorted(f"pyramid/{path.name}" for path in (REPO / "pyramid").glob("*.py") if path.name != "__init__.py")
+    assert sorted(named) == modules
+    assert "docs/code-map.md" in ast.get_docstring(ast.parse((REPO / "pyramid" / "__init__.py").read_text()))
