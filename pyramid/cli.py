@@ -76,16 +76,22 @@ def is_main_process():
     return os.environ.get("RANK", "0") == "0"
 
 
-def refusals_exit_2(main):
+def refusals_exit_2(main=None, *, after=None):
     """A tool's main(args), wrapped: a UsageError it raises is said in one line on stderr, "error: <message>"
-    (by the main process of a launch alone), and main returns exits.USAGE (2)."""
+    (by the main process of a launch alone), then `after(args, error)` runs where given, and main returns
+    exits.USAGE (2). `@refusals_exit_2` or `@refusals_exit_2(after=...)`."""
+    if main is None:
+        return functools.partial(refusals_exit_2, after=after)
+
     @functools.wraps(main)
     def wrapped(args):
         try:
             return main(args)
         except UsageError as error:
-            if is_main_process():
+            if is_main_process():  # under a launcher every process finds it: one says it
                 print(f"error: {error}", file=sys.stderr)
+                if after is not None:
+                    after(args, error)
             return exits.USAGE
 
     return wrapped

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from pyramid import exits
-from pyramid.cli import argument_parser, command_name, is_main_process, refusals_exit_2
+from pyramid.cli import argument_parser, command_name, refusals_exit_2
 from pyramid.exits import UsageError
 from pyramid.runs import record_refusal
 from pyramid.settings import DEFAULTS, Settings
@@ -84,14 +84,15 @@ def check_args(args):
         args.max_pixels = 2 * Image.MAX_IMAGE_PIXELS
 
 
-@refusals_exit_2
+def record_refused_run(args, error):
+    """The runs.jsonl line of a run refused for its arguments, where its output directory exists; written once
+    the error line is said, since a launcher that sees another process exit 2 may SIGTERM this one at once."""
+    record_refusal(args.output_dir, dict(sorted(vars(args).items())), str(error), exits.USAGE)
+
+
+@refusals_exit_2(after=record_refused_run)
 def main(args):
-    try:
-        check_args(args)
-    except UsageError as error:
-        if is_main_process():  # under a launcher every process finds it: one records it
-            record_refusal(args.output_dir, dict(sorted(vars(args).items())), str(error), exits.USAGE)
-        raise
+    check_args(args)
     # Idle OpenMP threads of the model then sleep instead of spinning on the cores that the decode
     # workers need: on a 2-core CPU run of a small model that is the difference between 0.8 and 1.0
     # of the decode bound. It must be set before torch loads; an explicit setting is kept.
