@@ -1,4 +1,5 @@
-"""What every tool's command line shares: the help layout, the name a user types, the console commands."""
+"""What every tool's command line shares: the help layout, the name a user types, the refusal of bad arguments
+(exit 2), the console commands."""
 
 import argparse
 import functools

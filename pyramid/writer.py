@@ -8,11 +8,8 @@ import threading
 import zlib
 from pathlib import Path
 
-from pyramid.cli import LazyModule
 from pyramid.team import cpus_per_process
 from pyramid.tree import FAILURES_NAME, append_json_line, temporary_name, writer_tag
-
-torch = LazyModule("torch")  # loaded by the first file written: the tools that import this module start without it
 
 
 def save_atomic(obj, path, fsync=False):
@@ -22,6 +19,8 @@ def save_atomic(obj, path, fsync=False):
     removed. With `fsync` the file's data reaches the disk before the rename and the rename before
     returning, so the file also survives a node crash or power loss (see docs/scale.md for the cost).
     """
+    import torch  # here, not at the top: the tools that import this module answer --help without torch
+
     buffer = io.BytesIO()
     # Serialised in memory, then written by plain file I/O: a full disk (or any failing write) then
     # raises OSError "No space left on device", where torch.save to a path reports only
@@ -131,6 +130,8 @@ class ArchiveLayout:
 
     def __init__(self, shapes):
         """`shapes`: {key: the shape of one image's level, (1, S*S, D)}, float32, in the file's key order."""
+        import torch
+
         template = io.BytesIO()
         torch.save({key: torch.zeros(shape) for key, shape in shapes.items()}, template)
         data = template.getvalue()
@@ -237,6 +238,8 @@ SERIALISERS = ("layout", "torch.save")
 def checked_layout(levels):
     """The ArchiveLayout of the images of `levels` ({key: (B, S*S, D) float32}), once its file of the
     first image is torch.save's, byte for byte; None where torch.save lays its archive out otherwise."""
+    import torch
+
     try:
         layout = ArchiveLayout({key: (1, *value.shape[1:]) for key, value in levels.items()})
     except NotTorchSaveLayout:
@@ -254,6 +257,8 @@ def _image_pyramid(levels, index):
     workers and the other writers for the cores; on two busy cores one 1 MB clone took 8 ms of CPU
     (spinning at OpenMP barriers) instead of 0.2 ms.
     """
+    import torch
+
     return {key: torch.from_numpy(value[index:index + 1].numpy().copy()) for key, value in levels.items()}
 
 
