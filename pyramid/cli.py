@@ -1,5 +1,4 @@
-"""What every tool's command line shares: the help layout, the name a user types, the refusal of bad arguments
-(exit 2), the console commands."""
+"""What the tools' command lines share: the help layout, the name a user types, refusals (exit 2), the commands."""
 
 import argparse
 import functools

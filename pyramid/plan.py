@@ -1,6 +1,8 @@
-"""What a run will do, decided by the main process before any work: the images left to do (clashes and
-foreign manifests refused, files a crash cut short done again), the space they need, and the batch size and
-decode workers for this machine."""
+"""The plan of a run, made by the main process before any work: the images left to do, and the sizes for this machine.
+
+The images left: clashes and foreign manifests refused, files a crash cut short done again, the space they
+need checked; the sizes: batch size, decode workers, the shared memory they take.
+"""
 
 import json
 import os

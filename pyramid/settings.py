@@ -1,5 +1,7 @@
-"""The extractor's settings: one typed, frozen object, built once from the checked command line and handed to
-the run (pyramid.loop.run), which reads nothing else of the command line."""
+"""The extractor's settings: one typed, frozen object, built once from the checked command line.
+
+The run (pyramid.loop.run) takes it and reads nothing else of the command line.
+"""
 
 from dataclasses import asdict, dataclass, fields
 

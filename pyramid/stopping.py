@@ -1,5 +1,8 @@
-"""Stopping a run: SIGINT/SIGTERM ask for a clean stop after the files in flight, a second Ctrl-C stops at
-once, and ranks under a launcher stop when it dies."""
+"""Stopping a run: SIGINT/SIGTERM, a second Ctrl-C, a launcher that dies.
+
+SIGINT/SIGTERM ask for a clean stop after the files in flight, a second Ctrl-C stops at once, and ranks
+under a launcher stop when it dies.
+"""
 
 import _thread
 import ctypes
