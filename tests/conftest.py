@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random-weight DINOv2 saved with save_pretrained, and real image files."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,17 @@ def run_cli(*args, cwd=REPO, timeout=600, env=None):
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, str(REPO / "extract_distributed.py"), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def free_port():
+    """A TCP port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(config):
+    """The start of an `accelerate launch` command line with `config`, on a port of its own: the suite runs its
+    files in parallel (pytest-xdist), and two launches on accelerate's default port 29500 would meet."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--main_process_port", str(free_port())]

@@ -1,7 +1,6 @@
 """pyramid/chunks.py: chunks claimed through a shared counter give every item to exactly one process."""
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from conftest import REPO, write_images
+from conftest import REPO, free_port, write_images
 from pyramid.chunks import CHUNKS_PER_PROCESS, CLAIM_KEY, MAX_CHUNK, ChunkSampler, chunk_range, chunk_size_for
 from pyramid.team import Team
 
@@ -123,8 +122,3 @@ def test_a_straggler_does_less_and_every_image_is_written_once(tmp_path, tiny_mo
     assert slow + free == count and len(list((tmp_path / "out").glob("*.pt"))) == count
     assert free > 1.5 * slow, summary
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -193,7 +193,7 @@ def test_wheel_install_serves_imports_and_commands(tmp_path):
     required = {requirement_name(line.split(":", 1)[1]) for line in metadata.read_text().splitlines()
                 if line.startswith("Requires-Dist:") and "extra ==" not in line}
     assert required == {requirement_name(line) for line in pyproject()["project"]["dependencies"]}
-    assert not required & {"pytest", "pypng", "opencv-python-headless", "setuptools"}, required
+    assert not required & {"pytest", "pytest-xdist", "pypng", "opencv-python-headless", "setuptools"}, required
 
     # A real bench run of the installed package: its photograph and its extractor come from the wheel.
     result = subprocess.run([str(venv / "bin" / "pyramid-bench"), "--random", "tiny", "--synthetic", "2",

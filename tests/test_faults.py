@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli, save_tiny_dinov2, write_images
+from conftest import REPO, accelerate_launch, run_cli, save_tiny_dinov2, write_images
 from pyramid.tree import is_temporary_name, temporary_name
 
 TWO_CPU_PROCESSES = REPO / "tests" / "accelerate_cpu_2proc.yaml"
@@ -44,7 +44,7 @@ def extractor_command(processes, *args):
     script = [str(REPO / "extract_distributed.py"), *map(str, args)]
     if processes == 1:
         return [sys.executable, *script]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_CPU_PROCESSES), *script]
+    return [*accelerate_launch(TWO_CPU_PROCESSES), *script]
 
 
 def start(command, log_path):

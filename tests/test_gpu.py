@@ -29,7 +29,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_cli, write_images
+from conftest import REPO, accelerate_launch, run_cli, write_images
 from pyramid.bench import save_random_dinov2, write_synthetic_faces
 from pyramid.encoder import HostCopies
 from pyramid.writer import Writer
@@ -351,9 +351,9 @@ def test_two_processes_on_one_gpu_write_each_image_once(device, tiny_model, tmp_
     write_images(tmp_path / "in", count, size=(40, 32))
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_PROCESSES),
-         str(REPO / "extract_distributed.py"), "--input_dir", str(tmp_path / "in"), "--output_dir",
-         str(tmp_path / "out"), "--model", str(tiny_model), "--batch_size", "16", "--num_workers", "2"],
+        [*accelerate_launch(TWO_PROCESSES), str(REPO / "extract_distributed.py"),
+         "--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+         "--model", str(tiny_model), "--batch_size", "16", "--num_workers", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"on {device}" in result.stderr
