@@ -773,8 +773,8 @@ def run_preflight(args):
              f"CPUs: {usable_cpus()} usable; by default {num_workers} decode workers and {default_writer_threads()} "
              f"writer threads per process"]
     lines.append(f"PNG decoder: pyspng {pyspng_version()}" if decode.pyspng is not None else
-                 f"PNG decoder: Pillow {PIL.__version__} (pyspng is not installed: the same pixels, decoding ~1.5x "
-                 f"slower; docs/gpu.md says how to carry its wheel to a machine without it)")
+                 "PNG decoder: none: pyspng is not installed, and the extractor refuses to run without it "
+                 "(pip install pyspng; docs/gpu.md says how to carry its wheel to a machine without network)")
     with tempfile.TemporaryDirectory(prefix="pyramid-preflight-") as scratch:
         random_size = args.random or ("base" if args.model is None else None)
         model = args.model or save_random_dinov2(Path(scratch) / f"random-{random_size}", random_size)

@@ -396,6 +396,26 @@ def test_report_stops_at_once_in_one_line_without_cuda(tmp_path, options):
     assert not (tmp_path / "report").exists()  # nothing written: no report that could pass for one
 
 
+def test_report_stops_at_once_in_one_line_without_pyspng(tmp_path):
+    # pyspng made unimportable for the report's python (it is installed here): a finder put first that refuses it.
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class HidePyspng:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'pyspng':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, HidePyspng())\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(["bash", str(REPO / ".ci" / "gpu-report"), str(tmp_path / "report")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-report: pyspng is not installed here"), lines
+    assert "docs/gpu.md" in lines[0] and not (tmp_path / "report").exists()
+
+
 def test_report_refuses_a_part_it_does_not_have():
     result = subprocess.run(["bash", str(REPO / ".ci" / "gpu-report"), "--part", "everything"],
                             capture_output=True, text=True, timeout=60)
