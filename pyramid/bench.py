@@ -13,17 +13,27 @@ that the peers ship; with --table the whole GPU table (docs/gpu.md).
 import json
 import math
 import os
+import platform
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from pyramid import exits
-from pyramid.cli import LazyModule, argument_parser, command_name
+from pyramid.cli import LazyModule, argument_parser, command_name, refusals_exit_2
+from pyramid.exits import UsageError
+from pyramid.levels import build_pyramid, pyramid_sizes, split_pyramids, strip_special_tokens
+from pyramid.paths import find_images
+from pyramid.plan import default_batch_size, default_num_workers, shared_memory_needed, shared_memory_warning
+from pyramid.prepare import to_png
 from pyramid.team import usable_cpus
-from pyramid.writer import SERIALISERS
+from pyramid.writer import SERIALISERS, Writer, checked_layout, default_writer_threads
 
 # Loaded by the first measurement, so --help and bad arguments answer at once.
 np = LazyModule("numpy")
@@ -102,7 +112,6 @@ def measure_decode(input_dir, names, preprocess, batch_size, num_workers):
 
 def measure_model(encoder, batch_size, count):
     """Images/s of the forward pass and pooling alone, on ready uint8 batches already on the device."""
-    from pyramid.pool import build_pyramid
 
     side = encoder.info.crop_size
     pixels = torch.randint(0, 256, (batch_size, 3, side, side), dtype=torch.uint8, device=encoder.device)
@@ -126,8 +135,6 @@ def measure_write(output_dir, hidden_size, grid_size, batch_size, count, threads
     of `output_dir` (in a temporary directory inside it, removed after). With `sync` the clock stops
     only once the files are on the disk (os.sync): the disk's pace, not the page cache's. Returns
     (files/s, MB/s, the serialiser the files were made by: "layout" or "torch.save")."""
-    from pyramid.pool import build_pyramid
-    from pyramid.writer import Writer
 
     levels = build_pyramid(torch.randn(batch_size, grid_size * grid_size, hidden_size), grid_size)
     directory = Path(tempfile.mkdtemp(prefix="pyramid-write-bound-", dir=output_dir))
@@ -156,11 +163,6 @@ def measure_writer_gil(output_dir, hidden_size, grid_size, batch_size, serialise
     nor waiting for a core: /proc's schedstat tells those apart, so other jobs on the machine do not count)
     while the writer writes `batch_size` files, less what it spends blocked while the writer idles, is the
     writer's GIL. The median of `rounds`; None where /proc has no schedstat."""
-    import statistics
-    import threading
-
-    from pyramid.pool import build_pyramid
-    from pyramid.writer import Writer
 
     levels = build_pyramid(torch.randn(batch_size, grid_size * grid_size, hidden_size), grid_size)
     directory = Path(tempfile.mkdtemp(prefix="pyramid-write-gil-", dir=output_dir))
@@ -193,7 +195,7 @@ def measure_writer_gil(output_dir, hidden_size, grid_size, batch_size, serialise
             idle_blocked, idle_seconds = blocked_during(lambda: time.sleep(0.05))
             writer = Writer(directory / str(number), threads=1, serialise=serialise)
 
-            def write():
+            def write(writer=writer):
                 writer.submit_batch([f"{i:06d}.pt" for i in range(batch_size)], levels)
                 writer.close()
 
@@ -214,7 +216,6 @@ def write_levers(output_dir, hidden_size, grid_size, batch_size, count, thread_c
         {"files_per_second": {"layout": {"1": ..., "2": ...}, "torch.save": {...}},
          "gil_ms_per_file": {"layout": ..., "torch.save": ...}, "serialiser": "layout", "regime": "page cache"}
     """
-    import statistics
 
     rates = {serialise: {str(threads): [] for threads in thread_counts} for serialise in SERIALISERS}
     gil = {serialise: [] for serialise in SERIALISERS}
@@ -318,7 +319,6 @@ def straightforward_extract(model_name, input_dir, names, output_dir, batch_size
     from transformers import AutoImageProcessor, AutoModel
 
     from pyramid.encoder import DTYPES
-    from pyramid.pool import build_pyramid, split_pyramids, strip_special_tokens
 
     processor = AutoImageProcessor.from_pretrained(model_name)
     model = AutoModel.from_pretrained(model_name, dtype=DTYPES[dtype]).to(device).eval()
@@ -383,7 +383,8 @@ def get_args_parser():
     add_reader_arguments(parser)
     parser.add_argument("--output_dir", default=None,
                         help="a directory on the disk the run will write to: the write bound and the end-to-end "
-                             "run write there (in temporary directories they remove); none: the system's temp directory")
+                             "run write there (in temporary directories they remove); none: the system's temp "
+                             "directory")
     parser.add_argument("--write_threads", type=int, nargs="+", default=None, metavar="N",
                         help="also measure the write bound with each of these writer thread counts")
     table = parser.add_argument_group("the GPU table (--table): no data and no weights needed")
@@ -408,20 +409,19 @@ def get_args_parser():
 
 
 def check_args(args):
-    """One sentence on what is wrong with the arguments, or None."""
+    """The checks that need nothing heavy; raises UsageError in one sentence."""
     if args.output_dir is not None and not Path(args.output_dir).is_dir():
-        return f"--output_dir {args.output_dir} does not exist"
+        raise UsageError(f"--output_dir {args.output_dir} does not exist")
     if args.table or args.preflight:
         if args.input_dir is not None or args.synthetic is not None:
-            return "--table makes its own 1024x1024 and 256x256 inputs; drop --input_dir / --synthetic"
-        return None
+            raise UsageError("--table makes its own 1024x1024 and 256x256 inputs; drop --input_dir / --synthetic")
+        return
     if args.model is None and args.random is None:
-        return "one of --model or --random is required"
+        raise UsageError("one of --model or --random is required")
     if args.input_dir is None and args.synthetic is None:
-        return "one of --input_dir or --synthetic is required"
+        raise UsageError("one of --input_dir or --synthetic is required")
     if args.input_dir is not None and not Path(args.input_dir).is_dir():
-        return f"--input_dir {args.input_dir} does not exist"
-    return None
+        raise UsageError(f"--input_dir {args.input_dir} does not exist")
 
 
 def ideal_rate(model_rate, decode_rate, device, write_rate=None):
@@ -437,13 +437,9 @@ def save_random_model(args):
     """--save_random_model DIR: the model, a line saying what it is, exit 0; or a refusal, exit 2."""
     directory = args.save_random_model
     if args.model is not None:
-        print("error: --save_random_model makes a random model; give its size with --random, not --model",
-              file=sys.stderr)
-        return exits.USAGE
+        raise UsageError("--save_random_model makes a random model; give its size with --random, not --model")
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        print(f"error: --save_random_model {directory} exists and is not an empty directory; name a new one",
-              file=sys.stderr)
-        return exits.USAGE
+        raise UsageError(f"--save_random_model {directory} exists and is not an empty directory; name a new one")
     size = args.random or "base"
     hidden_size, layers, heads = RANDOM_SIZES[size]
     save_random_dinov2(directory, size)
@@ -452,6 +448,7 @@ def save_random_model(args):
     return exits.OK
 
 
+@refusals_exit_2
 def main(args):
     if args.save_random_model is not None:
         return save_random_model(args)
@@ -459,27 +456,20 @@ def main(args):
         from pyramid.readbench import reader_main
 
         return reader_main(args)
-    problem = check_args(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return exits.USAGE
+    check_args(args)
     if args.preflight:
         return run_preflight(args)
     if args.table:
         return run_table(args)
     from pyramid.decode import Preprocess
     from pyramid.encoder import Encoder, load_model_info, resolve_dtype
-    from pyramid.paths import find_images
-    from pyramid.run import default_batch_size, default_num_workers
-    from pyramid.writer import default_writer_threads
 
     with tempfile.TemporaryDirectory(prefix="pyramid-bench-") as scratch:
         model = args.model or save_random_dinov2(Path(scratch) / f"random-{args.random}", args.random)
         input_dir = args.input_dir or write_synthetic_faces(Path(scratch) / "images", args.synthetic)
         names = find_images(input_dir)[:args.limit]
         if not names:
-            print(f"error: no images under {input_dir}", file=sys.stderr)
-            return exits.USAGE
+            raise UsageError(f"no images under {input_dir}")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = resolve_dtype(args.dtype, device)
         batch_size = args.batch_size or default_batch_size(device)
@@ -541,7 +531,6 @@ def write_table_inputs(directory, side, count, unique, seed=0):
     """`count` PNGs in `directory`: `unique` synthetic faces at 1024x1024, brought to `side` by
     prepare's own resize (shortest edge, bicubic), then hard-linked (copied where links fail)
     under new names up to `count`. Decoding a link costs what decoding a distinct file costs."""
-    from pyramid.prepare import to_png
 
     sources = write_synthetic_faces(Path(directory).with_name(Path(directory).name + "-unique"), unique, seed=seed)
     directory = Path(directory)
@@ -568,7 +557,6 @@ def measure_fidelity(info, preprocess, input_dir, names, device, dtypes=("fp16",
     {"fp16": {"16x16": 0.99999, ...}, ...}; a dtype the device cannot compute in is left out."""
     from pyramid.decode import load_rgb
     from pyramid.encoder import Encoder
-    from pyramid.pool import build_pyramid
 
     pixels = torch.stack([preprocess(load_rgb(Path(input_dir) / name)) for name in names])  # (N, 3, H, W) uint8
     pyramids = {}
@@ -597,9 +585,6 @@ def run_table(args):
     (serialiser, threads, page cache or disk) and, with --compile, the compiled model bound; one command."""
     from pyramid.decode import Preprocess
     from pyramid.encoder import Encoder, attention_kernel, load_model_info, resolve_dtype
-    from pyramid.paths import find_images
-    from pyramid.run import default_num_workers
-    from pyramid.writer import default_writer_threads
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
@@ -618,8 +603,7 @@ def run_table(args):
         write_dir = args.output_dir or scratch
         problem = disk_shortfall(write_dir, counts[256] * pyramid_file_bytes(info))
         if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return exits.USAGE
+            raise UsageError(problem)
         figures = {"device": str(device), "device_name": device_name(device), "cpus": usable_cpus(),
                    "model": str(args.model or f"random {random_size}"), "dtype": dtype,
                    "num_workers": num_workers, "write_threads": threads, "write_dir": str(write_dir),
@@ -712,14 +696,12 @@ def measure_compiled(info, preprocess, device, dtype, batch_size, count, eager_r
 
 def pyramid_file_bytes(info):
     """About how many bytes one file holds: every level, float32, plus ~2 KB of zip records."""
-    from pyramid.pool import pyramid_sizes
 
     return sum(side * side for side in pyramid_sizes(info.grid_size)) * info.hidden_size * 4 + 2048
 
 
 def disk_shortfall(directory, needed):
     """One line when `directory`'s disk has less than `needed` bytes (+10%) free, else None."""
-    import shutil
 
     free = shutil.disk_usage(directory).free
     if free >= needed * 1.1:
@@ -771,8 +753,6 @@ def run_preflight(args):
     """What a run on this machine will use, in a few lines, before anything is measured: the device and its
     driver, the libraries, the image processor, the PNG decoder, the attention kernel, how files are made,
     torch.compile's compiler, /dev/shm and the disk. Exit 0; the lines go to stdout."""
-    import platform
-    import shutil
 
     import accelerate
     import PIL
@@ -781,9 +761,6 @@ def run_preflight(args):
     from pyramid import decode
     from pyramid.decode import Preprocess
     from pyramid.encoder import Encoder, attention_kernel, load_model_info, resolve_dtype
-    from pyramid.pool import build_pyramid
-    from pyramid.run import default_batch_size, default_num_workers, shared_memory_needed, shared_memory_warning
-    from pyramid.writer import checked_layout, default_writer_threads
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
@@ -796,8 +773,8 @@ def run_preflight(args):
              f"CPUs: {usable_cpus()} usable; by default {num_workers} decode workers and {default_writer_threads()} "
              f"writer threads per process"]
     lines.append(f"PNG decoder: pyspng {pyspng_version()}" if decode.pyspng is not None else
-                 f"PNG decoder: Pillow {PIL.__version__} (pyspng is not installed: the same pixels, decoding ~1.5x "
-                 f"slower; docs/gpu.md says how to carry its wheel to a machine without it)")
+                 "PNG decoder: none: pyspng is not installed, and the extractor refuses to run without it "
+                 "(pip install pyspng; docs/gpu.md says how to carry its wheel to a machine without network)")
     with tempfile.TemporaryDirectory(prefix="pyramid-preflight-") as scratch:
         random_size = args.random or ("base" if args.model is None else None)
         model = args.model or save_random_dinov2(Path(scratch) / f"random-{random_size}", random_size)
@@ -840,8 +817,6 @@ def cuda_description(device):
 
 
 def pyspng_version():
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("pyspng")
     except PackageNotFoundError:
@@ -850,7 +825,6 @@ def pyspng_version():
 
 def compiler_description(device):
     """What torch.compile would compile with here: Triton on CUDA, a C++ compiler on a CPU."""
-    import shutil
 
     if device.type == "cuda":
         try:
@@ -885,7 +859,8 @@ def format_table(figures):
             ("end to end / ideal", f"{figures['end_to_end_over_ideal']:.2f}", ""),
             ("peak RSS", f"{figures['peak_rss_mib']:.0f} MiB", "main process of the end-to-end run")]
     if "end_to_end_flip" in figures:
-        rows += [("end to end --flip", f"{figures['end_to_end_flip']:.1f} images/s", "the image and its mirror, one file"),
+        rows += [("end to end --flip", f"{figures['end_to_end_flip']:.1f} images/s",
+                  "the image and its mirror, one file"),
                  ("--flip / plain", f"{figures['flip_over_plain']:.2f}", "decode shared, model on the doubled batch")]
     levers = figures.get("write_levers")
     if levers:

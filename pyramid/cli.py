@@ -1,12 +1,15 @@
-"""What every tool's command line shares: the help layout, the name a user types, the console commands."""
+"""What the tools' command lines share: the help layout, the name a user types, refusals (exit 2), the commands."""
 
 import argparse
+import functools
 import importlib
 import os
 import sys
 from pathlib import Path
 
+from pyramid import exits
 from pyramid.exits import UsageError
+from pyramid.lock import live_run
 
 # Console command -> the module it runs; pyproject.toml's [project.scripts] points each at a function below.
 COMMANDS = {
@@ -58,8 +61,6 @@ def output_tree_parser(module, description, output_help, workers_help):
 def check_output_tree_args(args):
     """The checks of `output_tree_parser`'s arguments; raises UsageError. A tree that a live run is still
     writing is refused: half its files would be checked, counted or packed as if they were all."""
-    from pyramid.lock import live_run
-
     if not args.output_dir.is_dir():
         raise UsageError(f"{args.output_dir} is not a directory; pass the extractor's --output_dir")
     if args.workers < 1:
@@ -68,6 +69,32 @@ def check_output_tree_args(args):
     if writer is not None:
         raise UsageError(f"{args.output_dir} is being written by a live run ({writer}); wait for it to end "
                          f"(or stop it and rerun it to finish), then run this again")
+
+
+def is_main_process():
+    """False in the processes of a launch (torchrun, accelerate launch) other than rank 0, which say nothing."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def refusals_exit_2(main=None, *, after=None):
+    """A tool's main(args), wrapped: a UsageError it raises is said in one line on stderr, "error: <message>"
+    (by the main process of a launch alone), then `after(args, error)` runs where given, and main returns
+    exits.USAGE (2). `@refusals_exit_2` or `@refusals_exit_2(after=...)`."""
+    if main is None:
+        return functools.partial(refusals_exit_2, after=after)
+
+    @functools.wraps(main)
+    def wrapped(args):
+        try:
+            return main(args)
+        except UsageError as error:
+            if is_main_process():  # under a launcher every process finds it: one says it
+                print(f"error: {error}", file=sys.stderr)
+                if after is not None:
+                    after(args, error)
+            return exits.USAGE
+
+    return wrapped
 
 
 def run_tool(module):

@@ -10,9 +10,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from pyramid.pack import (available_levels, current_pack, item_name, level_path, pack_command, pack_dir,
-                          tree_digest, tree_state)
-from pyramid.reader import read_pyramid
+from pyramid.loader import PREFETCH, PyramidLoader
+from pyramid.reader import read_ahead, read_pyramid
+from pyramid.tree import (
+    FLIP_PREFIX,
+    STATS_NAME,
+    available_levels,
+    current_pack,
+    flip_twin,
+    item_name,
+    pack_command,
+    pack_dir,
+    pack_level_path,
+    stats_current,
+    tree_state,
+)
 
 FLIP_CHOICES = (False, "random")
 PRELOAD_CHUNK_BYTES = 32 << 20  # the items read per step of a preload, as bytes
@@ -152,7 +164,7 @@ class PyramidDataset(Dataset):
         self._paths = [os.path.join(self.root, relative) for relative in self.files]
         available = available_levels(self.root, manifest, self.files[0] if self.files else None)
         if levels is None:
-            levels = [level for level in available if not level.startswith("flip/")]
+            levels = [level for level in available if not level.startswith(FLIP_PREFIX)]
         elif isinstance(levels, str):
             raise TypeError(f"levels must be a list of level names such as [{levels!r}], not a string.")
         unknown = [level for level in levels if level not in available]
@@ -161,11 +173,11 @@ class PyramidDataset(Dataset):
         self.levels = list(levels)
         self.flip = flip
         if flip and available:
-            unflippable = [level for level in self.levels if f"flip/{level}" not in available]
+            unflippable = [level for level in self.levels if flip_twin(level) not in available]
             if unflippable:
                 raise ValueError(f"flip='random' needs the flip/ twins of {unflippable}, which these files do "
                                  f"not have; extract with --flip.")
-        self._twins = [f"flip/{level}" for level in self.levels]
+        self._twins = [flip_twin(level) for level in self.levels]
         self.sources = self.levels + (self._twins if flip else [])
         self._pack = self._choose_pack(pack, manifest, records)
         self.source = "files" if self._pack is None else "pack"
@@ -173,7 +185,7 @@ class PyramidDataset(Dataset):
         self._scales_on = {}  # the scales copied to each device that normalises
         self._open_pid, self._pack_arrays_open, self._open_lock = None, None, threading.Lock()
         self._shapes = self._level_shapes()
-        different = [level for level in self.levels if flip and self._shapes[f"flip/{level}"] != self._shapes[level]]
+        different = [level for level in self.levels if flip and self._shapes[flip_twin(level)] != self._shapes[level]]
         if different:
             raise ValueError(f"the flip/ twins of {different} have other shapes than the levels")
         self.preloaded = None  # {source level: (N, s*s, D) tensor}, flip/ twins included with flip="random"
@@ -211,22 +223,21 @@ class PyramidDataset(Dataset):
             return None
         layout = {}
         for level in self.sources:
-            path = level_path(pack_dir(self.root), level)
+            path = pack_level_path(pack_dir(self.root), level)
             array = np.load(path, mmap_mode="r")  # (N, s*s, D): read only for its header's size
             if array.dtype != np.float32 or array.shape[0] != len(self.files):
-                raise ValueError(f"{path} holds {array.dtype} {list(array.shape)}, not float32 [{len(self.files)}, ...]")
+                raise ValueError(f"{path} holds {array.dtype} {list(array.shape)}, not float32 "
+                                 f"[{len(self.files)}, ...]")
             layout[level] = (path, array.offset, array[0].nbytes, array.shape[1:])
         return layout
 
     def _load_scales(self, manifest, records):
         """{level: (mean (D,), std (D,)) float32} from stats.pt, after checking it was made from these files."""
-        from pyramid.stats import STATS_NAME
-
         path = self.root / STATS_NAME
         if not path.exists():
             raise FileNotFoundError(f"normalize=True needs {path}; run python -m pyramid.stats {self.root}")
         stats = torch.load(path, weights_only=True)
-        if stats.get("source", {}).get("digest") != tree_digest(manifest, records):
+        if not stats_current(stats, manifest, records):
             raise ValueError(f"{path} was computed from other files than {self.root} holds now "
                              f"({stats.get('count')} files then, {len(records)} now, or some rewritten); "
                              f"rerun python -m pyramid.stats {self.root}")
@@ -258,13 +269,15 @@ class PyramidDataset(Dataset):
     def __setstate__(self, state):
         self.__dict__.update(state, _open_lock=threading.Lock())
 
-    def loader(self, batch_size, shuffle=False, drop_last=False, seed=0, device=None, **options):
+    def loader(self, batch_size, shuffle=False, drop_last=False, seed=0, device=None, rank=None, world_size=None,
+               prefetch=PREFETCH):
         """The fast way to iterate: a PyramidLoader (pyramid/loader.py) over this dataset; each pass over
-        it is one epoch, of batches {"name": [B names], level: (B, s*s, D), ...}."""
-        from pyramid.loader import PyramidLoader
-
-        return PyramidLoader(self, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, device=device,
-                             **options)
+        it is one epoch, of batches {"name": [B names], level: (B, s*s, D), ...}. `rank` and `world_size`
+        (both or neither): this process's part of every epoch, where torch.distributed does not say it."""
+        loader = PyramidLoader(self, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, device=device,
+                               prefetch=prefetch)
+        loader.set_ranks(rank, world_size)
+        return loader
 
     def _draw_flips(self, count):
         """Which of `count` items are read from the flip/ twins: None without flip="random", else one
@@ -428,8 +441,6 @@ class PyramidDataset(Dataset):
             self._read_rows(range(start, end), flipped, {level: tensor.numpy() for level, tensor in rows.items()})
             self._normalize(rows, flipped)
             return chunk, rows
-
-        from pyramid.pack import read_ahead
 
         workers = min(4, os.cpu_count() or 1)
         for (start, end, twin), rows in read_ahead(read, chunks, workers, 2 * workers):

@@ -371,7 +371,7 @@ def image_loader(input_dir, relative_paths, preprocess, batch_size, num_workers,
 
     Each worker keeps up to two batches ready (torch's default prefetch): enough to hide the jitter of
     decoding, and the memory held stays a fixed few batches however many images there are.
-    `sampler` picks which of `relative_paths` this process does (shard.ChunkSampler); all of them in
+    `sampler` picks which of `relative_paths` this process does (chunks.ChunkSampler); all of them in
     order without one. Images of more than `max_pixels` pixels are failures (ImageDataset).
     """
     return torch.utils.data.DataLoader(

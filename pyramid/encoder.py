@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pyramid.decode import is_pillow_processor
-from pyramid.pool import strip_special_tokens
+from pyramid.levels import strip_special_tokens
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SUPPORTED_MODEL_TYPES = ("dinov2", "dinov2_with_registers")

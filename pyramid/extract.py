@@ -12,9 +12,13 @@ import signal
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from pyramid import exits
-from pyramid.cli import argument_parser, command_name
+from pyramid.cli import argument_parser, command_name, refusals_exit_2
 from pyramid.exits import UsageError
+from pyramid.runs import record_refusal
+from pyramid.settings import DEFAULTS, Settings
 
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 
@@ -23,11 +27,11 @@ def get_args_parser():
     typed = Path(sys.argv[0]).name
     prog = f"python {typed}" if typed.endswith(".py") and typed != "extract.py" else command_name("pyramid.extract")
     parser = argument_parser(prog, __doc__)
-    parser.add_argument("--input_dir", default="data/raw_images",
+    parser.add_argument("--input_dir", default=DEFAULTS.input_dir,
                         help="searched recursively for .png .jpg .jpeg .webp .bmp (any letter case)")
-    parser.add_argument("--output_dir", default="data/feature_pyramids",
+    parser.add_argument("--output_dir", default=DEFAULTS.output_dir,
                         help="one .pt per image, at the image's relative path with the suffix .pt")
-    parser.add_argument("--model", default="facebook/dinov2-base",
+    parser.add_argument("--model", default=DEFAULTS.model,
                         help="hub id or save_pretrained directory of a DINOv2 (with or without registers)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="images per forward pass, per process (default: 64 on GPU, 16 on CPU)")
@@ -35,7 +39,7 @@ def get_args_parser():
                         help="decode workers per process (default: the cores this process may use, shared among "
                              "the node's processes; on GPU one less, at most 16)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images in sorted order")
-    parser.add_argument("--dtype", default="auto",
+    parser.add_argument("--dtype", default=DEFAULTS.dtype,
                         help="the dtype the model computes in: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, "
                              "fp32; files hold fp32 whatever it is")
     parser.add_argument("--overwrite", action="store_true",
@@ -76,30 +80,27 @@ def check_args(args):
             raise UsageError(f"--{name} must be at least 1, not {getattr(args, name)}")
     if args.num_workers is not None and args.num_workers < 0:
         raise UsageError(f"--num_workers must be 0 or more, not {args.num_workers}")
-    if args.max_pixels is None:
-        from PIL import Image  # light; the default is Pillow's own limit (decode.pillow_pixel_limit)
-
+    if args.max_pixels is None:  # Pillow's own limit (decode.pillow_pixel_limit, which loads torch)
         args.max_pixels = 2 * Image.MAX_IMAGE_PIXELS
 
 
-def main(args):
-    try:
-        check_args(args)
-    except UsageError as error:
-        if os.environ.get("RANK", "0") == "0":  # under a launcher every process finds it: one says it
-            print(f"error: {error}", file=sys.stderr)
-            from pyramid.runs import record_refusal
+def record_refused_run(args, error):
+    """The runs.jsonl line of a run refused for its arguments, where its output directory exists; written once
+    the error line is said, since a launcher that sees another process exit 2 may SIGTERM this one at once."""
+    record_refusal(args.output_dir, dict(sorted(vars(args).items())), str(error), exits.USAGE)
 
-            record_refusal(args.output_dir, dict(sorted(vars(args).items())), str(error), exits.USAGE)
-        return exits.USAGE
+
+@refusals_exit_2(after=record_refused_run)
+def main(args):
+    check_args(args)
     # Idle OpenMP threads of the model then sleep instead of spinning on the cores that the decode
     # workers need: on a 2-core CPU run of a small model that is the difference between 0.8 and 1.0
     # of the decode bound. It must be set before torch loads; an explicit setting is kept.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        from pyramid.run import run  # torch and transformers load only for a run that can start
+        from pyramid.loop import run  # torch and transformers load only for a run that can start
 
-        return run(args)
+        return run(Settings.from_args(args))
     except KeyboardInterrupt:  # Ctrl-C before the run could stop cleanly, or a second one
         print("stopped by Ctrl-C; rerun the same command to finish", file=sys.stderr)
         return exits.BY_SIGNAL[signal.SIGINT]

@@ -49,7 +49,7 @@ class PyramidLoader:
     or numpy array) of the batch it held is left; a loop that keeps batches gets new memory for the
     next ones, a loop that drops them reuses prefetch + 3 buffers.
 
-    Under torch.distributed (initialised before iterating; or pass `rank` and `world_size`), every
+    Under torch.distributed (initialised before iterating; or `rank` and `world_size` given, see `set_ranks`), every
     rank computes the same epoch order (same `seed` on every rank) and takes its own contiguous part
     of it: N // world_size items each, so every rank runs the same number of steps. The N % world_size
     items at the end of the epoch's order are left out of that epoch (different ones every epoch when
@@ -57,26 +57,29 @@ class PyramidLoader:
     then applies to each rank's part.
     """
 
-    def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0, device=None, rank=None,
-                 world_size=None, prefetch=PREFETCH):
+    def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0, device=None, prefetch=PREFETCH):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, not {seed!r}.")
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be a positive integer, not {prefetch!r}.")
-        if (rank is None) != (world_size is None):
-            raise ValueError("pass both rank and world_size, or neither (then torch.distributed's are used).")
-        if world_size is not None and not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), not {rank} of {world_size}.")
         self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, batch_size, shuffle, drop_last
         self.seed, self.prefetch = seed, prefetch
         self.device = None if device is None else torch.device(device)
         if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r}: torch sees no CUDA device here; device=None gives CPU batches.")
-        self._rank, self._world_size = rank, world_size
+        self._rank, self._world_size = None, None
         self.epoch = 0  # the epoch the next pass will be
         self._buffers = None
+
+    def set_ranks(self, rank, world_size):
+        """Take part `rank` of `world_size` of every epoch (both None: torch.distributed's, when initialised)."""
+        if (rank is None) != (world_size is None):
+            raise ValueError("pass both rank and world_size, or neither (then torch.distributed's are used).")
+        if world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), not {rank} of {world_size}.")
+        self._rank, self._world_size = rank, world_size
 
     def rank_and_world_size(self):
         """(rank, world size): as given, else torch.distributed's when it is initialised, else (0, 1)."""

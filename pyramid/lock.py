@@ -9,9 +9,8 @@ import uuid
 from pathlib import Path
 
 from pyramid.exits import UsageError
-from pyramid.paths import pid_alive
+from pyramid.tree import LOCK_NAME, pid_alive
 
-LOCK_NAME = ".pyramid.lock"
 # The holder touches its lock this often; a lock untouched for STALE_AFTER_SECONDS belongs to a run
 # that is gone (killed, or on a node that died). The margin covers clock differences between nodes
 # and a shared filesystem's attribute caching (NFS caches a file's times for up to 60 s).
@@ -96,7 +95,7 @@ class OutputLock:
         if self.me is not None:
             return self
         me = this_run()
-        mine = self.output_dir / f".pyramid.lock.{me['token']}"
+        mine = self.output_dir / f"{LOCK_NAME}.{me['token']}"
         try:
             mine.write_text(json.dumps(me), encoding="utf-8")
         except OSError as error:
@@ -125,7 +124,7 @@ class OutputLock:
         if reason is None:
             raise UsageError(f"{self.output_dir} is being written by another run ({describe(holder)}); "
                              f"wait for it to end, or stop it, or use another --output_dir")
-        aside = self.output_dir / f".pyramid.lock.stale.{me['token']}"
+        aside = self.output_dir / f"{LOCK_NAME}.stale.{me['token']}"
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:

@@ -7,20 +7,17 @@ import shutil
 from pathlib import Path
 
 from pyramid.exits import UsageError
+from pyramid.levels import level_key, pyramid_sizes
+from pyramid.tree import (
+    DERIVED_NAMES,
+    MANIFEST_NAME,
+    REPLACING_KEY,
+    manifest_differences,
+    read_manifest,
+    temporary_name,
+)
 
-MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-# Set while --overwrite removes the files of other settings: the manifest already names the new
-# settings, but old files may remain until the removal is finished (by this run or the next).
-REPLACING_KEY = "replacing"
-# Versions are recorded for the record; a different library version does not make a file different.
-UNCOMPARED_KEYS = frozenset({"versions", REPLACING_KEY})
-# The pixel pipeline (pyramid.decode.pixel_pipeline): compared like the settings, the decoders by name; their
-# versions, like the packages', are said and recorded, not refused.
-PIXEL_KEYS = ("image_processor", "decoders")
-# What a replacement removes besides the .pt files: data derived from the old files (the failures
-# record, the statistics, the packed copy), so nothing is left that claims to match the new settings.
-DERIVED_NAMES = ("failures.jsonl", "stats.pt", "pack")
 
 
 def package_versions():
@@ -35,49 +32,15 @@ def package_versions():
             "pillow": PIL.__version__}
 
 
-def build_manifest(model, revision, dtype, crop_size, patch_size, levels, hidden_size, num_register_tokens,
-                   flip=False, pixels=None):
-    """The manifest of a run: the settings that decide every value in its files. `pixels`: the pixel
-    pipeline, {"image_processor": {"class", "backend"}, "decoders": {name: version}}."""
-    return {"format": FORMAT_VERSION, "model": model, "revision": revision, "dtype": dtype,
-            "crop_size": crop_size, "patch_size": patch_size, "grid_size": crop_size // patch_size,
-            "levels": list(levels), "hidden_size": hidden_size,
-            "num_register_tokens": num_register_tokens, "flip": flip, **(pixels or {}),
+def build_manifest(info, dtype, flip=False, pixels=None):
+    """The manifest of a run: the settings that decide every value in its files. `info`: the model's
+    encoder.ModelInfo; `pixels`: the pixel pipeline, {"image_processor": {"class", "backend"},
+    "decoders": {name: version}}."""
+    return {"format": FORMAT_VERSION, "model": info.name, "revision": info.revision, "dtype": dtype,
+            "crop_size": info.crop_size, "patch_size": info.patch_size, "grid_size": info.grid_size,
+            "levels": [level_key(size) for size in pyramid_sizes(info.grid_size)], "hidden_size": info.hidden_size,
+            "num_register_tokens": info.num_register_tokens, "flip": flip, **(pixels or {}),
             "versions": package_versions()}
-
-
-def read_manifest(output_dir):
-    """The manifest in `output_dir`, or None where there is none."""
-    path = Path(output_dir) / MANIFEST_NAME
-    if not path.exists():
-        return None
-    manifest = json.loads(path.read_text())
-    if isinstance(manifest, dict):
-        manifest.setdefault("flip", False)  # written before --flip existed: no flip/ levels
-    return manifest
-
-
-def _compared(key, value):
-    """The part of a manifest value that a run must match: the decoders by name, not version."""
-    return sorted(value) if key == "decoders" and isinstance(value, dict) else value
-
-
-def manifest_differences(existing, wanted):
-    """Human-readable differences in the compared settings: ["dtype: fp16 -> fp32", ...].
-
-    A manifest written before the pixel pipeline was recorded differs in it: nothing says whether its
-    files were made by the same processor and decoders (the torchvision backend's pixels, say).
-    """
-    differences = []
-    for key in sorted((set(existing) | set(wanted)) - UNCOMPARED_KEYS):
-        old, new = _compared(key, existing.get(key)), _compared(key, wanted.get(key))
-        if old == new:
-            continue
-        if old is None and key in PIXEL_KEYS:
-            differences.append(f"{key}: not recorded (a manifest from before it was) -> {new!r}")
-        else:
-            differences.append(f"{key}: {old!r} -> {new!r}")
-    return differences
 
 
 def version_changes(existing, wanted):
@@ -94,7 +57,7 @@ def version_changes(existing, wanted):
 def write_manifest(output_dir, manifest):
     """Write manifest.json atomically (temporary file, then rename)."""
     path = Path(output_dir) / MANIFEST_NAME
-    temporary = path.with_name(f".{MANIFEST_NAME}.tmp.{os.getpid()}")
+    temporary = temporary_name(path, os.getpid())
     temporary.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(temporary, path)
 

@@ -23,153 +23,24 @@ import time
 from pathlib import Path
 
 from pyramid import exits
-from pyramid.cli import check_output_tree_args, output_tree_parser
+from pyramid.cli import check_output_tree_args, output_tree_parser, refusals_exit_2
 from pyramid.exits import UsageError
-
-PACK_DIR = "pack"
-RECORD_NAME = "pack.json"
-PACK_FORMAT = 1
-TEMPORARY_PREFIX = ".pack.tmp."  # + writer tag: a name paths.is_abandoned_temporary understands
-OLD_PREFIX = ".pack-old.tmp."
-
-
-def file_records(root, relative_paths):
-    """[[relative path, size, mtime_ns], ...] for the files, in the given order: what tells one version
-    of a file from another without reading it. Not the inode: a copy that keeps mtimes (cp -a, rsync -a)
-    of the tree with its pack to a training machine keeps the pack current."""
-    records = []
-    for relative in relative_paths:
-        status = os.stat(os.path.join(root, relative))
-        records.append([relative, status.st_size, status.st_mtime_ns])
-    return records
-
-
-def tree_state(root):
-    """(manifest or None, file records in sorted-name order) of the output tree at `root` now."""
-    from pyramid.manifest import read_manifest
-    from pyramid.paths import scan_outputs
-
-    finished, _ = scan_outputs(root)
-    return read_manifest(root), file_records(root, sorted(finished))
-
-
-def tree_digest(manifest, records):
-    """A short fingerprint of (compared manifest settings, file records): equal exactly when both are."""
-    import hashlib
-
-    from pyramid.manifest import UNCOMPARED_KEYS
-
-    settings = None if manifest is None else {key: value for key, value in sorted(manifest.items())
-                                              if key not in UNCOMPARED_KEYS}
-    return hashlib.sha256(json.dumps([settings, records], sort_keys=True).encode()).hexdigest()
-
-
-def staleness(record, manifest, records):
-    """Why a pack record no longer matches the tree, as sentences; [] when it is current."""
-    from pyramid.manifest import manifest_differences
-
-    reasons = []
-    if record.get("format") != PACK_FORMAT:
-        reasons.append(f"pack format {record.get('format')!r}, this reader knows {PACK_FORMAT}")
-    if (record.get("manifest") is None) != (manifest is None) or (
-            manifest is not None and manifest_differences(record["manifest"], manifest)):
-        reasons.append("manifest.json differs from the one packed")
-    packed = {entry[0]: entry[1:] for entry in record.get("files", [])}
-    now = {entry[0]: entry[1:] for entry in records}
-    added = len(now.keys() - packed.keys())
-    removed = len(packed.keys() - now.keys())
-    rewritten = sum(1 for name in now.keys() & packed.keys() if now[name] != packed[name])
-    for count, what in ((added, "added"), (removed, "removed"), (rewritten, "rewritten")):
-        if count:
-            reasons.append(f"{count} file(s) {what} since it was packed")
-    return reasons
-
-
-def pack_dir(root):
-    return Path(root) / PACK_DIR
-
-
-def level_path(directory, level):
-    """The array of a level in a pack: '8x8' -> pack/8x8.npy, 'flip/8x8' -> pack/flip/8x8.npy."""
-    return Path(directory) / f"{level}.npy"
-
-
-def read_record(root):
-    """The pack.json of the pack under `root`, or None where there is no (complete) pack."""
-    path = pack_dir(root) / RECORD_NAME
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def current_pack(root, manifest, records, levels):
-    """(record, reasons): the pack's record when it is current and holds `levels`, else None and why not."""
-    record = read_record(root)
-    if record is None:
-        return None, ["no pack"]
-    reasons = staleness(record, manifest, records)
-    missing = [level for level in levels if level not in record.get("levels", [])]
-    if missing:
-        reasons.append(f"level(s) {missing} not packed")
-    return (None if reasons else record), reasons
-
-
-def pack_command(root, also=()):
-    """The command that rebuilds the pack under `root` with the levels it holds, and `also` these: plain
-    `python -m pyramid.pack ROOT` when that is every level, else with --levels, so advice to rebuild a pack of
-    4x4 and 1x1 does not pack the 16x16 level that is 3/4 of the bytes. `ROOT` is quoted for a shell."""
-    import shlex
-
-    from pyramid.manifest import read_manifest
-
-    record = read_record(root) or {}
-    wanted = set(record.get("levels", [])) | set(also)
-    command = f"python -m pyramid.pack {shlex.quote(str(root))}"
-    try:
-        available = available_levels(root, read_manifest(root))
-    except (OSError, ValueError, KeyError, TypeError):  # an unreadable manifest: name the levels themselves
-        available = []
-    if not wanted or available and wanted >= set(available):
-        return command
-    ordered = [level for level in available if level in wanted] + sorted(wanted - set(available))
-    return f"{command} --levels {' '.join(ordered)}"
-
-
-def item_name(relative_path):
-    """The item name of a file: 'a/b/c.pt' -> 'a/b/c'."""
-    from pyramid.paths import OUTPUT_SUFFIX
-
-    return relative_path.removesuffix(OUTPUT_SUFFIX)
-
-
-def available_levels(root, manifest, first_file=None):
-    """Every level the files hold, finest first: the manifest's, and their flip/ twins when it says flip;
-    without a manifest, the first file's keys."""
-    if manifest is not None:
-        levels = list(manifest["levels"])
-        return levels + [f"flip/{level}" for level in levels] if manifest.get("flip") else levels
-    if first_file is not None:
-        from pyramid.reader import read_pyramid
-
-        _, keys = read_pyramid(Path(root) / first_file, levels=[])
-        return keys
-    return []
-
-
-def read_ahead(function, items, workers, window):
-    """function(item) for every item, in order, on `workers` threads, at most `window` results ahead."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as pool:
-        pending = deque()
-        for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+from pyramid.progress import Progress, format_duration
+from pyramid.tree import (
+    PACK_FORMAT,
+    PACK_OLD_PREFIX,
+    PACK_RECORD_NAME,
+    PACK_TEMPORARY_PREFIX,
+    available_levels,
+    is_abandoned_temporary,
+    item_name,
+    pack_dir,
+    pack_level_path,
+    pack_staleness,
+    read_pack_record,
+    tree_state,
+    writer_tag,
+)
 
 
 def build_pack(root, levels, workers=4, progress=None):
@@ -180,8 +51,7 @@ def build_pack(root, levels, workers=4, progress=None):
     import numpy as np
     import torch
 
-    from pyramid.paths import writer_tag
-    from pyramid.reader import read_pyramid
+    from pyramid.reader import read_ahead, read_pyramid
 
     root = Path(root)
     started = time.monotonic()
@@ -194,12 +64,12 @@ def build_pack(root, levels, workers=4, progress=None):
     if missing:
         raise ValueError(f"{root / names[0]} has no level(s) {missing}")
     shapes = {level: (len(names), *first[level].shape[1:]) for level in levels}  # (N, s*s, D)
-    temporary = root / f"{TEMPORARY_PREFIX}{writer_tag()}"
+    temporary = root / f"{PACK_TEMPORARY_PREFIX}{writer_tag()}"
     temporary.mkdir()
     try:
         arrays = {}
         for level in levels:
-            path = level_path(temporary, level)
+            path = pack_level_path(temporary, level)
             path.parent.mkdir(parents=True, exist_ok=True)
             arrays[level] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shapes[level])
 
@@ -223,7 +93,7 @@ def build_pack(root, levels, workers=4, progress=None):
                   "shapes": {level: list(shape) for level, shape in shapes.items()},
                   "names": [item_name(name) for name in names], "files": records, "manifest": manifest,
                   "seconds": round(time.monotonic() - started, 3)}
-        (temporary / RECORD_NAME).write_text(json.dumps(record) + "\n")
+        (temporary / PACK_RECORD_NAME).write_text(json.dumps(record) + "\n")
         _swap_into_place(root, temporary)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -234,10 +104,8 @@ def build_pack(root, levels, workers=4, progress=None):
 def _swap_into_place(root, temporary):
     """Replace pack/ by the complete `temporary`: old pack aside, new one in, old one deleted. Between
     the two renames there is no pack (readers then use the files), never a mixed one."""
-    from pyramid.paths import writer_tag
-
     final = pack_dir(root)
-    old = root / f"{OLD_PREFIX}{writer_tag()}"
+    old = root / f"{PACK_OLD_PREFIX}{writer_tag()}"
     if final.exists():
         os.rename(final, old)
     os.rename(temporary, final)
@@ -246,10 +114,8 @@ def _swap_into_place(root, temporary):
 
 def remove_abandoned_packs(root):
     """Delete the temporary pack directories of pack runs that are gone (killed)."""
-    from pyramid.paths import is_abandoned_temporary
-
     for entry in Path(root).iterdir():
-        if entry.name.startswith((TEMPORARY_PREFIX, OLD_PREFIX)) and entry.is_dir() \
+        if entry.name.startswith((PACK_TEMPORARY_PREFIX, PACK_OLD_PREFIX)) and entry.is_dir() \
                 and is_abandoned_temporary(entry):
             shutil.rmtree(entry, ignore_errors=True)
 
@@ -263,32 +129,25 @@ def get_args_parser():
     return parser
 
 
+@refusals_exit_2
 def main(args):
-    try:
-        check_output_tree_args(args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return exits.USAGE
+    check_output_tree_args(args)
     import torch
-
-    from pyramid.progress import Progress, format_duration
 
     torch.set_num_threads(1)  # the files are the parallelism
     root = args.output_dir
     remove_abandoned_packs(root)
     manifest, records = tree_state(root)
     if not records:
-        print(f"error: no .pt files under {root}; run the extractor first", file=sys.stderr)
-        return exits.USAGE
+        raise UsageError(f"no .pt files under {root}; run the extractor first")
     available = available_levels(root, manifest, records[0][0])
     levels = available if args.levels is None else args.levels
     unknown = [level for level in levels if level not in available]
     if unknown:
-        print(f"error: unknown level(s) {unknown}; available: {available}", file=sys.stderr)
-        return exits.USAGE
-    record = read_record(root)
+        raise UsageError(f"unknown level(s) {unknown}; available: {available}")
+    record = read_pack_record(root)
     if record is not None:
-        reasons = staleness(record, manifest, records)
+        reasons = pack_staleness(record, manifest, records)
         if not reasons and record["levels"] == levels:
             print(f"{pack_dir(root)} is current ({record['count']} files, levels {levels}); nothing to do")
             return exits.OK

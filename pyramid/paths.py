@@ -2,21 +2,14 @@
 
 import heapq
 import os
-import socket
 import struct
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
+from pyramid.tree import OUTPUT_SUFFIX
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
-OUTPUT_SUFFIX = ".pt"
-TEMPORARY_MARK = ".tmp."
-# Files at the top of an output tree that are not pyramids (pyramid.stats writes it).
-NOT_PYRAMIDS = frozenset({"stats.pt"})
-# A temporary from another machine is taken as abandoned once it is this old.
-FOREIGN_TEMPORARY_SECONDS = 600
 # A .pt file is a zip archive; its last bytes hold the end-of-central-directory records.
 TAIL_BYTES = 4096
 ZIP_END = struct.Struct("<4s4H2LH")  # signature, disk numbers, entry counts, directory size, offset, comment
@@ -95,71 +88,6 @@ def find_clashes(relative_image_paths):
     for path in relative_image_paths:
         by_output[output_path_for(path)].append(path)
     return [sorted(group) for _, group in sorted(by_output.items()) if len(group) > 1]
-
-
-def temporary_name(final_path, tag):
-    """The hidden temporary beside `final_path` that a writer renames into place: 'd/a.pt' -> 'd/.a.pt.tmp.<tag>'.
-
-    Hidden and without the .pt suffix, so no reader that globs '*.pt' ever sees a half file.
-    """
-    final_path = Path(final_path)
-    return final_path.with_name(f".{final_path.name}{TEMPORARY_MARK}{tag}")
-
-
-def is_temporary_name(name):
-    """True for a writer's temporary file name (see `temporary_name`)."""
-    return name.startswith(".") and TEMPORARY_MARK in name
-
-
-def writer_tag():
-    """Who writes a temporary: 'host@pid.thread', so a later run can tell a live writer from a dead one."""
-    return f"{socket.gethostname()}@{os.getpid()}.{threading.get_ident()}"
-
-
-def pid_alive(pid):
-    """True while process `pid` exists on this host (also when another user owns it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def is_abandoned_temporary(path, now=None):
-    """True for a temporary whose writer is gone: a dead pid on this host, or older than
-    FOREIGN_TEMPORARY_SECONDS when written elsewhere (another node of a cluster, an unknown tag)."""
-    path = Path(path)
-    host, _, rest = path.name.rpartition(TEMPORARY_MARK)[2].partition("@")
-    pid = rest.split(".")[0]
-    if host == socket.gethostname() and pid.isdigit():
-        return not pid_alive(int(pid))
-    return (now or time.time()) - path.stat().st_mtime > FOREIGN_TEMPORARY_SECONDS
-
-
-def remove_abandoned_temporaries(temporaries):
-    """Delete the temporaries (paths) whose writers are gone; those of live writers are left alone."""
-    for temporary in temporaries:
-        if is_abandoned_temporary(temporary):
-            Path(temporary).unlink(missing_ok=True)
-
-
-def scan_outputs(output_dir):
-    """(finished, temporaries): relative POSIX paths of the .pt files under `output_dir`, and the
-    paths of leftover temporaries from interrupted writers."""
-    root = os.fspath(output_dir)
-    finished, temporaries = set(), []
-    if not os.path.isdir(root):
-        return finished, temporaries
-    for directory, _, files in os.walk(root):
-        relative_dir = os.path.relpath(directory, root)
-        for name in files:
-            if is_temporary_name(name):
-                temporaries.append(os.path.join(directory, name))
-            elif name.endswith(OUTPUT_SUFFIX) and not (relative_dir == "." and name in NOT_PYRAMIDS):
-                finished.add(name if relative_dir == "." else f"{relative_dir}/{name}".replace(os.sep, "/"))
-    return finished, temporaries
 
 
 def images_to_do(relative_image_paths, finished_outputs):

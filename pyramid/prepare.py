@@ -10,17 +10,18 @@ import re
 import sys
 import zipfile
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pyramid.cli import argument_parser, command_name
-from pyramid.paths import (IMAGE_SUFFIXES, is_temporary_name, remove_abandoned_temporaries, temporary_name,
-                           writer_tag)
+from pyramid.cli import argument_parser, command_name, refusals_exit_2
+from pyramid.exits import UsageError
+from pyramid.paths import IMAGE_SUFFIXES
 from pyramid.progress import Progress, log
+from pyramid.tree import is_temporary_name, remove_abandoned_temporaries, temporary_name, writer_tag
 
 # Public parquet mirrors in the hub's image-dataset layout (an `image` column of {bytes, path}).
 DATASETS = {
@@ -32,10 +33,6 @@ SPLIT = "train"
 # Modes a PNG can hold as they are; anything else (CMYK, YCbCr, ...) is converted to RGB.
 PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 EXIF_ORIENTATION = 0x0112
-
-
-class PrepareError(Exception):
-    """A problem with the arguments or the source, said in one sentence; the run exits with status 2."""
 
 
 @dataclass(frozen=True)
@@ -62,15 +59,15 @@ def output_name(relative: str) -> str:
 
 
 def refuse_clashes(relatives: list[str]) -> None:
-    """Raise PrepareError naming every group of source files that would write the same PNG (`a.png`, `a.jpg`),
+    """Raise UsageError naming every group of source files that would write the same PNG (`a.png`, `a.jpg`),
     all in one message, so one rename pass fixes them all."""
     by_name = {}
     for relative in relatives:
         by_name.setdefault(output_name(relative), []).append(relative)
     clashes = [f"{' and '.join(group)} would all become {name}" for name, group in by_name.items() if len(group) > 1]
     if clashes:
-        raise PrepareError(f"{len(clashes)} name clash{'es' if len(clashes) > 1 else ''}: {'; '.join(clashes)}; "
-                           f"rename all but one of each in the source")
+        raise UsageError(f"{len(clashes)} name clash{'es' if len(clashes) > 1 else ''}: {'; '.join(clashes)}; "
+                         f"rename all but one of each in the source")
 
 
 class FileSource:
@@ -105,7 +102,7 @@ def zip_source(path: Path) -> FileSource:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:
-        raise PrepareError(f"--source {path} is not a readable zip file ({error})") from None
+        raise UsageError(f"--source {path} is not a readable zip file ({error})") from None
     # macOS archivers add __MACOSX/ resource forks that look like images but are not.
     members = sorted(m for m in archive.namelist()
                      if not m.endswith("/") and not m.startswith("__MACOSX/")
@@ -138,8 +135,8 @@ class ParquetSource:
         for shard in self.shards:
             parquet = pq.ParquetFile(shard.fetch())
             if "image" not in parquet.schema_arrow.names:
-                raise PrepareError(f"{shard.label} has no 'image' column; --source parquet files need "
-                                   f"the hub's image layout (an image column of {{bytes, path}})")
+                raise UsageError(f"{shard.label} has no 'image' column; --source parquet files need "
+                                 f"the hub's image layout (an image column of {{bytes, path}})")
             # Small batches: a batch of 1024x1024 images is tens of MB in memory.
             for batch in parquet.iter_batches(columns=["image"], batch_size=16):
                 for image in batch.column(0).to_pylist():
@@ -149,7 +146,8 @@ class ParquetSource:
 
 
 def shard_number(path: str) -> tuple[int | None, int | None]:
-    """(index, total) read from a shard's name: `train-00003-of-00015-<hash>.parquet` -> (3, 15), `0003.parquet` -> (3, None)."""
+    """(index, total) read from a shard's name: `train-00003-of-00015-<hash>.parquet` -> (3, 15),
+    `0003.parquet` -> (3, None)."""
     name = Path(path).name
     match = re.search(r"-(\d+)-of-(\d+)", name)
     if match:
@@ -160,25 +158,32 @@ def shard_number(path: str) -> tuple[int | None, int | None]:
 
 
 def split_shards(paths: list[str], split: str = SPLIT) -> list[str]:
-    """The parquet files of one split (by a `train-...` file name or a `train/` folder), sorted; all parquet files if none is named so."""
+    """The parquet files of one split (by a `train-...` file name or a `train/` folder), sorted; all parquet files
+    if none is named so."""
     parquet = sorted(p for p in paths if p.endswith(".parquet"))
     named = [p for p in parquet if re.search(rf"(^|/){re.escape(split)}([-_./]|$)", p)]
     return named or parquet
 
 
 def hub_source(repo_id: str, revision: str | None) -> tuple[ParquetSource, str]:
-    """A ParquetSource over a hub dataset's train shards, and the commit it reads; from the HF cache when the hub cannot be reached."""
+    """A ParquetSource over a hub dataset's train shards, and the commit it reads; from the HF cache when the hub
+    cannot be reached."""
     from huggingface_hub import HfApi, hf_hub_download, scan_cache_dir
-    from huggingface_hub.errors import (CacheNotFound, HTTPError, OfflineModeIsEnabled, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        CacheNotFound,
+        HTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     identity = {"kind": "hub", "id": repo_id}
     try:
         info = HfApi().dataset_info(repo_id, revision=revision)
     except (RepositoryNotFoundError, RevisionNotFoundError):
-        raise PrepareError(f"there is no public dataset {repo_id}"
-                           f"{'@' + revision if revision else ''} on the Hugging Face hub; "
-                           f"check the name, or pass --source with a local folder, .zip or .parquet file") from None
+        raise UsageError(f"there is no public dataset {repo_id}"
+                         f"{'@' + revision if revision else ''} on the Hugging Face hub; "
+                         f"check the name, or pass --source with a local folder, .zip or .parquet file") from None
     except (OfflineModeIsEnabled, HTTPError):
         info = None
     if info is not None:
@@ -186,13 +191,13 @@ def hub_source(repo_id: str, revision: str | None) -> tuple[ParquetSource, str]:
             try:
                 return hf_hub_download(repo_id, path, repo_type="dataset", revision=info.sha)
             except (OfflineModeIsEnabled, HTTPError) as error:
-                raise PrepareError(f"lost the Hugging Face hub while fetching {repo_id}/{path} ({error}); "
-                                   f"rerun to resume, or pass --source with a local copy") from None
+                raise UsageError(f"lost the Hugging Face hub while fetching {repo_id}/{path} ({error}); "
+                                 f"rerun to resume, or pass --source with a local copy") from None
 
         paths = split_shards([sibling.rfilename for sibling in info.siblings])
         shards = [Shard(f"{repo_id}/{path}", lambda path=path: download(path)) for path in paths]
         if not shards:
-            raise PrepareError(f"{repo_id} has no parquet files; pass --source with a local copy of its images")
+            raise UsageError(f"{repo_id} has no parquet files; pass --source with a local copy of its images")
         return ParquetSource(shards, identity), info.sha
 
     unreachable = (f"cannot reach the Hugging Face hub for {repo_id} and the local HF cache does not hold it; "
@@ -204,13 +209,13 @@ def hub_source(repo_id: str, revision: str | None) -> tuple[ParquetSource, str]:
     except CacheNotFound:
         cached = []
     if not cached:
-        raise PrepareError(unreachable)
+        raise UsageError(unreachable)
     # Shards are downloaded by commit hash, which leaves no refs/main behind: the newest cached commit is
     # the one the last online run read.
     folder = max(cached, key=lambda snapshot: snapshot.last_modified).snapshot_path
     paths = split_shards([p.relative_to(folder).as_posix() for p in folder.rglob("*.parquet")])
     if not paths:
-        raise PrepareError(unreachable)
+        raise UsageError(unreachable)
     # Offline the cache is all we know: use its shards only while they run 0, 1, 2, ... without a gap,
     # so that row numbers (and so file names) are the same as online.
     numbers = [shard_number(path) for path in paths]
@@ -220,19 +225,20 @@ def hub_source(repo_id: str, revision: str | None) -> tuple[ParquetSource, str]:
             gapless += 1
         paths = paths[:gapless]
     if not paths:
-        raise PrepareError(unreachable)
+        raise UsageError(unreachable)
     complete = numbers[0][1] is not None and len(paths) == numbers[0][1]
     shards = [Shard(f"{repo_id}/{path} (cached)", lambda path=path: str(folder / path)) for path in paths]
     return ParquetSource(shards, identity, complete=complete), folder.name
 
 
 def open_source(specs: list[str], revision: str | None):
-    """The source named by --source (a folder, a .zip, .parquet files or a hub dataset id) and the hub commit, if any."""
+    """The source named by --source (a folder, a .zip, .parquet files or a hub dataset id) and the hub commit,
+    if any."""
     paths = [Path(spec) for spec in specs]
     if len(specs) > 1 or specs[0].endswith(".parquet"):
         missing = [spec for spec in specs if not spec.endswith(".parquet") or not Path(spec).is_file()]
         if missing:
-            raise PrepareError(f"--source takes several paths only as .parquet files, and {missing[0]} is not one")
+            raise UsageError(f"--source takes several paths only as .parquet files, and {missing[0]} is not one")
         resolved = sorted(p.resolve() for p in paths)
         shards = [Shard(p.name, lambda p=p: str(p)) for p in resolved]
         return ParquetSource(shards, {"kind": "parquet", "paths": [str(p) for p in resolved]}), None
@@ -243,7 +249,8 @@ def open_source(specs: list[str], revision: str | None):
         return zip_source(path), None
     if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", specs[0]):
         return hub_source(specs[0], revision)
-    raise PrepareError(f"--source {specs[0]} is neither a folder, a .zip, .parquet files, nor a hub dataset id (owner/name)")
+    raise UsageError(f"--source {specs[0]} is neither a folder, a .zip, .parquet files, nor a hub dataset id "
+                     f"(owner/name)")
 
 
 def seeded_rows(total: int, num_images: int, seed: int) -> list[int]:
@@ -261,8 +268,8 @@ def select(source, num_images: int, seed: int | None) -> Iterator[Entry]:
     if seed is None:
         return itertools.islice(source.entries(), num_images)
     if not source.complete:
-        raise PrepareError(f"a seeded subset needs every shard of {source.identity['id']}, and the HF cache holds "
-                           f"only some; run once with the hub reachable, drop --seed, or pass --source")
+        raise UsageError(f"a seeded subset needs every shard of {source.identity['id']}, and the HF cache holds "
+                         f"only some; run once with the hub reachable, drop --seed, or pass --source")
     chosen = set(seeded_rows(source.count(), num_images, seed))
     last = max(chosen, default=-1)
     entries = itertools.takewhile(lambda entry: entry.row <= last, source.entries())
@@ -270,7 +277,8 @@ def select(source, num_images: int, seed: int | None) -> Iterator[Entry]:
 
 
 def to_png(data: bytes | None, resolution: int | None) -> bytes:
-    """PNG bytes of one source image with EXIF orientation applied and, if asked, the shortest edge resized to `resolution` (bicubic).
+    """PNG bytes of one source image with EXIF orientation applied and, if asked, the shortest edge resized to
+    `resolution` (bicubic).
 
     An upright PNG that needs no resize is returned as its own bytes, after a full decode proves it whole.
     """
@@ -317,19 +325,20 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def check_record(output_dir: Path, record: dict) -> None:
-    """Refuse an `output_dir` whose record names another source or other options, or that holds files of unknown origin."""
+    """Refuse an `output_dir` whose record names another source or other options, or that holds files of unknown
+    origin."""
     path = output_dir / RECORD
     if path.is_file():
         previous = json.loads(path.read_text())
         keys = ("source", "seed", "resolution")
         if any(previous.get(key) != record[key] for key in keys):
             was = ", ".join(f"{key}={json.dumps(previous.get(key))}" for key in keys)
-            raise PrepareError(f"{output_dir} already holds images prepared with {was} (see {path}); "
-                               f"use another --output_dir, or delete it to start over")
+            raise UsageError(f"{output_dir} already holds images prepared with {was} (see {path}); "
+                             f"use another --output_dir, or delete it to start over")
         return
     if output_dir.is_dir() and any(p for p in output_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        raise PrepareError(f"{output_dir} already holds files that pyramid.prepare did not write (no {RECORD}); "
-                           f"use another --output_dir")
+        raise UsageError(f"{output_dir} already holds files that pyramid.prepare did not write (no {RECORD}); "
+                         f"use another --output_dir")
 
 
 def prepare_entry(entry: Entry, output_dir: Path, resolution: int | None) -> str | None:
@@ -362,70 +371,66 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@refusals_exit_2
 def main(args) -> int:
-    try:
-        for option in ("num_images", "resolution", "num_workers"):
-            value = getattr(args, option)
-            if value is not None and value < 1:
-                raise PrepareError(f"--{option} must be a positive whole number, not {value}")
-        output_dir = Path(args.output_dir)
-        specs = args.source or [DATASETS[args.dataset]]
-        record_path = output_dir / RECORD
-        previous = json.loads(record_path.read_text()) if record_path.is_file() else {}
-        # A rerun reads the hub commit the folder was started from, even if the dataset changed since.
-        same_repo = previous.get("source", {}).get("id") == specs[0]
-        source, revision = open_source(specs, previous.get("revision") if same_repo else None)
-        if source.identity["kind"] == "folder" and output_dir.resolve().is_relative_to(source.identity["path"]):
-            raise PrepareError(f"--output_dir {output_dir} lies inside --source {specs[0]}; "
-                               f"put the output elsewhere so a rerun sees the same source")
-        record = {"source": source.identity, "seed": args.seed, "resolution": args.resolution}
-        check_record(output_dir, record)
-        record.update(revision=revision, num_images=args.num_images)
-        write_atomic(output_dir / RECORD, (json.dumps(record, indent=2) + "\n").encode())
-        remove_abandoned_temporaries(p for p in output_dir.rglob(".*") if is_temporary_name(p.name))
+    for option in ("num_images", "resolution", "num_workers"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option} must be a positive whole number, not {value}")
+    output_dir = Path(args.output_dir)
+    specs = args.source or [DATASETS[args.dataset]]
+    record_path = output_dir / RECORD
+    previous = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    # A rerun reads the hub commit the folder was started from, even if the dataset changed since.
+    same_repo = previous.get("source", {}).get("id") == specs[0]
+    source, revision = open_source(specs, previous.get("revision") if same_repo else None)
+    if source.identity["kind"] == "folder" and output_dir.resolve().is_relative_to(source.identity["path"]):
+        raise UsageError(f"--output_dir {output_dir} lies inside --source {specs[0]}; "
+                         f"put the output elsewhere so a rerun sees the same source")
+    record = {"source": source.identity, "seed": args.seed, "resolution": args.resolution}
+    check_record(output_dir, record)
+    record.update(revision=revision, num_images=args.num_images)
+    write_atomic(output_dir / RECORD, (json.dumps(record, indent=2) + "\n").encode())
+    remove_abandoned_temporaries(p for p in output_dir.rglob(".*") if is_temporary_name(p.name))
 
-        counts = {"written": 0, "skipped": 0, "failed": 0}
-        found = 0
-        # A bar on a terminal, plain lines in a log (SLURM, nohup), as for the extractor.
-        progress = Progress(args.num_images)
+    counts = {"written": 0, "skipped": 0, "failed": 0}
+    found = 0
+    # A bar on a terminal, plain lines in a log (SLURM, nohup), as for the extractor.
+    progress = Progress(args.num_images)
 
-        def settle(entry: Entry, error: str | None) -> None:
-            if error is None:
-                counts["written"] += 1
-            else:
-                counts["failed"] += 1
-                log(f"failed: {entry.label}: {error}", progress)
-            progress.update(sum(counts.values()))
+    def settle(entry: Entry, error: str | None) -> None:
+        if error is None:
+            counts["written"] += 1
+        else:
+            counts["failed"] += 1
+            log(f"failed: {entry.label}: {error}", progress)
+        progress.update(sum(counts.values()))
 
-        # Bytes are read here, in order (zip and parquet readers are not shared across threads);
-        # decoding and PNG encoding, the slow part, run in the pool.
-        with ThreadPoolExecutor(args.num_workers) as pool:
-            pending = deque()
-            for entry in select(source, args.num_images, args.seed):
-                found += 1
-                if (output_dir / entry.name).exists():
-                    counts["skipped"] += 1
-                    progress.update(sum(counts.values()))
-                    continue
-                pending.append((entry, pool.submit(prepare_entry, entry, output_dir, args.resolution)))
-                while len(pending) > 2 * args.num_workers:
-                    done, future = pending.popleft()
-                    settle(done, future.result())
-            for entry, future in pending:
-                settle(entry, future.result())
-        progress.close()
-    except PrepareError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    # Bytes are read here, in order (zip and parquet readers are not shared across threads);
+    # decoding and PNG encoding, the slow part, run in the pool.
+    with ThreadPoolExecutor(args.num_workers) as pool:
+        pending = deque()
+        for entry in select(source, args.num_images, args.seed):
+            found += 1
+            if (output_dir / entry.name).exists():
+                counts["skipped"] += 1
+                progress.update(sum(counts.values()))
+                continue
+            pending.append((entry, pool.submit(prepare_entry, entry, output_dir, args.resolution)))
+            while len(pending) > 2 * args.num_workers:
+                done, future = pending.popleft()
+                settle(done, future.result())
+        for entry, future in pending:
+            settle(entry, future.result())
+    progress.close()
 
     where = " ".join(specs) + (f"@{revision[:12]}" if revision else "")
     print(f"prepare: {counts['written']} written, {counts['skipped']} skipped (already there), "
           f"{counts['failed']} failed -> {output_dir} from {where}")
     if found < args.num_images:
         if not source.complete:
-            print(f"error: the HF cache holds only {found} images of {specs[0]}, fewer than --num_images "
-                  f"{args.num_images}; run once with the hub reachable, or pass --source", file=sys.stderr)
-            return 2
+            raise UsageError(f"the HF cache holds only {found} images of {specs[0]}, fewer than --num_images "
+                             f"{args.num_images}; run once with the hub reachable, or pass --source")
         print(f"note: the source holds only {found} images, fewer than --num_images {args.num_images}")
     return 3 if counts["failed"] else 0
 

@@ -4,18 +4,20 @@
     python -m pyramid.bench --reader --tree data/feature_pyramids
 
 Rows, each over the same number of items, in one process unless it says DataLoader: the raw read()
-bound of the files, torch.load, the PyramidDataset of before this reader (torch.load with mmap, then
-a clone per level), PyramidDataset items from the files, the raw pread() bound of the pack rows an
-item is made of, PyramidDataset items from the pack; the DataLoader loops (collate_fn=PyramidDataset.collate,
-timed on their second epoch with persistent workers; the before row with the default collate, as it
-was used); the README's old loop (DataLoader(dataset, batch_size, shuffle=True, num_workers), default
-collate, workers started each epoch, as it was written); and dataset.loader(batch_size, shuffle=True)
+bound of the files, torch.load, the plain dataset (torch.load with mmap, then a clone per level),
+PyramidDataset items from the files, the raw pread() bound of the pack rows an item is made of,
+PyramidDataset items from the pack; the DataLoader loops (collate_fn=PyramidDataset.collate, timed on
+their second epoch with persistent workers; the plain dataset's with the default collate); the plain
+loop (DataLoader(dataset, batch_size, shuffle=True, num_workers), default collate, workers started
+each epoch); and dataset.loader(batch_size, shuffle=True)
 from the files, the pack and a CPU preload, each pass a new epoch, timed until it has served the items.
 Rounds are interleaved (each round runs every row once, in a rotated order) and the median is
 reported, so a machine that is busy in bursts slows every row alike.
 """
 
+import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -24,18 +26,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyramid import exits
+from pyramid.dataset import PyramidDataset
+from pyramid.encoder import ModelInfo
+from pyramid.exits import UsageError
+from pyramid.levels import build_pyramid, split_pyramids, split_twins
+from pyramid.manifest import build_manifest, write_manifest
+from pyramid.pack import build_pack
+from pyramid.tree import available_levels, current_pack, item_name, pack_dir, pack_level_path, tree_state
+from pyramid.writer import save_atomic
+
 
 def write_synthetic_tree(directory, count, grid=16, hidden=768, flip=False, seed=0):
     """`count` pyramids as the extractor writes them (random 16x16 level, true 2x2 means below), with a
     manifest; flip/ twins (the 16x16 grid mirrored) with `flip`. Returns the directory."""
-    from pyramid.manifest import build_manifest, write_manifest
-    from pyramid.pool import build_pyramid, level_key, pyramid_sizes, split_pyramids, split_twins
-    from pyramid.writer import save_atomic
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    levels = [level_key(size) for size in pyramid_sizes(grid)]
-    write_manifest(directory, build_manifest("synthetic", None, "fp32", grid * 14, 14, levels, hidden, 0, flip=flip))
+    info = ModelInfo(name="synthetic", revision=None, crop_size=grid * 14, patch_size=14, hidden_size=hidden,
+                     num_register_tokens=0)
+    write_manifest(directory, build_manifest(info, "fp32", flip=flip))
     generator = torch.Generator().manual_seed(seed)
     for index in range(count):
         patches = torch.randn(1, grid * grid, hidden, generator=generator)  # (1, G*G, D)
@@ -48,8 +57,8 @@ def write_synthetic_tree(directory, count, grid=16, hidden=768, flip=False, seed
     return directory
 
 
-class BeforeDataset(torch.utils.data.Dataset):
-    """PyramidDataset as it was before pyramid.reader: torch.load with mmap, then a clone per level."""
+class MmapCloneDataset(torch.utils.data.Dataset):
+    """The plain way to read pyramid files: torch.load with mmap, then a clone per level."""
 
     def __init__(self, root, files, levels):
         self.root, self.files, self.levels = Path(root), files, levels
@@ -59,7 +68,7 @@ class BeforeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         pyramid = torch.load(self.root / self.files[index], weights_only=True, mmap=True)
-        item = {"name": self.files[index].removesuffix(".pt")}
+        item = {"name": item_name(self.files[index])}
         for level in self.levels:
             item[level] = pyramid[level][0].clone()  # (s*s, D)
         return item
@@ -85,9 +94,9 @@ def _through_loader(dataset, batch_size, num_workers, seed, collate_fn=None):
     return count / (time.perf_counter() - started)
 
 
-def _readme_loop(dataset, batch_size, num_workers, seed):
-    """Items/s of one epoch of the loop the README showed before dataset.loader(): the default collate,
-    workers started for the epoch."""
+def _plain_loop(dataset, batch_size, num_workers, seed):
+    """Items/s of one epoch of the plain DataLoader loop: shuffled, the default collate, workers started
+    for the epoch."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                                          generator=torch.Generator().manual_seed(seed))
     started = time.perf_counter()
@@ -108,9 +117,6 @@ def _through_pyramid_loader(loader, items):
 def reader_rows(root, items, rounds, batch_size, num_workers):
     """({row: (items/s, bytes per item)}, seconds the CPU preload took): medians over interleaved rounds
     (see the module docstring)."""
-    from pyramid.dataset import PyramidDataset
-    from pyramid.pack import level_path, pack_dir
-
     files_dataset = PyramidDataset(root, pack=False)
     pack_dataset = PyramidDataset(root, pack=True)
     started = time.perf_counter()
@@ -121,9 +127,9 @@ def reader_rows(root, items, rounds, batch_size, num_workers):
     order = np.random.default_rng(0).permutation(len(files))[:items].tolist()
     file_bytes = int(np.mean([os.path.getsize(paths[i]) for i in order]))
     layout = pack_dataset._pack  # {level: (path, offset of row 0, bytes per row, shape)}
-    pack_fds = {level: os.open(level_path(pack_dir(root), level), os.O_RDONLY) for level in levels}
+    pack_fds = {level: os.open(pack_level_path(pack_dir(root), level), os.O_RDONLY) for level in levels}
     row_bytes = sum(layout[level][2] for level in levels)
-    before = BeforeDataset(root, files, levels)
+    plain = MmapCloneDataset(root, files, levels)
     subset = torch.utils.data.Subset
 
     def read_file(index):
@@ -138,21 +144,21 @@ def reader_rows(root, items, rounds, batch_size, num_workers):
     rows = {
         "raw read(), files": (lambda: _per_item(read_file, order), file_bytes),
         "torch.load, files": (lambda: _per_item(lambda i: torch.load(paths[i], weights_only=True), order), file_bytes),
-        "PyramidDataset before (mmap + clone)": (lambda: _per_item(before.__getitem__, order), file_bytes),
+        "torch.load mmap + clone, files": (lambda: _per_item(plain.__getitem__, order), file_bytes),
         "PyramidDataset, files": (lambda: _per_item(files_dataset.__getitem__, order), file_bytes),
         "raw pread(), pack rows": (lambda: _per_item(read_pack_rows, order), row_bytes),
         "PyramidDataset, pack": (lambda: _per_item(pack_dataset.__getitem__, order), row_bytes),
     }
     for workers in sorted({0, num_workers}):
-        for name, dataset, size, collate_fn in (("before", before, file_bytes, None),
+        for name, dataset, size, collate_fn in (("mmap + clone", plain, file_bytes, None),
                                                 ("files", files_dataset, file_bytes, PyramidDataset.collate),
                                                 ("pack", pack_dataset, row_bytes, PyramidDataset.collate)):
             rows[f"DataLoader(batch {batch_size}, {workers} workers), {name}"] = (
                 lambda dataset=dataset, collate_fn=collate_fn, workers=workers: _through_loader(
                     subset(dataset, order), batch_size, workers, 0, collate_fn), size)
     for name, dataset in (("files", files_dataset), ("pack", pack_dataset)):
-        rows[f"README's old loop: DataLoader(batch {batch_size}, shuffle, {num_workers} workers), {name}"] = (
-            lambda dataset=dataset: _readme_loop(subset(dataset, order), batch_size, num_workers, 0),
+        rows[f"plain loop: DataLoader(batch {batch_size}, shuffle, {num_workers} workers), {name}"] = (
+            lambda dataset=dataset: _plain_loop(subset(dataset, order), batch_size, num_workers, 0),
             file_bytes if name == "files" else row_bytes)
     for name, dataset, size in (("files", files_dataset, file_bytes), ("pack", pack_dataset, row_bytes),
                                 ("preload cpu", preload_dataset, row_bytes)):
@@ -183,33 +189,26 @@ def format_reader_table(figures):
     lines = [header, f"  {'reader':<{width}}{'items/s':>10}{'GB/s':>8}{'of raw':>8}"]
     for name, (rate, size) in rows.items():
         lines.append(f"  {name:<{width}}{rate:>10.0f}{rate * size / 1e9:>8.2f}{rate / raw:>7.2f}x")
-    lines.append(f"  PyramidDataset files / before: {rows['PyramidDataset, files'][0] / rows['PyramidDataset before (mmap + clone)'][0]:.2f}x; "
-                 f"pack / raw pread of its rows: {rows['PyramidDataset, pack'][0] / rows['raw pread(), pack rows'][0]:.2f}; "
+    lines.append(f"  PyramidDataset files / mmap + clone: "
+                 f"{rows['PyramidDataset, files'][0] / rows['torch.load mmap + clone, files'][0]:.2f}x; "
+                 f"pack / raw pread of its rows: "
+                 f"{rows['PyramidDataset, pack'][0] / rows['raw pread(), pack rows'][0]:.2f}; "
                  f"files / raw read of the files: {rows['PyramidDataset, files'][0] / raw:.2f}")
     loader = {name.rsplit(", ", 1)[1]: rate for name, (rate, _) in rows.items() if name.startswith("dataset.loader(")}
-    readme = {name.rsplit(", ", 1)[1]: rate for name, (rate, _) in rows.items() if name.startswith("README's old loop")}
+    plain = {name.rsplit(", ", 1)[1]: rate for name, (rate, _) in rows.items() if name.startswith("plain loop")}
     lines.append("  dataset.loader / raw read of the files: "
                  + ", ".join(f"{name} {rate / raw:.2f}" for name, rate in loader.items())
                  + f"; pack / raw pread of its rows: {loader['pack'] / rows['raw pread(), pack rows'][0]:.2f}"
-                 + "; README's old loop: " + ", ".join(f"{name} {rate / raw:.2f}" for name, rate in readme.items()))
+                 + "; plain loop: " + ", ".join(f"{name} {rate / raw:.2f}" for name, rate in plain.items()))
     return "\n".join(lines)
 
 
 def reader_main(args):
     """Entry of `python -m pyramid.bench --reader`: the table (or JSON) of reader_rows."""
-    import json
-    import shutil
-    import sys
-
-    from pyramid import exits
-    from pyramid.pack import build_pack, current_pack, pack_dir, tree_state
-
     if (args.tree is None) == (args.synthetic_tree is None):
-        print("error: --reader needs --tree DIR or --synthetic_tree N", file=sys.stderr)
-        return exits.USAGE
+        raise UsageError("--reader needs --tree DIR or --synthetic_tree N")
     if args.tree is not None and not args.tree.is_dir():
-        print(f"error: --tree {args.tree} is not a directory", file=sys.stderr)
-        return exits.USAGE
+        raise UsageError(f"--tree {args.tree} is not a directory")
     torch.set_num_threads(1)
     scratch = None
     try:
@@ -220,10 +219,7 @@ def reader_main(args):
             root = args.tree
         manifest, records = tree_state(root)
         if not records:
-            print(f"error: no .pt files under {root}", file=sys.stderr)
-            return exits.USAGE
-        from pyramid.pack import available_levels
-
+            raise UsageError(f"no .pt files under {root}")
         levels = available_levels(root, manifest, records[0][0])
         started = time.perf_counter()
         if current_pack(root, manifest, records, levels)[0] is None:

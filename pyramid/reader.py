@@ -1,4 +1,4 @@
-"""Read the levels of one pyramid file fast: its own bytes, parsed directly, no torch.load.
+"""Read the levels of pyramid files fast: each by its own bytes, parsed directly (no torch.load), many ahead.
 
 A file the extractor writes is torch.save's zip archive, stored uncompressed: a small pickle
 (`data.pkl`) that names, per key, a storage record and its shape, then one record per storage.
@@ -18,7 +18,8 @@ import io
 import os
 import pickle
 import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -343,3 +344,16 @@ def read_pyramid(path, levels=None, out=None):
                 target.copy_(pyramid[level].reshape(target.shape))
             pyramid[level] = target
     return pyramid, keys
+
+
+def read_ahead(function, items, workers, window):
+    """function(item) for every item, in order, on `workers` threads, at most `window` results ahead: the
+    reads of many files (read_pyramid releases the GIL in its preadv) overlapped."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -12,9 +12,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pyramid import exits
-from pyramid.cli import HelpFormatter, argument_parser, command_name
+from pyramid.cli import HelpFormatter, argument_parser, command_name, refusals_exit_2
+from pyramid.exits import UsageError
+from pyramid.tree import RUNS_NAME, append_json_line
 
-RUNS_NAME = "runs.jsonl"
 RUN_ID_VARIABLE = "PYRAMID_RUN_ID"
 
 
@@ -29,14 +30,9 @@ def now_iso():
 
 
 def append_run(output_dir, record):
-    """Append `record` as one line of runs.jsonl: a single write with O_APPEND, so a line is never torn
-    by another run's line."""
-    line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
-    fd = os.open(Path(output_dir) / RUNS_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line.encode("utf-8"))
-    finally:
-        os.close(fd)
+    """Append `record` as one line of runs.jsonl (tree.append_json_line: one write with O_APPEND, so a line
+    is never torn by another run's line)."""
+    append_json_line(Path(output_dir) / RUNS_NAME, record)
 
 
 def record_refusal(output_dir, settings, message, status):
@@ -87,10 +83,10 @@ def get_args_parser():
     return parser
 
 
+@refusals_exit_2
 def main(args):
     if not args.output_dir.is_dir():
-        print(f"error: {args.output_dir} is not a directory; pass the extractor's --output_dir", file=sys.stderr)
-        return exits.USAGE
+        raise UsageError(f"{args.output_dir} is not a directory; pass the extractor's --output_dir")
     status = status_of(args.output_dir, args.run_id)
     if status is None:
         print(f"no run {args.run_id!r} in {args.output_dir / RUNS_NAME}", file=sys.stderr)

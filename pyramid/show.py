@@ -20,13 +20,13 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from pyramid.cli import LazyModule, argument_parser, command_name
-from pyramid.paths import IMAGE_SUFFIXES, scan_outputs
-from pyramid.pool import level_side
-
-FLIP_PREFIX = "flip/"  # the extractor's --flip levels: "flip/16x16", ...
+from pyramid.cli import LazyModule, argument_parser, command_name, refusals_exit_2
+from pyramid.exits import UsageError
+from pyramid.levels import level_side
+from pyramid.paths import IMAGE_SUFFIXES
+from pyramid.tree import FLIP_PREFIX, scan_outputs
 
 torch = LazyModule("torch")  # loaded with the first pyramid, so --help and bad arguments answer at once
 
@@ -40,10 +40,6 @@ LABEL_HEIGHT = 14
 GAP = 4
 BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)
-
-
-class ShowError(ValueError):
-    """A bad input, told to the user in one line (exit 2)."""
 
 
 class PcaColours(NamedTuple):
@@ -91,27 +87,27 @@ def load_pyramid(path):
         detail = str(error).partition("WeightsUnpickler error:")[2].strip()
         detail = detail.splitlines()[0].split(" was not an allowed global")[0] if detail else first_line(error)
         if "Unsupported global" in detail:
-            raise ShowError(f"{path}: not a pyramid (it holds Python objects other than tensors; {detail})") from None
-        raise ShowError(f"{path}: not a readable torch file ({detail})") from None
+            raise UsageError(f"{path}: not a pyramid (it holds Python objects other than tensors; {detail})") from None
+        raise UsageError(f"{path}: not a readable torch file ({detail})") from None
     except Exception as error:
-        raise ShowError(f"{path}: not a readable torch file ({first_line(error)})") from None
+        raise UsageError(f"{path}: not a readable torch file ({first_line(error)})") from None
     if not isinstance(pyramid, dict) or not pyramid:
-        raise ShowError(f"{path}: not a pyramid (expected a dict of '16x16'-style keys to tensors, "
-                        f"got {type(pyramid).__name__})")
+        raise UsageError(f"{path}: not a pyramid (expected a dict of '16x16'-style keys to tensors, "
+                         f"got {type(pyramid).__name__})")
     hidden_sizes = set()
     for key, value in pyramid.items():
         side = key_side(key)
         if side is None:
-            raise ShowError(f"{path}: not a pyramid (key {key!r} is not of the form 'sxs' or 'flip/sxs')")
+            raise UsageError(f"{path}: not a pyramid (key {key!r} is not of the form 'sxs' or 'flip/sxs')")
         if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 3
                 and value.shape[0] == 1 and value.shape[1] == side * side):
             shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ShowError(f"{path}: not a pyramid ({key} holds {shape}, expected a float [1, {side * side}, D])")
+            raise UsageError(f"{path}: not a pyramid ({key} holds {shape}, expected a float [1, {side * side}, D])")
         hidden_sizes.add(value.shape[2])
     if len(hidden_sizes) > 1:
-        raise ShowError(f"{path}: not a pyramid (levels have different hidden sizes {sorted(hidden_sizes)})")
+        raise UsageError(f"{path}: not a pyramid (levels have different hidden sizes {sorted(hidden_sizes)})")
     if not split_twins(pyramid)[0]:
-        raise ShowError(f"{path}: not a pyramid (only 'flip/' levels, no levels of the image itself)")
+        raise UsageError(f"{path}: not a pyramid (only 'flip/' levels, no levels of the image itself)")
     return pyramid
 
 
@@ -194,14 +190,12 @@ def model_view(path, resize=RESIZE_SHORTEST_EDGE, crop=CROP_SIZE, mirrored=False
     """The image as the model saw it: EXIF orientation applied, RGB, (`mirrored`: flipped left-right, as
     --flip does before the processor,) shortest edge resized to `resize` (bicubic), centre crop `crop` x
     `crop`; the same arithmetic as the dinov2 processor."""
-    from PIL import ImageOps
-
     from pyramid.decode import load_rgb, resize_and_crop  # loads torch: imported for the work, not for --help
 
     try:
         image = load_rgb(path)  # the extractor's own input rules
     except Exception as error:
-        raise ShowError(f"{path}: not a readable image ({first_line(error)})") from None
+        raise UsageError(f"{path}: not a readable image ({first_line(error)})") from None
     return resize_and_crop(ImageOps.mirror(image) if mirrored else image, resize, crop, crop)
 
 
@@ -287,15 +281,15 @@ def get_args_parser():
 def rows_to_draw(args):
     """Validate the arguments and return [(name, pyramid path, image path or None)]."""
     if not args.pyramid.exists():
-        raise ShowError(f"{args.pyramid}: no such file or directory")
+        raise UsageError(f"{args.pyramid}: no such file or directory")
     if args.image is not None and not args.image.exists():
-        raise ShowError(f"--image {args.image}: no such file or directory")
+        raise UsageError(f"--image {args.image}: no such file or directory")
     if args.pyramid.is_dir():
         paths = find_pyramids(args.pyramid)
         if not paths:
-            raise ShowError(f"{args.pyramid}: no .pt files in this directory")
+            raise UsageError(f"{args.pyramid}: no .pt files in this directory")
         if args.image is not None and not args.image.is_dir():
-            raise ShowError("--image must be a directory of images when the pyramid argument is a directory")
+            raise UsageError("--image must be a directory of images when the pyramid argument is a directory")
         chosen = paths[:8 if args.grid is None else args.grid]
         rows = []
         for path in chosen:
@@ -304,17 +298,17 @@ def rows_to_draw(args):
             if args.image is not None:
                 image = matching_image(args.image, relative)
                 if image is None:
-                    raise ShowError(f"no image for {relative} under {args.image} (same relative name, "
-                                    f"any of {', '.join(sorted(IMAGE_SUFFIXES))})")
+                    raise UsageError(f"no image for {relative} under {args.image} (same relative name, "
+                                     f"any of {', '.join(sorted(IMAGE_SUFFIXES))})")
             rows.append((relative.as_posix(), path, image))
         return rows
     if args.grid is not None:
-        raise ShowError("--grid draws several files: give a directory of pyramids, not one file")
+        raise UsageError("--grid draws several files: give a directory of pyramids, not one file")
     image = args.image
     if image is not None and image.is_dir():
         image = matching_image(image, Path(args.pyramid.name))
         if image is None:
-            raise ShowError(f"no image named {args.pyramid.stem}.* under {args.image}")
+            raise UsageError(f"no image named {args.pyramid.stem}.* under {args.image}")
     return [(args.pyramid.name, args.pyramid, image)]
 
 
@@ -323,12 +317,12 @@ def pca_fitting_paths(args, drawn):
     if args.pca_from is None:
         return drawn
     if not args.pca_from.exists():
-        raise ShowError(f"--pca_from {args.pca_from}: no such file or directory")
+        raise UsageError(f"--pca_from {args.pca_from}: no such file or directory")
     if args.pca_from.is_file():
         return [args.pca_from]
     paths = find_pyramids(args.pca_from)
     if not paths:
-        raise ShowError(f"--pca_from {args.pca_from}: no .pt files in this directory")
+        raise UsageError(f"--pca_from {args.pca_from}: no .pt files in this directory")
     return spread_sample(paths, args.pca_files)
 
 
@@ -336,42 +330,39 @@ def output_path(args):
     """-o, or the input with a .png suffix."""
     output = args.output or args.pyramid.resolve().with_suffix(".png")
     if output.suffix.lower() != ".png":
-        raise ShowError(f"-o {output}: the picture is a PNG; give a file name ending in .png")
+        raise UsageError(f"-o {output}: the picture is a PNG; give a file name ending in .png")
     return output
 
 
+@refusals_exit_2
 def main(args):
-    try:
-        if args.grid is not None and args.grid < 1:
-            raise ShowError(f"--grid {args.grid}: give a positive number of rows")
-        if args.pca_files < 1 or args.cell < 1:
-            raise ShowError("--pca_files and --cell must be positive")
-        output = output_path(args)
-        planned = rows_to_draw(args)
-        pyramids = {path: split_twins(load_pyramid(path)) for _, path, _ in planned}  # path -> (levels, twins)
+    if args.grid is not None and args.grid < 1:
+        raise UsageError(f"--grid {args.grid}: give a positive number of rows")
+    if args.pca_files < 1 or args.cell < 1:
+        raise UsageError("--pca_files and --cell must be positive")
+    output = output_path(args)
+    planned = rows_to_draw(args)
+    pyramids = {path: split_twins(load_pyramid(path)) for _, path, _ in planned}  # path -> (levels, twins)
+    if args.flip:
+        unmirrored = [path for path, (_, twins) in pyramids.items() if not twins]
+        if unmirrored:
+            raise UsageError(f"--flip: {unmirrored[0]} has no flip/ levels (the extractor ran without --flip)")
+    fitting = pca_fitting_paths(args, [path for _, path, _ in planned])
+    features = [finest_tokens(pyramids[p][0] if p in pyramids else split_twins(load_pyramid(p))[0])
+                for p in fitting]
+    if args.flip and args.pca_from is None:  # the twins drawn are part of the data the colours fit
+        features += [finest_tokens(twins) for _, twins in pyramids.values()]
+    hidden_sizes = {f.shape[1] for f in features} | {finest_tokens(p).shape[1] for p, _ in pyramids.values()}
+    if len(hidden_sizes) > 1:
+        raise UsageError(f"the files have different hidden sizes {sorted(hidden_sizes)}: "
+                         f"they come from different models and cannot share one PCA")
+    pca = fit_pca(torch.cat(features))  # (N, D) from every fitting file's finest level
+    rows = []
+    for name, path, image in planned:
+        levels, twins = pyramids[path]
+        rows.append((name, levels, model_view(image) if image else None))
         if args.flip:
-            unmirrored = [path for path, (_, twins) in pyramids.items() if not twins]
-            if unmirrored:
-                raise ShowError(f"--flip: {unmirrored[0]} has no flip/ levels (the extractor ran without --flip)")
-        fitting = pca_fitting_paths(args, [path for _, path, _ in planned])
-        features = [finest_tokens(pyramids[p][0] if p in pyramids else split_twins(load_pyramid(p))[0])
-                    for p in fitting]
-        if args.flip and args.pca_from is None:  # the twins drawn are part of the data the colours fit
-            features += [finest_tokens(twins) for _, twins in pyramids.values()]
-        hidden_sizes = {f.shape[1] for f in features} | {finest_tokens(p).shape[1] for p, _ in pyramids.values()}
-        if len(hidden_sizes) > 1:
-            raise ShowError(f"the files have different hidden sizes {sorted(hidden_sizes)}: "
-                            f"they come from different models and cannot share one PCA")
-        pca = fit_pca(torch.cat(features))  # (N, D) from every fitting file's finest level
-        rows = []
-        for name, path, image in planned:
-            levels, twins = pyramids[path]
-            rows.append((name, levels, model_view(image) if image else None))
-            if args.flip:
-                rows.append((f"{name} mirrored", twins, model_view(image, mirrored=True) if image else None))
-    except ShowError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            rows.append((f"{name} mirrored", twins, model_view(image, mirrored=True) if image else None))
     picture = draw_rows(rows, pca, args.cell)
     output.parent.mkdir(parents=True, exist_ok=True)
     picture.save(output, format="PNG", optimize=True)

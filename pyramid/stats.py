@@ -21,13 +21,25 @@ variances plus the variance of the position means.
 """
 
 import sys
+import time
 from pathlib import Path
 
 from pyramid import exits
-from pyramid.cli import check_output_tree_args, output_tree_parser
+from pyramid.cli import check_output_tree_args, output_tree_parser, refusals_exit_2
 from pyramid.exits import UsageError
+from pyramid.progress import Progress, format_duration
+from pyramid.tree import (
+    STATS_NAME,
+    available_levels,
+    current_pack,
+    pack_dir,
+    pack_level_path,
+    scan_outputs,
+    stats_source,
+    tree_state,
+)
+from pyramid.writer import save_atomic
 
-STATS_NAME = "stats.pt"
 BLOCK = 64  # files summed per block: fixed, so the sums never depend on the worker count
 
 
@@ -69,9 +81,7 @@ def _blocks_from_pack(root, record, levels):
     """({level: (B, s*s, D) float32}) blocks of BLOCK files from a current pack, in order."""
     import numpy as np
 
-    from pyramid.pack import level_path, pack_dir
-
-    arrays = {level: np.load(level_path(pack_dir(root), level), mmap_mode="r") for level in levels}
+    arrays = {level: np.load(pack_level_path(pack_dir(root), level), mmap_mode="r") for level in levels}
     for start in range(0, record["count"], BLOCK):
         yield {level: np.ascontiguousarray(array[start:start + BLOCK]) for level, array in arrays.items()}
 
@@ -80,8 +90,7 @@ def _blocks_from_files(root, names, levels, workers):
     """The same blocks as _blocks_from_pack, read from the files on `workers` threads."""
     import numpy as np
 
-    from pyramid.pack import read_ahead
-    from pyramid.reader import read_pyramid
+    from pyramid.reader import read_ahead, read_pyramid
 
     def read(name):
         pyramid, keys = read_pyramid(Path(root) / name, levels)
@@ -102,8 +111,6 @@ def _blocks_from_files(root, names, levels, workers):
 
 def compute_stats(root, workers=4, progress=None, use_pack=True):
     """The stats.pt dict of the tree at `root` (see the module docstring); from its pack when current."""
-    from pyramid.pack import available_levels, current_pack, tree_digest, tree_state
-
     manifest, records = tree_state(root)
     if not records:
         raise ValueError(f"no .pt files under {root}")
@@ -123,7 +130,7 @@ def compute_stats(root, workers=4, progress=None, use_pack=True):
             progress.update(done)
     stats = {"count": len(names)}
     stats.update({level: sums[level].result() for level in levels})
-    stats["source"] = {"digest": tree_digest(manifest, records), "read_from": "pack" if record else "files"}
+    stats["source"] = stats_source(manifest, records, read_from="pack" if record else "files")
     return stats
 
 
@@ -132,25 +139,15 @@ def get_args_parser():
                               "threads that read files (the result does not depend on it)")
 
 
+@refusals_exit_2
 def main(args):
-    try:
-        check_output_tree_args(args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return exits.USAGE
-    import time
-
+    check_output_tree_args(args)
     import torch
-
-    from pyramid.paths import scan_outputs
-    from pyramid.progress import Progress, format_duration
-    from pyramid.writer import save_atomic
 
     torch.set_num_threads(1)
     count = len(scan_outputs(args.output_dir)[0])
     if not count:
-        print(f"error: no .pt files under {args.output_dir}; run the extractor first", file=sys.stderr)
-        return exits.USAGE
+        raise UsageError(f"no .pt files under {args.output_dir}; run the extractor first")
     started = time.monotonic()
     progress = Progress(count, desc="files")
     try:

@@ -10,13 +10,28 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pyramid import exits
-from pyramid.cli import LazyModule, check_output_tree_args, output_tree_parser
+from pyramid.cli import LazyModule, check_output_tree_args, output_tree_parser, refusals_exit_2
 from pyramid.exits import UsageError
-from pyramid.manifest import FORMAT_VERSION, MANIFEST_NAME, REPLACING_KEY, read_manifest
-from pyramid.paths import find_images, output_path_for, scan_outputs
-from pyramid.pool import level_key, level_side, pyramid_sizes
+from pyramid.levels import build_pyramid, level_key, level_side, pyramid_sizes, split_twins
+from pyramid.manifest import FORMAT_VERSION
+from pyramid.paths import find_images, output_path_for
 from pyramid.progress import Progress
-from pyramid.writer import FAILURES_NAME
+from pyramid.tree import (
+    FAILURES_NAME,
+    FLIP_PREFIX,
+    MANIFEST_NAME,
+    PACK_RECORD_NAME,
+    REPLACING_KEY,
+    pack_command,
+    pack_dir,
+    pack_level_path,
+    pack_staleness,
+    read_manifest,
+    read_pack_record,
+    scan_outputs,
+    tree_state,
+    with_twins,
+)
 
 torch = LazyModule("torch")  # loaded by the first check, so --help and bad arguments answer at once
 
@@ -24,7 +39,6 @@ torch = LazyModule("torch")  # loaded by the first check, so --help and bad argu
 # |error| <= ATOL + RTOL * mean(|finer block|). Orders of magnitude above rounding, far below a wrong level.
 ATOL, RTOL = 1e-5, 1e-4
 PROBLEMS_FOUND = 1  # the exit status when the tree is not as the contract says
-FLIP_PREFIX = "flip/"
 
 # --recompute: the largest max|file - recomputed| / RMS(recomputed), per level, that a file made in the
 # manifest's dtype may show against its fp32 recomputation. Measured in docs/verify.md (worst seen on CPU:
@@ -35,15 +49,11 @@ RECOMPUTE_BATCH_SIZE = 16
 SAMPLE_NAMES_SHOWN = 20
 
 
-def with_flip(levels, flip):
-    """The keys a file holds: the levels, then their flip/ twins when the run had --flip."""
-    return list(levels) + [FLIP_PREFIX + level for level in levels] if flip else list(levels)
-
-
 def pool_2x2(level, side):
     """The mean of each 2x2 block of a row-major grid: (1, side*side, D) -> (1, (side/2)**2, D)."""
     grid = level.reshape(1, side, side, -1)  # (1, s, s, D)
-    pooled = (grid[:, 0::2, 0::2] + grid[:, 0::2, 1::2] + grid[:, 1::2, 0::2] + grid[:, 1::2, 1::2]) / 4  # (1, s/2, s/2, D)
+    pooled = (grid[:, 0::2, 0::2] + grid[:, 0::2, 1::2]
+              + grid[:, 1::2, 0::2] + grid[:, 1::2, 1::2]) / 4  # (1, s/2, s/2, D)
     return pooled.reshape(1, (side // 2) ** 2, -1)
 
 
@@ -134,7 +144,7 @@ def manifest_layout(output_dir):
     problems = check_manifest(manifest)
     if problems:
         return None, None, problems
-    return with_flip(manifest["levels"], manifest.get("flip", False)), manifest["hidden_size"], []
+    return with_twins(manifest["levels"], manifest.get("flip", False)), manifest["hidden_size"], []
 
 
 def layout_of(pyramid):
@@ -143,7 +153,7 @@ def layout_of(pyramid):
         return [], None
     levels = sorted((key for key in pyramid if level_side(key)),
                     key=level_side, reverse=True)
-    levels = with_flip(levels, any(isinstance(key, str) and key.startswith(FLIP_PREFIX) for key in pyramid))
+    levels = with_twins(levels, any(isinstance(key, str) and key.startswith(FLIP_PREFIX) for key in pyramid))
     first = pyramid.get(levels[0]) if levels else None
     hidden_size = first.shape[-1] if isinstance(first, torch.Tensor) and first.dim() > 0 else None
     return levels, hidden_size
@@ -169,29 +179,28 @@ def check_pack(output_dir):
     from its rows in a current pack (None when there is no pack to compare); problems of the pack itself."""
     import numpy as np
 
-    from pyramid.pack import RECORD_NAME, level_path, pack_command, pack_dir, read_record, staleness, tree_state
     from pyramid.reader import read_pyramid
 
     directory = pack_dir(output_dir)
     if not directory.exists():
         return None, []
     rerun = f"rerun {pack_command(output_dir)}"
-    record = read_record(output_dir)
+    record = read_pack_record(output_dir)
     if record is None:
-        return None, [(directory, f"has no readable {RECORD_NAME}; {rerun}")]
-    reasons = staleness(record, *tree_state(output_dir))
+        return None, [(directory, f"has no readable {PACK_RECORD_NAME}; {rerun}")]
+    reasons = pack_staleness(record, *tree_state(output_dir))
     if reasons:
         return None, [(directory, f"is stale, so never read ({'; '.join(reasons)}); {rerun}")]
     arrays, problems = {}, []
     for level in record["levels"]:
-        path = level_path(directory, level)
+        path = pack_level_path(directory, level)
         try:
             array = np.load(path, mmap_mode="r")  # (N, s*s, D)
         except (OSError, ValueError) as error:
             problems.append((path, f"cannot be read ({error}); {rerun}"))
             continue
         if array.dtype != np.float32 or list(array.shape) != record["shapes"][level]:
-            problems.append((path, f"holds {array.dtype} {list(array.shape)}, pack.json says float32 "
+            problems.append((path, f"holds {array.dtype} {list(array.shape)}, {PACK_RECORD_NAME} says float32 "
                                    f"{record['shapes'][level]}; {rerun}"))
             continue
         arrays[level] = array
@@ -199,7 +208,7 @@ def check_pack(output_dir):
 
     def compare(relative):
         pyramid, _ = read_pyramid(Path(output_dir) / relative, list(arrays))
-        return [f"{level} differs from its row {rows[relative]} in {level_path(directory, level)}; {rerun}"
+        return [f"{level} differs from its row {rows[relative]} in {pack_level_path(directory, level)}; {rerun}"
                 for level, array in arrays.items()
                 if level in pyramid and not np.array_equal(array[rows[relative]], pyramid[level][0].numpy())]
 
@@ -277,7 +286,7 @@ class Recompute:
             raise UsageError(f"--recompute: model {name} does not make the manifest's files "
                              f"({'; '.join(differences)})")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.levels = with_flip(manifest["levels"], manifest.get("flip", False))
+        self.levels = with_twins(manifest["levels"], manifest.get("flip", False))
         self.preprocess = Preprocess(processor, flip=manifest.get("flip", False))
         try:
             self.encoder = Encoder(info, self.preprocess.normaliser(self.device), self.device, "fp32")
@@ -295,7 +304,6 @@ class Recompute:
         compared).
         """
         from pyramid.decode import image_loader
-        from pyramid.pool import build_pyramid, split_twins
 
         differing, unreadable, compared = {}, [], 0
         worst = {"all": dict.fromkeys(self.levels, 0.0), "agreeing": dict.fromkeys(self.levels, 0.0)}
@@ -392,12 +400,9 @@ def check_args(args):
         raise UsageError("--model is for --recompute; add --recompute N")
 
 
+@refusals_exit_2
 def main(args):
-    try:
-        check_args(args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return exits.USAGE
+    check_args(args)
     output_dir = args.output_dir
     compute_threads = torch.get_num_threads()
     # The files are the parallelism; intra-op threads on ~1 MB tensors only contend with them
@@ -410,15 +415,11 @@ def main(args):
 
     recompute = None
     if args.recompute is not None:  # refused before any file is read: the model, its weights, the manifest
-        try:
-            if manifest_problems:
-                reason = manifest_problems[0] if (output_dir / MANIFEST_NAME).exists() else "there is none"
-                raise UsageError(f"--recompute needs {output_dir / MANIFEST_NAME}, which names the model and "
-                                 f"settings that made the files: {reason}")
-            recompute = Recompute(read_manifest(output_dir), args.model)
-        except UsageError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return exits.USAGE
+        if manifest_problems:
+            reason = manifest_problems[0] if (output_dir / MANIFEST_NAME).exists() else "there is none"
+            raise UsageError(f"--recompute needs {output_dir / MANIFEST_NAME}, which names the model and "
+                             f"settings that made the files: {reason}")
+        recompute = Recompute(read_manifest(output_dir), args.model)
 
     finished, temporaries = scan_outputs(output_dir)
     files = sorted(finished)

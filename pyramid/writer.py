@@ -1,7 +1,6 @@
 """Atomic .pt writes on background threads, and the failures.jsonl record."""
 
 import io
-import json
 import os
 import queue
 import struct
@@ -9,10 +8,8 @@ import threading
 import zlib
 from pathlib import Path
 
-from pyramid.paths import temporary_name, writer_tag
 from pyramid.team import cpus_per_process
-
-FAILURES_NAME = "failures.jsonl"
+from pyramid.tree import FAILURES_NAME, append_json_line, temporary_name, writer_tag
 
 
 def save_atomic(obj, path, fsync=False):
@@ -22,7 +19,7 @@ def save_atomic(obj, path, fsync=False):
     removed. With `fsync` the file's data reaches the disk before the rename and the rename before
     returning, so the file also survives a node crash or power loss (see docs/scale.md for the cost).
     """
-    import torch  # here, not at the top: verify reads FAILURES_NAME from this module and starts without torch
+    import torch  # here, not at the top: the tools that import this module answer --help without torch
 
     buffer = io.BytesIO()
     # Serialised in memory, then written by plain file I/O: a full disk (or any failing write) then
@@ -161,7 +158,7 @@ class ArchiveLayout:
         self.gaps = [data[bounds[i]:bounds[i + 1]] for i in range(0, len(bounds), 2)]
         self.order = sorted(range(len(shapes)), key=lambda number: records[self.level_records[number]][1])
         self.patches = [[] for _ in self.gaps]  # per gap: [(offset in it, record index or None for the id)]
-        for index, (_, start, _, _, crc_at) in enumerate(records):
+        for index, (*_, crc_at) in enumerate(records):
             if index in self.level_records or index == self.id_record:
                 for offset in crc_at:
                     self._add_patch(bounds, offset, index)
@@ -219,14 +216,9 @@ def _fsync_directory(directory):
 
 
 def record_failure(output_dir, relative_path, message):
-    """Append one {"path", "error"} line to failures.jsonl: one write call with O_APPEND, so lines
-    from several processes never interleave."""
-    line = json.dumps({"path": relative_path, "error": message}, ensure_ascii=False) + "\n"
-    fd = os.open(Path(output_dir) / FAILURES_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line.encode("utf-8"))
-    finally:
-        os.close(fd)
+    """Append one {"path", "error"} line to failures.jsonl (tree.append_json_line: one write with O_APPEND,
+    so lines from several processes never interleave)."""
+    append_json_line(Path(output_dir) / FAILURES_NAME, {"path": relative_path, "error": message})
 
 
 def default_writer_threads():

@@ -11,8 +11,18 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from pyramid.bench import (bound_name, dirty_limit_bytes, get_args_parser, ideal_rate, main, measure_write,
-                           write_levers, write_regime, write_synthetic_faces, write_table_inputs)
+from pyramid.bench import (
+    bound_name,
+    dirty_limit_bytes,
+    get_args_parser,
+    ideal_rate,
+    main,
+    measure_write,
+    write_levers,
+    write_regime,
+    write_synthetic_faces,
+    write_table_inputs,
+)
 
 
 def test_ideal_rate_overlaps_on_gpu_and_adds_up_on_cpu():
@@ -132,9 +142,9 @@ def test_reader_figures_side_by_side_on_a_synthetic_tree():
     assert figures["files"] == 12 and figures["levels"] == 5 and 1.0 < figures["file_mb"] < 1.1
     assert 1.0 < figures["pack_gb"] * 1000 / 12 < 1.1  # the pack takes what the files take
     rows = figures["rows"]
-    assert {"raw read(), files", "torch.load, files", "PyramidDataset before (mmap + clone)", "PyramidDataset, files",
+    assert {"raw read(), files", "torch.load, files", "torch.load mmap + clone, files", "PyramidDataset, files",
             "raw pread(), pack rows", "PyramidDataset, pack",
-            "README's old loop: DataLoader(batch 4, shuffle, 0 workers), files",
+            "plain loop: DataLoader(batch 4, shuffle, 0 workers), files",
             "dataset.loader(4, shuffle=True), files", "dataset.loader(4, shuffle=True), pack",
             "dataset.loader(4, shuffle=True), preload cpu"} <= set(rows)
     assert figures["preload_seconds"] > 0

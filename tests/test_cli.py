@@ -60,7 +60,7 @@ def option_help(help_text, option):
 
 @pytest.mark.parametrize("command", ["python extract_distributed.py", "python -m pyramid.bench"])
 def test_num_workers_help_says_what_the_code_does(command, monkeypatch):
-    from pyramid.run import default_num_workers
+    from pyramid.plan import default_num_workers
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cores = len(os.sched_getaffinity(0))
@@ -153,7 +153,7 @@ def check_installed(venv, elsewhere, package_root):
                             cwd=elsewhere, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(package_root / "pyramid" / "__init__.py"), "PyramidDataset"]
-    for command, module in COMMANDS.items():
+    for command in COMMANDS:
         result = subprocess.run([str(venv / "bin" / command), "--help"], cwd=elsewhere, capture_output=True,
                                 text=True, timeout=60)
         assert result.returncode == 0, result.stderr
@@ -222,7 +222,8 @@ def test_requirements_txt_is_the_dependencies_and_the_test_tools():
     """The README's set-up installs what the package needs and what the tests need; the package asks for the
     first alone (a training machine does not need pytest)."""
     project = pyproject()["project"]
-    assert requirement_lines(REPO / "requirements.txt") == project["dependencies"] + project["optional-dependencies"]["test"]
+    test_extra = project["optional-dependencies"]["test"]
+    assert requirement_lines(REPO / "requirements.txt") == project["dependencies"] + test_extra
 
 
 def test_the_dependencies_are_what_the_package_imports():
@@ -230,7 +231,8 @@ def test_the_dependencies_are_what_the_package_imports():
     import ast
     import importlib.metadata
 
-    optional = {"torchvision", "triton"}  # torchvision: never needed (docs/extract.md); triton: reported by the GPU preflight
+    # torchvision: never needed (docs/extract.md); triton: reported by the GPU preflight
+    optional = {"torchvision", "triton"}
     imported = set()
     for path in (REPO / "pyramid").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -18,11 +18,21 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from pyramid import decode
-from pyramid.decode import (EXIF_ORIENTATION, PNG_SIGNATURE, PYSPNG_MISSING, DecoderMissing, ImageDataset,
-                            ImageTooLarge, Preprocess, collate, exif_orientation, load_rgb, scale_16_to_8)
-
 from conftest import KNOWN_IMAGE, REPO, run_cli, write_images
+from pyramid import decode
+from pyramid.decode import (
+    EXIF_ORIENTATION,
+    PNG_SIGNATURE,
+    PYSPNG_MISSING,
+    DecoderMissing,
+    ImageDataset,
+    ImageTooLarge,
+    Preprocess,
+    collate,
+    exif_orientation,
+    load_rgb,
+    scale_16_to_8,
+)
 
 RNG = np.random.default_rng(0)
 

@@ -18,7 +18,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](tar
 # A path that starts at one of the repository's own top-level folders: slurm/extract.sh, docs/x.md, ...
 TOP_FOLDERS = sorted(p.name for p in REPO.iterdir() if p.is_dir() and p.name in
                      {"docs", "pyramid", "slurm", "tests", ".ci"})
-REPO_PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./-]*[\w-])" % "|".join(re.escape(f) for f in TOP_FOLDERS))
+REPO_PATH = re.compile(r"(?<![\w./-])((?:" + "|".join(re.escape(f) for f in TOP_FOLDERS) + r")/[\w./-]*[\w-])")
 # A bare file name of the kinds the repository holds at its root or in those folders: extract_distributed.py
 BARE_NAME = re.compile(r"(?<![\w./-])([\w-]+\.(?:py|sh|md|yaml|toml))(?![\w/-])")
 MODULE = re.compile(r"python -m (pyramid(?:\.\w+)+)")
@@ -106,3 +106,13 @@ def test_the_checker_sees_a_missing_page():
     assert not exists("docs/nonexistent.md", "path")
     assert slug("Reruns, failures, offline") == "reruns-failures-offline"
     assert slug("Measuring it: `python -m pyramid.bench`") == "measuring-it-python--m-pyramidbench"
+
+
+def test_the_code_map_names_every_module_once():
+    """docs/code-map.md is the one module map (pyramid/__init__.py points to it): a module added or renamed
+    without its line there fails here."""
+    text = (REPO / "docs" / "code-map.md").read_text()
+    named = re.findall(r"^\| `(pyramid/\w+\.py)` \|", text, flags=re.M)
+    modules = sorted(f"pyramid/{path.name}" for path in (REPO / "pyramid").glob("*.py") if path.name != "__init__.py")
+    assert sorted(named) == modules
+    assert "docs/code-map.md" in ast.get_docstring(ast.parse((REPO / "pyramid" / "__init__.py").read_text()))

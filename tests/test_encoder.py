@@ -265,7 +265,7 @@ def test_compile_on_a_machine_without_a_compiler_runs_uncompiled_with_one_line(t
     # check that --compile reaches the model and that a failed compilation costs nothing but its line.
     from conftest import run_cli, write_images
     from pyramid.decode import load_rgb
-    from pyramid.pool import build_pyramid
+    from pyramid.levels import build_pyramid
 
     paths = write_images(tmp_path / "in", 3)
     result = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import REPO, accelerate_launch, run_cli, save_tiny_dinov2, write_images
-from pyramid.paths import is_temporary_name, temporary_name
+from pyramid.tree import is_temporary_name, temporary_name
 
 TWO_CPU_PROCESSES = REPO / "tests" / "accelerate_cpu_2proc.yaml"
 NUM_IMAGES = 40

@@ -9,8 +9,10 @@ from transformers import AutoImageProcessor
 
 from conftest import run_cli, write_images
 from pyramid.decode import Preprocess, collate
-from pyramid.manifest import build_manifest, manifest_differences, read_manifest
-from pyramid.pool import split_twins
+from pyramid.encoder import ModelInfo
+from pyramid.levels import split_twins
+from pyramid.manifest import build_manifest
+from pyramid.tree import manifest_differences, read_manifest
 from pyramid.verify import get_args_parser as verify_parser
 from pyramid.verify import main as verify_main
 
@@ -34,7 +36,8 @@ def test_preprocess_flip_is_the_processor_of_the_mirrored_image(tiny_model):
         image = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
         twins = Preprocess(processor, flip=True)(image)  # (2, 3, 224, 224)
         mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        expected = processor(images=mirrored, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"][0]
+        expected = processor(images=mirrored, do_rescale=False, do_normalize=False,
+                             return_tensors="pt")["pixel_values"][0]
         assert twins.shape == (2, 3, 224, 224)
         assert torch.equal(twins[0], Preprocess(processor)(image))
         assert torch.equal(twins[1], expected.to(torch.uint8))
@@ -84,7 +87,7 @@ def test_flip_levels_equal_extracting_a_mirrored_copy(tmp_path, tiny_model):
 
 
 def test_a_manifest_from_before_flip_reads_as_flip_false(tmp_path):
-    wanted = build_manifest("m", None, "fp32", 224, 14, ["16x16"], 8, 0)
+    wanted = build_manifest(ModelInfo("m", None, 224, 14, 8, 0), "fp32")
     old = {key: value for key, value in wanted.items() if key != "flip"}
     (tmp_path / "manifest.json").write_text(json.dumps(old))
     assert wanted["flip"] is False and manifest_differences(read_manifest(tmp_path), wanted) == []

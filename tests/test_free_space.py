@@ -1,4 +1,4 @@
-"""Free space: a run whose files cannot fit on the output disk is refused before it starts (pyramid/run.py),
+"""Free space: a run whose files cannot fit on the output disk is refused before it starts (pyramid/loop.py),
 from the size a file takes (pyramid/writer.py's estimate), on a real small filesystem."""
 
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_HIDDEN, run_cli, write_images
-from pyramid.pool import build_pyramid, pyramid_sizes, split_pyramids, split_twins
+from pyramid.levels import build_pyramid, pyramid_sizes, split_pyramids, split_twins
 from pyramid.writer import estimated_file_bytes, save_atomic
 
 DISK_BYTES = 2 * 1024 * 1024

@@ -162,7 +162,7 @@ def test_num_workers_0_on_cuda_gives_the_same_files(tmp_path, tiny_model):
 
 @needs_cuda
 def test_host_copies_carry_each_batch_while_the_next_computes():
-    from pyramid.pool import build_pyramid
+    from pyramid.levels import build_pyramid
 
     copies = HostCopies("cuda", batch_size=8, buffers=2)
     for step in range(5):
@@ -256,14 +256,15 @@ class Watched:
 
 
 def extract_in_process(input_dir, output_dir, model, batch_size, *options, stages=None):
-    """The extractor's own run in this process, with `stages` (pyramid.run.Stages) in place of the run's."""
+    """The extractor's own run in this process, with `stages` (pyramid.loop.Stages) in place of the run's."""
     from pyramid.extract import get_args_parser
-    from pyramid.run import Stages, run
+    from pyramid.loop import Stages, run
+    from pyramid.settings import Settings
 
     args = get_args_parser().parse_args(["--input_dir", str(input_dir), "--output_dir", str(output_dir),
                                          "--model", str(model), "--batch_size", str(batch_size),
                                          "--num_workers", "2" if not CUDA else "8", *options])
-    return run(args, stages or Stages())
+    return run(Settings.from_args(args), stages or Stages())
 
 
 def file_bytes(directory):
@@ -295,7 +296,7 @@ def test_async_copies_and_writers_give_the_synchronous_files_bit_for_bit(device,
                                                                            tmp_path):
     if device == "cpu" and IN_REPORT:
         pytest.skip("the CPU variant runs in the CPU suite")
-    from pyramid.run import Stages
+    from pyramid.loop import Stages
 
     input_dir, count, batch_size, broken = async_inputs(device)
     runs = {}
@@ -350,8 +351,9 @@ def test_two_processes_on_one_gpu_write_each_image_once(device, tiny_model, tmp_
     write_images(tmp_path / "in", count, size=(40, 32))
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [*accelerate_launch(TWO_PROCESSES), str(REPO / "extract_distributed.py"), "--input_dir", str(tmp_path / "in"), "--output_dir",
-         str(tmp_path / "out"), "--model", str(tiny_model), "--batch_size", "16", "--num_workers", "2"],
+        [*accelerate_launch(TWO_PROCESSES), str(REPO / "extract_distributed.py"),
+         "--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
+         "--model", str(tiny_model), "--batch_size", "16", "--num_workers", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"on {device}" in result.stderr
@@ -392,6 +394,26 @@ def test_report_stops_at_once_in_one_line_without_cuda(tmp_path, options):
     lines = (result.stdout + result.stderr).splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"gpu-report: torch {torch.__version__} sees no CUDA device"), lines
     assert not (tmp_path / "report").exists()  # nothing written: no report that could pass for one
+
+
+def test_report_stops_at_once_in_one_line_without_pyspng(tmp_path):
+    # pyspng made unimportable for the report's python (it is installed here): a finder put first that refuses it.
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class HidePyspng:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'pyspng':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, HidePyspng())\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(["bash", str(REPO / ".ci" / "gpu-report"), str(tmp_path / "report")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1
+    lines = (result.stdout + result.stderr).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-report: pyspng is not installed here"), lines
+    assert "docs/gpu.md" in lines[0] and not (tmp_path / "report").exists()
 
 
 def test_report_refuses_a_part_it_does_not_have():

@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 
 import pyramid.dataset
+from conftest import REPO
 from pyramid import PyramidDataset
 from pyramid.pack import build_pack
 from pyramid.readbench import write_synthetic_tree
@@ -247,7 +247,7 @@ def test_a_failed_read_is_raised_where_the_batches_are_used(tree, tmp_path):
 def test_leaving_a_pass_early_ends_its_reading_thread(tree):
     data = PyramidDataset(tree, levels=["1x1"])
     threads = threading.active_count()
-    for batch in data.loader(2):
+    for _ in data.loader(2):
         assert threading.active_count() == threads + 1
         break
     gc.collect()

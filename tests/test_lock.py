@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from pyramid.exits import UsageError
-from pyramid.lock import LOCK_NAME, OutputLock, why_stale
 from conftest import run_cli, write_images
+from pyramid.exits import UsageError
+from pyramid.lock import OutputLock, why_stale
+from pyramid.tree import LOCK_NAME
 
 
 def write_lock(directory, age_seconds=0, **holder):
@@ -116,9 +117,8 @@ def test_a_live_run_refuses_a_second_launch_at_once(tmp_path, tiny_model):
 
 def test_verify_stats_and_pack_refuse_a_tree_a_live_run_is_writing(tmp_path, capsys):
     """They read the files at hand: under a live run, half of them (verify said "7 ok")."""
-    from synthetic_trees import write_tree
-
     from pyramid import pack, stats, verify
+    from synthetic_trees import write_tree
 
     tree = write_tree(tmp_path / "tree", ["a", "b"])
     tools = {"verify": verify, "stats": stats, "pack": pack}

@@ -9,7 +9,8 @@ import pytest
 import pyramid.manifest as manifest_module
 from conftest import run_cli, write_images
 from pyramid.exits import UsageError
-from pyramid.manifest import MANIFEST_NAME, REPLACING_KEY, adopt_output_tree, read_manifest, version_changes
+from pyramid.manifest import adopt_output_tree, version_changes
+from pyramid.tree import MANIFEST_NAME, REPLACING_KEY, read_manifest
 
 A = {"format": 1, "model": "model-a", "dtype": "fp32", "flip": False, "versions": {"torch": "1"}}
 B = {"format": 1, "model": "model-b", "dtype": "fp32", "flip": False, "versions": {"torch": "2"}}

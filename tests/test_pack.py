@@ -10,18 +10,18 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
-from synthetic_trees import LEVELS, make_pyramid, write_tree
 from torch.utils.data import DataLoader
 
-import pyramid.pack as pack_module
 import pyramid.reader
+from conftest import REPO
 from pyramid import PyramidDataset
-from pyramid.pack import build_pack, pack_dir, read_record
+from pyramid.pack import build_pack
 from pyramid.pack import get_args_parser as pack_parser
 from pyramid.pack import main as pack_main
+from pyramid.tree import PACK_TEMPORARY_PREFIX, pack_dir, read_pack_record
 from pyramid.verify import get_args_parser as verify_parser
 from pyramid.verify import main as verify_main
+from synthetic_trees import LEVELS, make_pyramid, write_tree
 
 WRITTEN = ["z", "a/c", "b", "a-b", "A/x", "m"]
 SORTED = ["A/x", "a-b", "a/c", "b", "m", "z"]
@@ -54,7 +54,7 @@ def test_cli_packs_every_level_in_sorted_order_and_reruns_as_a_no_op(tree, capsy
     result = run_pack(tree)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("packed 6 files, levels ['16x16', '8x8', '4x4', '2x2', '1x1']")
-    record = read_record(tree)
+    record = read_pack_record(tree)
     assert record["names"] == SORTED and record["levels"] == LEVELS
     for level in LEVELS:
         array = np.load(pack_dir(tree) / f"{level}.npy", mmap_mode="r")
@@ -139,7 +139,7 @@ def test_a_killed_pack_leaves_the_old_one_and_no_complete_looking_copy(tree, mon
         assert PyramidDataset(tree).source == "files"  # stale: not served
 
     # A SIGKILL leaves its temporary directory; it never counts as a pack, and the next pack removes it.
-    leftover = tree / f"{pack_module.TEMPORARY_PREFIX}{os.uname().nodename}@999999.1"
+    leftover = tree / f"{PACK_TEMPORARY_PREFIX}{os.uname().nodename}@999999.1"
     leftover.mkdir()
     (leftover / "8x8.npy").write_bytes(b"partial")
     assert pack_main(pack_parser().parse_args([str(tree)])) == 0
@@ -172,10 +172,11 @@ def test_the_advice_to_rebuild_a_stale_pack_rebuilds_what_was_there(tree, capsys
         PyramidDataset(tree, levels=["8x8"], pack=True)
     capsys.readouterr()
     assert verify_main(verify_parser().parse_args([str(tree)])) == 1
-    assert f"is stale, so never read (1 file(s) added since it was packed); rerun {command}\n" in capsys.readouterr().out
+    stale = f"is stale, so never read (1 file(s) added since it was packed); rerun {command}\n"
+    assert stale in capsys.readouterr().out
     # The command given rebuilds exactly those levels; once every level is packed, the advice is plain.
     assert pack_main(pack_parser().parse_args(command.split()[3:])) == 0
-    assert read_record(tree)["levels"] == ["4x4", "1x1"]
+    assert read_pack_record(tree)["levels"] == ["4x4", "1x1"]
     assert pack_main(pack_parser().parse_args([str(tree)])) == 0
     (tree / "new.pt").unlink()
     with pytest.warns(UserWarning, match=re.escape(f"python -m pyramid.pack {tree} brings it up to date")):

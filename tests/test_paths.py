@@ -10,9 +10,15 @@ import pytest
 import torch
 
 from conftest import run_cli, write_images
-from pyramid.paths import (find_clashes, find_damaged_outputs, find_images, images_to_do, is_abandoned_temporary,
-                           is_complete_archive, is_temporary_name, output_path_for, scan_outputs, temporary_name,
-                           writer_tag)
+from pyramid.paths import (
+    find_clashes,
+    find_damaged_outputs,
+    find_images,
+    images_to_do,
+    is_complete_archive,
+    output_path_for,
+)
+from pyramid.tree import is_abandoned_temporary, is_temporary_name, scan_outputs, temporary_name, writer_tag
 from pyramid.writer import save_atomic
 
 

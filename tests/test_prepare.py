@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import REPO, write_images
 from pyramid import prepare
-from pyramid.paths import temporary_name, writer_tag
+from pyramid.tree import temporary_name, writer_tag
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

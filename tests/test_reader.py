@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from synthetic_trees import LEVELS, make_pyramid
 
 from pyramid.reader import OutMismatch, read_pyramid
 from pyramid.writer import save_atomic
+from synthetic_trees import LEVELS, make_pyramid
 
 
 def assert_same_as_torch_load(path, levels=None):

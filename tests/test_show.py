@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO, write_images
-from pyramid.bench import DINOV2_PREPROCESSOR
 from pyramid import show
+from pyramid.bench import DINOV2_PREPROCESSOR
 
 D = 48
 

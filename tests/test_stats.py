@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
 
+from conftest import REPO
 from pyramid import PyramidDataset
 from pyramid.pack import build_pack
 from pyramid.readbench import write_synthetic_tree

@@ -10,11 +10,18 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run_cli, save_tiny_dinov2, write_images
-from synthetic_trees import GRID, HIDDEN, LEVELS, make_pyramid, write_tree
 
-from pyramid.verify import (RECOMPUTE_TOLERANCE, check_pyramid, get_args_parser, main, pool_2x2, relative_error,
-                            sample_images)
+from conftest import REPO, run_cli, save_tiny_dinov2, write_images
+from pyramid.verify import (
+    RECOMPUTE_TOLERANCE,
+    check_pyramid,
+    get_args_parser,
+    main,
+    pool_2x2,
+    relative_error,
+    sample_images,
+)
+from synthetic_trees import GRID, HIDDEN, LEVELS, make_pyramid, write_tree
 
 NAMES = ["00000", "00001", "sub/00002"]
 

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from pyramid.paths import is_complete_archive, scan_outputs
-from pyramid.pool import build_pyramid, split_pyramids, split_twins
+from pyramid.levels import build_pyramid, split_pyramids, split_twins
+from pyramid.paths import is_complete_archive
+from pyramid.tree import scan_outputs
 from pyramid.writer import Writer, record_failure, save_atomic, write_atomic
 
 

@@ -1,9 +1,8 @@
-"""pyramid/pool.py against hand-written references."""
+"""pyramid/levels.py against hand-written references."""
 
 import torch
 
-from pyramid.pool import (average_2x2, build_pyramid, level_side, pyramid_sizes, split_pyramids,
-                          strip_special_tokens)
+from pyramid.levels import average_2x2, build_pyramid, level_side, pyramid_sizes, split_pyramids, strip_special_tokens
 
 
 def reference_average_2x2(patches, size):
@@ -76,7 +75,7 @@ def test_level_side():
 
 
 def test_finite_images_flags_each_image_by_its_coarsest_level():
-    from pyramid.pool import finite_images
+    from pyramid.levels import finite_images
 
     patches = torch.randn(5, 16, 3)
     patches[1, 7, 2] = float("nan")

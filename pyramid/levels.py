@@ -1,4 +1,6 @@
-"""Strip the CLS and register tokens and build the 2x2-averaged feature pyramid."""
+"""The pyramid levels: strip the CLS and register tokens, then 2x2 means of the patch grid down to 1x1."""
+
+from pyramid.tree import flip_twin
 
 
 def strip_special_tokens(hidden_states, num_register_tokens=0):
@@ -79,7 +81,7 @@ def split_twins(levels):
     """
     half = next(iter(levels.values())).shape[0] // 2
     twins = {key: value[:half] for key, value in levels.items()}
-    twins.update({f"flip/{key}": value[half:] for key, value in levels.items()})
+    twins.update({flip_twin(key): value[half:] for key, value in levels.items()})
     return twins
 
 

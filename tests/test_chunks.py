@@ -1,4 +1,4 @@
-"""pyramid/shard.py: chunks claimed through a shared counter give every item to exactly one process."""
+"""pyramid/chunks.py: chunks claimed through a shared counter give every item to exactly one process."""
 
 import os
 import subprocess
@@ -10,8 +10,7 @@ import pytest
 import torch.distributed as dist
 
 from conftest import REPO, free_port, write_images
-
-from pyramid.shard import CHUNKS_PER_PROCESS, CLAIM_KEY, MAX_CHUNK, ChunkSampler, chunk_size_for, chunk_range
+from pyramid.chunks import CHUNKS_PER_PROCESS, CLAIM_KEY, MAX_CHUNK, ChunkSampler, chunk_range, chunk_size_for
 from pyramid.team import Team
 
 

@@ -1,4 +1,4 @@
-"""pyramid/run.py: the failures record between runs, default sizes, and images whose features come out
+"""pyramid/loop.py: the failures record between runs, default sizes, and images whose features come out
 non-finite (the real CLI on a real model that overflows on some images only)."""
 
 import json
@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from conftest import run_cli, save_tiny_dinov2, write_images
-from pyramid.run import default_batch_size, default_num_workers, non_finite_message, prune_failures
-from pyramid.writer import FAILURES_NAME, record_failure
+from pyramid.loop import non_finite_message
+from pyramid.plan import default_batch_size, default_num_workers, prune_failures
+from pyramid.tree import FAILURES_NAME
+from pyramid.writer import record_failure
 
 
 def test_prune_failures_keeps_others_and_drops_retried_and_torn_lines(tmp_path):
@@ -184,7 +186,7 @@ def test_non_finite_message_names_the_part_and_the_dtype_to_try():
 
 
 def test_the_summary_of_a_run_with_nothing_to_encode_gives_no_rate(tmp_path, capsys):
-    from pyramid.run import _print_summary
+    from pyramid.loop import _print_summary
 
     _print_summary(0, 64, 0, 3.2, 0.0, tmp_path / FAILURES_NAME, False, [0])
     assert capsys.readouterr().err == ("done: 0 written, 64 skipped (already there), 0 failed in 0:00:03 "
@@ -195,7 +197,7 @@ def test_the_summary_of_a_run_with_nothing_to_encode_gives_no_rate(tmp_path, cap
 
 
 def test_shared_memory_the_decode_workers_need():
-    from pyramid.run import shared_memory_needed, shared_memory_warning
+    from pyramid.plan import shared_memory_needed, shared_memory_warning
 
     # (15 workers x 2 prefetched + 2 held) batches of 64 uint8 224x224 crops; --flip doubles each batch.
     assert shared_memory_needed(64, 15, 224) == 32 * 64 * 3 * 224 * 224 == 308_281_344

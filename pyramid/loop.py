@@ -1,0 +1,403 @@
+"""The run loop: plan once, share the work, decode in workers, encode, pool, write, report.
+
+`run(settings)` is the whole job in one process, as one of a team of 1..N (one per GPU under a launcher):
+the main process plans and every process claims chunks of the to-do list until none is left.
+"""
+
+import functools
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers.image_processing_utils  # noqa: F401 - the shared plan holds the image processor: unpickled by it
+from accelerate import PartialState
+
+from pyramid import exits
+from pyramid.chunks import CLAIM_KEY, ChunkSampler, chunk_size_for
+from pyramid.decode import DecoderMissing, Preprocess, decoders, image_loader, pixel_pipeline
+from pyramid.encoder import DTYPES, Encoder, HostCopies, ModelError, load_model_info, resolve_dtype
+from pyramid.exits import UsageError
+from pyramid.levels import build_pyramid, finite_images, split_twins
+from pyramid.lock import OutputLock
+from pyramid.paths import output_path_for
+from pyramid.plan import (
+    Plan,
+    cpu_processes_warning,
+    default_batch_size,
+    default_num_workers,
+    plan_run,
+    shared_memory_warning,
+)
+from pyramid.progress import Progress, format_bytes, format_duration, log
+from pyramid.runs import append_run, new_run_id, now_iso
+from pyramid.stopping import StopNow, StopSignals, stop_with_launcher
+from pyramid.team import Team
+from pyramid.tree import FAILURES_NAME, MANIFEST_NAME, RUNS_NAME
+from pyramid.writer import Writer, default_writer_threads, record_failure
+
+FINITE_KEY = "finite"  # the per-image flags, copied to the host with the levels
+RECORD_WAIT_SECONDS = 10.0  # how long a process exiting non-zero waits for the main one's runs.jsonl line
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The run's stateful stages, as classes: tests pass their own (a slowed writer, synchronous copies)."""
+
+    writer: type = Writer  # Writer(output_dir, threads=..., fsync=...)
+    copies: type = HostCopies  # HostCopies(device, batch_size)
+
+
+def run(settings, stages=Stages()):
+    """The whole job in this process, as one of a team of 1..N, by `settings` (settings.Settings). Returns
+    the exit status; the main process appends the run's line to runs.jsonl, also when stopped by a signal."""
+    extraction = Extraction(settings, stages)
+    try:
+        with extraction.signals:
+            stop_with_launcher()
+            try:
+                extraction.record["status"] = extraction.run()
+            except StopNow:
+                if extraction.team.is_main:
+                    log("stopped at once by a second Ctrl-C; every file handed to the writer is complete, "
+                        "rerun the same command to finish")
+                extraction.record["status"] = exits.BY_SIGNAL[signal.SIGINT]
+        return extraction.record["status"]
+    finally:
+        extraction.lock.release()
+        extraction.record_run()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class Tally:
+    """This process's counts, read by the heartbeat thread to publish progress."""
+
+    def __init__(self):
+        self.writer = None
+        self.unreadable = 0  # images the decoder could not read
+        self.published = 0
+        self.peer_stopped = False
+        self.encoding_started = None  # after the model loaded: the rate in the summary excludes start-up
+
+    @property
+    def written(self):
+        return self.writer.written if self.writer is not None else 0
+
+    @property
+    def failed(self):
+        """Recorded failures: unreadable images, and images whose features came out non-finite."""
+        return self.unreadable + (self.writer.non_finite if self.writer is not None else 0)
+
+    @property
+    def done(self):
+        return self.written + self.failed
+
+
+class Extraction:
+    """This process's part of a run. The fixed parts are taken once: the settings, the accelerate state
+    (device, team), the dtype, batch size and decode workers, the output directory's lock, the stop
+    signals, the stages; then a method per step. `record` is the run's runs.jsonl line, filled in as it goes."""
+
+    def __init__(self, settings, stages):
+        self.started = time.monotonic()
+        self.record = {"run_id": new_run_id(), "status": None, "started": now_iso()}
+        self.settings, self.stages = settings, stages
+        state = PartialState(cpu=not torch.cuda.is_available())
+        self.device, self.team = state.device, Team.from_state(state)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.batch_size = settings.batch_size or default_batch_size(self.device)
+        self.num_workers = default_num_workers(self.device) if settings.num_workers is None else settings.num_workers
+        self.lock = OutputLock(settings.output_dir)
+        self.signals = StopSignals()
+        self.plan = Plan()
+        self.progress = None  # the bar, on the main process
+        self.tally = Tally()
+        self.preprocess = self.encoder = self.copies = None
+
+    # ----------------------------------------------------------------------------- the steps, in order
+
+    def run(self):
+        """Plan, encode and write this process's share, wait for the team, report. Returns the exit status."""
+        if not self.share_plan():
+            return exits.USAGE
+        self.say_plan()
+        self.progress = Progress(len(self.plan.todo)) if self.team.is_main else None
+        status = exits.OK
+        self.team.start_heartbeat(on_beat=lambda: self.publish_progress(self.progress))
+        try:
+            if self.plan.todo:
+                self.load_stages()
+                self.encode_share()
+        except ModelError as error:
+            status = self.refuse_model(error)
+        except OSError as error:
+            log(f"error: {error}", self.progress)
+            status = exits.WRITE_ERROR
+        finally:
+            status = self.finish(status)
+        return self.conclude(status)
+
+    def share_plan(self):
+        """The main process plans (takes the lock, loads the model's config, lists the work); every process
+        gets its plan. False, said once, when the plan is a refusal."""
+        team, settings = self.team, self.settings
+        if team.is_main:
+            try:
+                decoders()  # refuses at once where pyspng is missing
+                if Path(settings.output_dir).is_dir():
+                    self.lock.acquire()  # before the model loads: a second launch is refused at once
+                info, processor = load_model_info(settings.model)
+                plan = plan_run(settings, info, self.dtype, self.lock, pixels=pixel_pipeline(processor))
+                plan.processor = processor
+            except (UsageError, ModelError, DecoderMissing) as error:
+                plan = Plan(error=str(error))
+        else:
+            plan = Plan()  # the others read the main process's; its image processor's module is imported above
+        self.plan = plan = team.share("plan", plan)
+        if plan.error:
+            if team.is_main:
+                log(f"error: {plan.error}")
+                self.record.update(written=0, skipped=0, failed=0, per_process=[0] * team.world_size,
+                                   error=plan.error)
+            return False
+        if team.is_main and plan.version_changes:
+            self.record["version_changes"] = plan.version_changes
+        return True
+
+    def say_plan(self):
+        """The plan in one line on the main process, and any warning about this machine."""
+        if not self.team.is_main:
+            return
+        plan, settings, team, device = self.plan, self.settings, self.team, self.device
+        log(f"{plan.found} images in {settings.input_dir}: {plan.skipped} done already, {len(plan.todo)} to do "
+            f"on {team.world_size} process(es), about {format_bytes(plan.needed_bytes)} to write "
+            f"({format_bytes(plan.free_bytes)} free there); {settings.model} in {self.dtype} on {device.type}, "
+            f"batch {self.batch_size}, {self.num_workers} decode workers per process, "
+            f"chunks of {chunk_size_for(len(plan.todo), team.world_size)}")
+        if device.type == "cpu" and team.world_size > 1:
+            log(cpu_processes_warning(int(os.environ.get("LOCAL_WORLD_SIZE", team.world_size))))
+        if plan.todo and (warning := shared_memory_warning(self.batch_size, self.num_workers,
+                                                           plan.model_info.crop_size, settings.flip)):
+            log(warning)
+
+    def load_stages(self):
+        """The processor, the model on the device, the writer's threads and the device-to-host copies."""
+        settings, progress = self.settings, self.progress
+        self.preprocess = Preprocess(self.plan.processor, flip=settings.flip)
+        self.encoder = Encoder(self.plan.model_info, self.preprocess.normaliser(self.device), self.device,
+                               self.dtype, compile=settings.compile,
+                               warn=(lambda line: log(line, progress)) if self.team.is_main else None)
+        self.tally.writer = self.stages.writer(settings.output_dir, threads=default_writer_threads(),
+                                               fsync=settings.fsync)
+        self.copies = self.stages.copies(self.encoder.device, self.batch_size)
+        self.tally.encoding_started = time.monotonic()
+
+    def encode_share(self):
+        """Decode, encode and pool the chunks of the to-do list this process claims, handing the pyramids
+        to the writer. Claims go through the team's store as the loader asks for more: no collectives."""
+        todo, team, tally, flip = self.plan.todo, self.team, self.tally, self.settings.flip
+        sampler = ChunkSampler(len(todo), chunk_size_for(len(todo), team.world_size),
+                               lambda: team.add(CLAIM_KEY) - 1)
+        loader = image_loader(self.settings.input_dir, todo, self.preprocess, self.batch_size, self.num_workers,
+                              pin_memory=self.device.type == "cuda", sampler=sampler,
+                              max_pixels=self.settings.max_pixels)
+        parts = 2 if flip else 1
+        for indices, pixels, failures in loader:
+            for index, message in failures:
+                self.record_failure(todo[index], message)
+                tally.unreadable += 1
+            if pixels is not None:
+                levels = build_pyramid(self.encoder(pixels), self.encoder.info.grid_size)  # {"16x16": (B, 256, D), ...}
+                # Checked on the device and read by the writer once the copy is there: the loop never waits.
+                finite = finite_images(levels).view(parts, -1).T.contiguous()  # (B, parts) bool: image, mirror
+                if flip:  # one forward pass of the B images and their B mirrors
+                    levels = split_twins(levels)  # {"16x16": (B, 256, D), ..., "flip/16x16": (B, 256, D), ...}
+                # Copied to the host on the side while the next batch computes; the writer waits, not us.
+                host, ready, release = self.copies.start({**levels, FINITE_KEY: finite})
+                finite = host.pop(FINITE_KEY)
+                images = [todo[i] for i in indices.tolist()]
+                tally.writer.submit_batch([output_path_for(image) for image in images], host, ready=ready,
+                                          release=release, finite=finite,
+                                          on_non_finite=functools.partial(self.report_non_finite, images))
+            if self.signals.signum is not None:
+                team.request_stop()
+                return
+            if tally.peer_stopped:
+                return
+
+    def finish(self, status):
+        """Wait for the writer's last files, add this process's counts to the team's, wait (a while) for
+        the other processes; returns the status, a write error included."""
+        team, tally = self.team, self.tally
+        status = self.close_writer(status)
+        team.stop_heartbeat()
+        self.publish_progress(None)
+        team.add("written", tally.written)
+        team.add("failed", tally.failed)
+        if status == exits.WRITE_ERROR:
+            team.add("write_errors")
+        self.count_into_record()
+        # A second Ctrl-C waits for nobody: the launcher, or the user, is ending the run now.
+        gone = [] if self.signals.at_once else team.finish(on_wait=self.update_bar,
+                                                           stopping=lambda: self.signals.signum is not None)
+        self.count_into_record()  # now with every process's counts
+        if gone and team.is_main:
+            log(f"warning: process(es) {gone} stopped answering; their share may be unfinished, "
+                f"rerun to complete it")
+        if self.progress is not None:
+            self.update_bar()
+            self.progress.close()
+        return status
+
+    def conclude(self, status):
+        """The run's exit status, from this process's and the team's: stopped, write errors, failed images;
+        the main process says the summary."""
+        team, tally = self.team, self.tally
+        stopped = self.signals.signum is not None or tally.peer_stopped or team.stop_requested()
+        # A stop that came after the last image was done stopped nothing: the run is complete.
+        stopped = stopped and not self.all_done()
+        if stopped and status == exits.OK:
+            status = exits.BY_SIGNAL.get(self.signals.signum, exits.BY_SIGNAL[signal.SIGTERM])
+        failed = team.add("failed", 0) if team.is_main else tally.failed
+        if team.is_main and status == exits.OK and team.add("write_errors", 0):
+            status = exits.WRITE_ERROR  # another process said which file it could not write
+        if team.is_main:
+            finished = time.monotonic()
+            encoding_seconds = finished - (tally.encoding_started or finished)
+            _print_summary(team.add("written", 0), self.plan.skipped, failed, finished - self.started,
+                           encoding_seconds, Path(self.settings.output_dir) / FAILURES_NAME, stopped,
+                           self.record["per_process"])
+        if failed and status == exits.OK:
+            status = exits.IMAGES_FAILED
+        return status
+
+    def record_run(self):
+        """The main process appends the run's line to runs.jsonl; a process exiting non-zero waits (a while)
+        for that line first: a launcher that sees a process fail SIGTERMs the others, the main one too."""
+        if self.team.is_main and self.record["status"] is not None:
+            self.append_record()
+            try:
+                self.team.add("recorded")
+            except Exception:  # a team whose store is gone has nobody left waiting
+                pass
+        elif self.record["status"]:
+            deadline = time.monotonic() + RECORD_WAIT_SECONDS
+            try:
+                while self.team.add("recorded", 0) == 0 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            except Exception:
+                pass
+
+    # ----------------------------------------------------------------------------- the steps' parts
+
+    def refuse_model(self, error):
+        """Weights that cannot be loaded: one line (every process loads the same), exits.USAGE."""
+        if self.team.is_main:
+            log(f"error: {error}", self.progress)
+            if self.plan.new_manifest and self.tally.written == 0:
+                # A refused run writes no manifest: one naming these weights would refuse the next run,
+                # made once they are fixed, as "other settings".
+                (Path(self.settings.output_dir) / MANIFEST_NAME).unlink(missing_ok=True)
+        return exits.USAGE
+
+    def record_failure(self, image, message):
+        """An image that gets no file: its failures.jsonl line, and a line in the log."""
+        record_failure(self.settings.output_dir, image, message)
+        log(f"failed: {image}: {message}", self.progress)
+
+    def report_non_finite(self, images, position, flags):
+        """The writer's call for an image of `images` whose features came out non-finite (on its thread)."""
+        self.record_failure(images[position], non_finite_message(DTYPE_NAMES[self.encoder.dtype], flags))
+
+    def close_writer(self, status):
+        """Wait for the writer's last files; a write error turns a clean status into exits.WRITE_ERROR."""
+        writer = self.tally.writer
+        if writer is None:
+            return status
+        try:
+            try:
+                writer.close()
+            except StopNow:  # a second Ctrl-C while waiting: still wait, so no file is left half written;
+                writer.close()  # what is left to do after it is quick (no waiting for peers: signals.at_once)
+        except OSError as error:
+            if status == exits.OK:
+                log(f"error: {error}", self.progress)
+                return exits.WRITE_ERROR
+        return status
+
+    def publish_progress(self, progress):
+        """Add this process's newly done images to the team's count; redraw `progress` on main; see peers' stop."""
+        team, tally = self.team, self.tally
+        done = tally.done
+        if done != tally.published:
+            team.add("done", done - tally.published)
+            team.add(f"done/{team.rank}", done - tally.published)
+            tally.published = done
+        if progress is not None:
+            progress.update(team.add("done", 0))
+        if team.world_size > 1 and team.stop_requested():
+            tally.peer_stopped = True
+
+    def update_bar(self):
+        if self.progress is not None:
+            self.progress.update(self.team.add("done", 0))
+
+    def count_into_record(self):
+        if self.team.is_main:
+            team = self.team
+            self.record.update(written=team.add("written", 0), skipped=self.plan.skipped,
+                               failed=team.add("failed", 0),
+                               per_process=[team.add(f"done/{rank}", 0) for rank in range(team.world_size)])
+
+    def all_done(self):
+        """True when the processes wrote or recorded as failed every image of the to-do list."""
+        try:
+            return self.team.add("written", 0) + self.team.add("failed", 0) >= len(self.plan.todo)
+        except Exception:  # the store is gone with the main process: nothing says the work is complete
+            return False
+
+    def append_record(self):
+        """Append this run's line to runs.jsonl where the output directory exists; a warning if it cannot."""
+        output_dir = self.settings.output_dir
+        if not Path(output_dir).is_dir():
+            return
+        self.record.update(finished=now_iso(), processes=self.team.world_size, settings=self.settings.record())
+        try:
+            append_run(output_dir, self.record)
+        except OSError as error:
+            if self.record["status"] != exits.USAGE:  # a refusal (an unwritable directory, say) has said its line
+                log(f"warning: cannot append this run to {Path(output_dir) / RUNS_NAME}: {error}")
+
+
+DTYPE_NAMES = {value: name for name, value in DTYPES.items()}  # torch.float16 -> "fp16"
+
+
+def non_finite_message(dtype, flags):
+    """The failures.jsonl error of an image whose features came out NaN or inf in `dtype`: what happened
+    and what to try. `flags` are its parts' finite flags: [image] or, with --flip, [image, mirror]."""
+    parts = [name for name, finite in zip(("the image", "its mirror (--flip)"), flags) if not finite]
+    what = f"non-finite features (NaN or inf) for {' and '.join(parts)}, computed in {dtype}; no file written: "
+    if dtype == "fp16":
+        return what + "most likely an fp16 overflow, rerun with --dtype bf16 or --dtype fp32"
+    if dtype == "bf16":
+        return what + "rerun with --dtype fp32"
+    return what + ("a sound checkpoint does not do that in fp32, so the weights of --model are likely broken "
+                   "(NaN or inf values, a damaged download): check them or download them again")
+
+
+def _print_summary(written, skipped, failed, seconds, encoding_seconds, failures_path, stopped, per_process):
+    """The run's one summary line; images/s counts the time spent encoding, not loading the model.
+    With several processes it ends with the images each did, in rank order."""
+    # A rate of nothing ("0.00 images/s") reads as a stalled run: a run with nothing to encode says so.
+    pace = f"{written / encoding_seconds:.2f} images/s while encoding" if written and encoding_seconds > 0 \
+        else "nothing encoded"
+    shares = f"; per process: {', '.join(map(str, per_process))}" if len(per_process) > 1 else ""
+    log(f"done: {written} written, {skipped} skipped (already there), {failed} failed "
+        f"in {format_duration(seconds)} ({seconds:.1f} s; {pace}){shares}")
+    if failed:
+        log(f"the failed images are listed in {failures_path}, each with its reason; fix what it says and rerun")
+    if stopped:
+        log("stopped before the end; rerun the same command to finish")

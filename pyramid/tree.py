@@ -1,0 +1,303 @@
+"""The output tree: what lives in an output folder, and what of it is current.
+
+    OUTPUT_DIR/
+        a/b/c.pt                one pyramid per image: levels "16x16" ... "1x1" (with --flip also "flip/16x16" ...)
+        manifest.json           what made the files (pyramid.manifest writes it)
+        failures.jsonl          one {"path", "error"} line per image that failed
+        runs.jsonl              one line per run (pyramid.runs)
+        stats.pt                statistics for normalising (pyramid.stats)
+        pack/                   the packed copy (pyramid.pack): <level>.npy, flip/<level>.npy, pack.json
+        .pyramid.lock           the lock of the live run (pyramid.lock)
+        .c.pt.tmp.<host@pid.t>  a writer's temporary, renamed into place once complete
+
+The pack and stats.pt are derived from the files: each records the tree it was made from (per file its
+size and mtime, and the compared settings of manifest.json), and is current while the tree still is that.
+Every module that reads or writes these names takes them from here.
+"""
+
+import hashlib
+import json
+import os
+import shlex
+import socket
+import threading
+import time
+from pathlib import Path
+
+OUTPUT_SUFFIX = ".pt"
+MANIFEST_NAME = "manifest.json"
+FAILURES_NAME = "failures.jsonl"
+RUNS_NAME = "runs.jsonl"
+STATS_NAME = "stats.pt"
+PACK_DIR = "pack"
+PACK_RECORD_NAME = "pack.json"
+LOCK_NAME = ".pyramid.lock"
+FLIP_PREFIX = "flip/"  # the levels of the mirrored image (--flip): "flip/16x16", ...
+TEMPORARY_MARK = ".tmp."
+# The pack is built beside pack/ and swapped in: temporary directories named as temporary files are.
+PACK_TEMPORARY_PREFIX = f".{PACK_DIR}{TEMPORARY_MARK}"
+PACK_OLD_PREFIX = f".{PACK_DIR}-old{TEMPORARY_MARK}"
+# Files at the top of a tree that end in OUTPUT_SUFFIX but are no pyramids.
+NOT_PYRAMIDS = frozenset({STATS_NAME})
+# What is made from the files: a replacement of the files (--overwrite) removes it too.
+DERIVED_NAMES = (FAILURES_NAME, STATS_NAME, PACK_DIR)
+# A temporary from another machine is taken as abandoned once it is this old.
+FOREIGN_TEMPORARY_SECONDS = 600
+
+
+def flip_twin(level):
+    """The key of a level's mirrored twin: '8x8' -> 'flip/8x8'."""
+    return FLIP_PREFIX + level
+
+
+def with_twins(levels, flip):
+    """The keys a file holds: the levels, then their flip/ twins when the run had --flip."""
+    return list(levels) + [flip_twin(level) for level in levels] if flip else list(levels)
+
+
+def append_json_line(path, record):
+    """Append `record` to the JSON-lines file at `path` as one line: a single write with O_APPEND, so lines
+    of several processes or runs never interleave and a line is never torn by another."""
+    line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- temporaries
+
+
+def temporary_name(final_path, tag):
+    """The hidden temporary beside `final_path` that a writer renames into place: 'd/a.pt' -> 'd/.a.pt.tmp.<tag>'.
+
+    Hidden and without the .pt suffix, so no reader that globs '*.pt' ever sees a half file.
+    """
+    final_path = Path(final_path)
+    return final_path.with_name(f".{final_path.name}{TEMPORARY_MARK}{tag}")
+
+
+def is_temporary_name(name):
+    """True for a writer's temporary file name (see `temporary_name`)."""
+    return name.startswith(".") and TEMPORARY_MARK in name
+
+
+def writer_tag():
+    """Who writes a temporary: 'host@pid.thread', so a later run can tell a live writer from a dead one."""
+    return f"{socket.gethostname()}@{os.getpid()}.{threading.get_ident()}"
+
+
+def pid_alive(pid):
+    """True while process `pid` exists on this host (also when another user owns it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def is_abandoned_temporary(path, now=None):
+    """True for a temporary whose writer is gone: a dead pid on this host, or older than
+    FOREIGN_TEMPORARY_SECONDS when written elsewhere (another node of a cluster, an unknown tag)."""
+    path = Path(path)
+    host, _, rest = path.name.rpartition(TEMPORARY_MARK)[2].partition("@")
+    pid = rest.split(".")[0]
+    if host == socket.gethostname() and pid.isdigit():
+        return not pid_alive(int(pid))
+    return (now or time.time()) - path.stat().st_mtime > FOREIGN_TEMPORARY_SECONDS
+
+
+def remove_abandoned_temporaries(temporaries):
+    """Delete the temporaries (paths) whose writers are gone; those of live writers are left alone."""
+    for temporary in temporaries:
+        if is_abandoned_temporary(temporary):
+            Path(temporary).unlink(missing_ok=True)
+
+
+def scan_outputs(output_dir):
+    """(finished, temporaries): relative POSIX paths of the .pt files under `output_dir`, and the
+    paths of leftover temporaries from interrupted writers."""
+    root = os.fspath(output_dir)
+    finished, temporaries = set(), []
+    if not os.path.isdir(root):
+        return finished, temporaries
+    for directory, _, files in os.walk(root):
+        relative_dir = os.path.relpath(directory, root)
+        for name in files:
+            if is_temporary_name(name):
+                temporaries.append(os.path.join(directory, name))
+            elif name.endswith(OUTPUT_SUFFIX) and not (relative_dir == "." and name in NOT_PYRAMIDS):
+                finished.add(name if relative_dir == "." else f"{relative_dir}/{name}".replace(os.sep, "/"))
+    return finished, temporaries
+
+
+def item_name(relative_path):
+    """The item name of a file: 'a/b/c.pt' -> 'a/b/c'."""
+    return relative_path.removesuffix(OUTPUT_SUFFIX)
+
+
+# ----------------------------------------------------------------------------- manifest.json, read and compared
+
+# Set while --overwrite removes the files of other settings: the manifest already names the new
+# settings, but old files may remain until the removal is finished (by this run or the next).
+REPLACING_KEY = "replacing"
+# Versions are recorded for the record; a different library version does not make a file different.
+UNCOMPARED_KEYS = frozenset({"versions", REPLACING_KEY})
+# The pixel pipeline (pyramid.decode.pixel_pipeline): compared like the settings, the decoders by name; their
+# versions, like the packages', are said and recorded, not refused.
+PIXEL_KEYS = ("image_processor", "decoders")
+
+
+def read_manifest(output_dir):
+    """The manifest in `output_dir`, or None where there is none."""
+    path = Path(output_dir) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text())
+    if isinstance(manifest, dict):
+        manifest.setdefault("flip", False)  # written before --flip existed: no flip/ levels
+    return manifest
+
+
+def _compared(key, value):
+    """The part of a manifest value that a run must match: the decoders by name, not version."""
+    return sorted(value) if key == "decoders" and isinstance(value, dict) else value
+
+
+def manifest_differences(existing, wanted):
+    """Human-readable differences in the compared settings: ["dtype: fp16 -> fp32", ...].
+
+    A manifest written before the pixel pipeline was recorded differs in it: nothing says whether its
+    files were made by the same processor and decoders (the torchvision backend's pixels, say).
+    """
+    differences = []
+    for key in sorted((set(existing) | set(wanted)) - UNCOMPARED_KEYS):
+        old, new = _compared(key, existing.get(key)), _compared(key, wanted.get(key))
+        if old == new:
+            continue
+        if old is None and key in PIXEL_KEYS:
+            differences.append(f"{key}: not recorded (a manifest from before it was) -> {new!r}")
+        else:
+            differences.append(f"{key}: {old!r} -> {new!r}")
+    return differences
+
+
+def available_levels(root, manifest, first_file=None):
+    """Every level the files hold, finest first: the manifest's, and their flip/ twins when it says flip;
+    without a manifest, the first file's keys."""
+    if manifest is not None:
+        return with_twins(manifest["levels"], manifest.get("flip"))
+    if first_file is not None:
+        from pyramid.reader import read_pyramid  # loads torch: only for a tree without a manifest
+
+        _, keys = read_pyramid(Path(root) / first_file, levels=[])
+        return keys
+    return []
+
+
+# ----------------------------------------------------------------------------- what is current
+
+
+def file_records(root, relative_paths):
+    """[[relative path, size, mtime_ns], ...] for the files, in the given order: what tells one version
+    of a file from another without reading it. Not the inode: a copy that keeps mtimes (cp -a, rsync -a)
+    of the tree with its pack to a training machine keeps the pack current."""
+    records = []
+    for relative in relative_paths:
+        status = os.stat(os.path.join(root, relative))
+        records.append([relative, status.st_size, status.st_mtime_ns])
+    return records
+
+
+def tree_state(root):
+    """(manifest or None, file records in sorted-name order) of the output tree at `root` now."""
+    finished, _ = scan_outputs(root)
+    return read_manifest(root), file_records(root, sorted(finished))
+
+
+def tree_digest(manifest, records):
+    """A short fingerprint of (compared manifest settings, file records): equal exactly when both are."""
+    settings = None if manifest is None else {key: value for key, value in sorted(manifest.items())
+                                              if key not in UNCOMPARED_KEYS}
+    return hashlib.sha256(json.dumps([settings, records], sort_keys=True).encode()).hexdigest()
+
+
+def stats_source(manifest, records, read_from):
+    """The "source" entry of stats.pt: the digest of the tree it was computed from, and what was read."""
+    return {"digest": tree_digest(manifest, records), "read_from": read_from}
+
+
+def stats_current(stats, manifest, records):
+    """True when the loaded stats.pt was computed from exactly this tree (manifest and file records)."""
+    return stats.get("source", {}).get("digest") == tree_digest(manifest, records)
+
+
+PACK_FORMAT = 1
+
+
+def pack_dir(root):
+    return Path(root) / PACK_DIR
+
+
+def pack_level_path(directory, level):
+    """The array of a level in a pack: '8x8' -> pack/8x8.npy, 'flip/8x8' -> pack/flip/8x8.npy."""
+    return Path(directory) / f"{level}.npy"
+
+
+def read_pack_record(root):
+    """The pack.json of the pack under `root`, or None where there is no (complete) pack."""
+    try:
+        return json.loads((pack_dir(root) / PACK_RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pack_staleness(record, manifest, records):
+    """Why a pack record no longer matches the tree, as sentences; [] when it is current."""
+    reasons = []
+    if record.get("format") != PACK_FORMAT:
+        reasons.append(f"pack format {record.get('format')!r}, this reader knows {PACK_FORMAT}")
+    if (record.get("manifest") is None) != (manifest is None) or (
+            manifest is not None and manifest_differences(record["manifest"], manifest)):
+        reasons.append(f"{MANIFEST_NAME} differs from the one packed")
+    packed = {entry[0]: entry[1:] for entry in record.get("files", [])}
+    now = {entry[0]: entry[1:] for entry in records}
+    added = len(now.keys() - packed.keys())
+    removed = len(packed.keys() - now.keys())
+    rewritten = sum(1 for name in now.keys() & packed.keys() if now[name] != packed[name])
+    for count, what in ((added, "added"), (removed, "removed"), (rewritten, "rewritten")):
+        if count:
+            reasons.append(f"{count} file(s) {what} since it was packed")
+    return reasons
+
+
+def current_pack(root, manifest, records, levels):
+    """(record, reasons): the pack's record when it is current and holds `levels`, else None and why not."""
+    record = read_pack_record(root)
+    if record is None:
+        return None, ["no pack"]
+    reasons = pack_staleness(record, manifest, records)
+    missing = [level for level in levels if level not in record.get("levels", [])]
+    if missing:
+        reasons.append(f"level(s) {missing} not packed")
+    return (None if reasons else record), reasons
+
+
+def pack_command(root, also=()):
+    """The command that rebuilds the pack under `root` with the levels it holds, and `also` these: plain
+    `python -m pyramid.pack ROOT` when that is every level, else with --levels, so advice to rebuild a pack of
+    4x4 and 1x1 does not pack the 16x16 level that is 3/4 of the bytes. `ROOT` is quoted for a shell."""
+    record = read_pack_record(root) or {}
+    wanted = set(record.get("levels", [])) | set(also)
+    command = f"python -m pyramid.pack {shlex.quote(str(root))}"
+    try:
+        available = available_levels(root, read_manifest(root))
+    except (OSError, ValueError, KeyError, TypeError):  # an unreadable manifest: name the levels themselves
+        available = []
+    if not wanted or available and wanted >= set(available):
+        return command
+    ordered = [level for level in available if level in wanted] + sorted(wanted - set(available))
+    return f"{command} --levels {' '.join(ordered)}"
