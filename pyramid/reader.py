@@ -15,6 +15,7 @@ either reads it or raises its own error, so the values are always torch.load's.
 """
 
 import io
+import math
 import os
 import pickle
 import struct
@@ -141,7 +142,7 @@ class Layout:
             spans.append((offset, header + b"little", CRC_FIELD))
         for level in dict.fromkeys(levels):
             offset, header, dtype, shape = self.tensors[level]
-            spans += [(offset, header, CRC_FIELD), (offset + len(header), level, _numel(shape) * dtype.itemsize)]
+            spans += [(offset, header, CRC_FIELD), (offset + len(header), level, math.prod(shape) * dtype.itemsize)]
         runs = []
         for span in sorted(spans, key=lambda span: span[0]):
             if not runs or span[0] - runs[-1][-1][0] - _span_length(runs[-1][-1]) > MERGE_GAP:
@@ -207,7 +208,7 @@ def _parse_layout(file, size):
     tensors = {}
     for key, record in content.items():
         if record.offset != 0 or record.stride != _contiguous_stride(record.shape) \
-                or record.numel != _numel(record.shape):
+                or record.numel != math.prod(record.shape):
             raise NotPlain("a view into a larger storage")
         local_offset, stored = records[f"{prefix}data/{record.key}"]
         if stored != record.numel * record.dtype.itemsize:
@@ -226,7 +227,7 @@ def _target(out, level, dtype, shape):
         fits = target.dtype == _NUMPY_DTYPES.get(dtype) and target.flags.c_contiguous and target.flags.writeable
     else:
         fits = target.dtype == dtype and target.is_contiguous() and target.device.type == "cpu"
-    if not fits or (target.size if isinstance(target, np.ndarray) else target.numel()) != _numel(shape):
+    if not fits or (target.size if isinstance(target, np.ndarray) else target.numel()) != math.prod(shape):
         raise OutMismatch(f"out[{level!r}] is {target.dtype} {list(target.shape)}, the file holds {dtype} "
                           f"{list(shape)}")
     return target
@@ -304,13 +305,6 @@ def _contiguous_stride(shape):
         stride.append(step)
         step *= side
     return tuple(reversed(stride))
-
-
-def _numel(shape):
-    count = 1
-    for side in shape:
-        count *= side
-    return count
 
 
 def read_pyramid(path, levels=None, out=None):

@@ -1,6 +1,7 @@
 """Atomic .pt writes on background threads, and the failures.jsonl record."""
 
 import io
+import math
 import os
 import queue
 import struct
@@ -140,7 +141,7 @@ class ArchiveLayout:
         self.level_records = []  # per key, the index of its storage record
         for number, (key, shape) in enumerate(shapes.items()):
             found = [index for index, name in enumerate(names) if name.endswith(f"/data/{number}")]
-            if len(found) != 1 or records[found[0]][2] != 4 * _numel(shape):
+            if len(found) != 1 or records[found[0]][2] != 4 * math.prod(shape):
                 raise NotTorchSaveLayout(f"storage record of {key}")
             self.level_records.append(found[0])
         found = [index for index, name in enumerate(names) if name.endswith("/.data/serialization_id")]
@@ -197,13 +198,6 @@ class ArchiveLayout:
             if number < len(self.order):
                 pieces.append(rows[self.order[number]])
         return pieces
-
-
-def _numel(shape):
-    count = 1
-    for side in shape:
-        count *= side
-    return count
 
 
 def _fsync_directory(directory):
