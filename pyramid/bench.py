@@ -462,7 +462,7 @@ def main(args):
     if args.table:
         return run_table(args)
     from pyramid.decode import Preprocess
-    from pyramid.encoder import Encoder, load_model_info, resolve_dtype
+    from pyramid.encoder import Encoder, load_model_info
 
     with tempfile.TemporaryDirectory(prefix="pyramid-bench-") as scratch:
         model = args.model or save_random_dinov2(Path(scratch) / f"random-{args.random}", args.random)
@@ -470,10 +470,7 @@ def main(args):
         names = find_images(input_dir)[:args.limit]
         if not names:
             raise UsageError(f"no images under {input_dir}")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = resolve_dtype(args.dtype, device)
-        batch_size = args.batch_size or default_batch_size(device)
-        num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
+        device, dtype, batch_size, num_workers = run_settings(args)
         info, processor = load_model_info(model)
         preprocess = Preprocess(processor)
         threads = default_writer_threads()
@@ -575,6 +572,16 @@ def measure_fidelity(info, preprocess, input_dir, names, device, dtypes=("fp16",
             for dtype, pyramid in pyramids.items() if dtype != "fp32"}
 
 
+def run_settings(args):
+    """(device, dtype, batch size, decode workers) of a run here with `args`: the extractor's own choices
+    (pyramid.plan, pyramid.encoder) where the command line leaves them out."""
+    from pyramid.encoder import resolve_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return (device, resolve_dtype(args.dtype, device), args.batch_size or default_batch_size(device),
+            default_num_workers(device) if args.num_workers is None else args.num_workers)
+
+
 def bound_name(rates):
     """The name of the smallest of {"decode": ..., "model": ..., "write": ...}."""
     return min(rates, key=rates.get)
@@ -584,15 +591,13 @@ def run_table(args):
     """The GPU table: every bound and the end-to-end run per input size and batch size, the write levers
     (serialiser, threads, page cache or disk) and, with --compile, the compiled model bound; one command."""
     from pyramid.decode import Preprocess
-    from pyramid.encoder import Encoder, attention_kernel, load_model_info, resolve_dtype
+    from pyramid.encoder import Encoder, attention_kernel, load_model_info
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype, _, num_workers = run_settings(args)  # the table's batch sizes: --batch_sizes
     size = "quick" if args.quick else device.type if device.type in TABLE_IMAGES else "cpu"
     counts = TABLE_IMAGES[size]
     write_count, sync_count = TABLE_WRITES[size]
     batch_sizes = args.batch_sizes or ([64, 256] if device.type == "cuda" else [16])
-    num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
     threads = default_writer_threads()
     with tempfile.TemporaryDirectory(prefix="pyramid-table-") as scratch:
         scratch = Path(scratch)
@@ -760,12 +765,9 @@ def run_preflight(args):
 
     from pyramid import decode
     from pyramid.decode import Preprocess
-    from pyramid.encoder import Encoder, attention_kernel, load_model_info, resolve_dtype
+    from pyramid.encoder import Encoder, attention_kernel, load_model_info
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(args.dtype, device)
-    batch_size = args.batch_size or default_batch_size(device)
-    num_workers = default_num_workers(device) if args.num_workers is None else args.num_workers
+    device, dtype, batch_size, num_workers = run_settings(args)
     lines = [f"device: {cuda_description(device)}",
              f"libraries: Python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
              f"cuDNN {torch.backends.cudnn.version()}), transformers {transformers.__version__}, "
