@@ -32,7 +32,7 @@ from pyramid.levels import build_pyramid, pyramid_sizes, split_pyramids, strip_s
 from pyramid.paths import find_images
 from pyramid.plan import default_batch_size, default_num_workers, shared_memory_needed, shared_memory_warning
 from pyramid.prepare import to_png
-from pyramid.team import usable_cpus
+from pyramid.team import usable_cpus, usable_memory
 from pyramid.writer import SERIALISERS, Writer, checked_layout, default_writer_threads
 
 # Loaded by the first measurement, so --help and bad arguments answer at once.
@@ -251,13 +251,15 @@ def write_regime(directory, written_bytes):
 
 def dirty_limit_bytes():
     """The dirty page cache (bytes) a writer may fill before Linux slows it to the disk's pace: halfway
-    between the background and the hard dirty thresholds, of the memory available; None off Linux."""
+    between the background and the hard dirty thresholds, of the memory available to this process (within
+    its cgroups' limits, as the kernel counts them per cgroup); None off Linux."""
     try:
         settings = {name: int(Path(f"/proc/sys/vm/{name}").read_text()) for name in
                     ("dirty_bytes", "dirty_ratio", "dirty_background_bytes", "dirty_background_ratio")}
-        available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                         if line.startswith("MemAvailable:"))
-    except (OSError, ValueError, StopIteration):
+    except (OSError, ValueError):
+        return None
+    available = usable_memory()
+    if available is None:
         return None
     hard = settings["dirty_bytes"] or available * settings["dirty_ratio"] // 100
     background = settings["dirty_background_bytes"] or available * settings["dirty_background_ratio"] // 100

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from pyramid.loader import PREFETCH, PyramidLoader
 from pyramid.reader import read_ahead, read_pyramid
+from pyramid.team import usable_memory
 from pyramid.tree import (
     FLIP_PREFIX,
     STATS_NAME,
@@ -61,51 +62,11 @@ def _empty_batch(shape, shared):
 
 def free_memory(device):
     """Bytes that can still be allocated on `device` (a torch.device), or None where unknown: free CUDA
-    memory, or the memory available to this process (MemAvailable, within its cgroups' limits)."""
+    memory, or the memory available to this process (team.usable_memory: MemAvailable, within its cgroups'
+    limits)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    available = None
-    try:
-        with open("/proc/meminfo") as file:
-            for line in file:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    left = _cgroup_memory_left()
-    return left if available is None else available if left is None else min(available, left)
-
-
-def _cgroup_memory_left(membership=Path("/proc/self/cgroup"), hierarchy=Path("/sys/fs/cgroup")):
-    """Bytes the memory limits of this process's cgroup and the groups above it still allow (cgroup v2,
-    or v1's memory controller), or None without a limit: a SLURM job or a container may be allowed
-    less than the machine has."""
-    try:
-        lines = membership.read_text().splitlines()
-    except OSError:
-        return None
-    left = None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            root, limit_name, usage_name = hierarchy, "memory.max", "memory.current"
-        elif "memory" in controllers.split(","):
-            root, limit_name, usage_name = (hierarchy / "memory", "memory.limit_in_bytes",
-                                            "memory.usage_in_bytes")
-        else:
-            continue
-        group = root / path.lstrip("/")
-        for directory in (group, *group.parents):
-            if directory != root and root not in directory.parents:
-                break
-            try:
-                limit = (directory / limit_name).read_text().strip()
-                if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as a huge number
-                    room = max(0, int(limit) - int((directory / usage_name).read_text()))
-                    left = room if left is None else min(left, room)
-            except (OSError, ValueError):
-                pass
-    return left
+    return usable_memory()
 
 
 class PyramidDataset(Dataset):

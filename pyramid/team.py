@@ -10,6 +10,7 @@ import pickle
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 KEY_PREFIX = "pyramid/"
 HEARTBEAT_SECONDS = 1.0
@@ -29,6 +30,53 @@ def usable_cpus():
 def cpus_per_process():
     """This process's share of `usable_cpus()` among the node's processes of the run (LOCAL_WORLD_SIZE), at least 1."""
     return max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def usable_memory():
+    """Bytes of memory this process may still take, or None where unknown: the kernel's MemAvailable,
+    within the limits of this process's cgroups (a SLURM job, a container may be allowed less)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    left = _cgroup_memory_left()
+    return left if available is None else available if left is None else min(available, left)
+
+
+def _cgroup_memory_left(membership=Path("/proc/self/cgroup"), hierarchy=Path("/sys/fs/cgroup")):
+    """Bytes the memory limits of this process's cgroup and the groups above it still allow (cgroup v2,
+    or v1's memory controller), or None without a limit: a SLURM job or a container may be allowed
+    less than the machine has."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    left = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            root, limit_name, usage_name = hierarchy, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            root, limit_name, usage_name = (hierarchy / "memory", "memory.limit_in_bytes",
+                                            "memory.usage_in_bytes")
+        else:
+            continue
+        group = root / path.lstrip("/")
+        for directory in (group, *group.parents):
+            if directory != root and root not in directory.parents:
+                break
+            try:
+                limit = (directory / limit_name).read_text().strip()
+                if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as a huge number
+                    room = max(0, int(limit) - int((directory / usage_name).read_text()))
+                    left = room if left is None else min(left, room)
+            except (OSError, ValueError):
+                pass
+    return left
 
 
 class Team:

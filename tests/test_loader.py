@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pyramid.dataset
+import pyramid.team
 from conftest import REPO
 from pyramid import PyramidDataset
 from pyramid.pack import build_pack
@@ -312,13 +313,13 @@ def test_the_memory_a_cgroup_still_allows(tmp_path):
         (directory / "memory.max").write_text(f"{limit}\n")
         (directory / "memory.current").write_text(f"{used}\n")
     membership.write_text("0::/slurm/job_7/step_0\n")
-    assert pyramid.dataset._cgroup_memory_left(membership, hierarchy) == 5000
+    assert pyramid.team._cgroup_memory_left(membership, hierarchy) == 5000
     v1 = hierarchy / "memory" / "docker" / "abc"  # v1's memory controller, next to others
     v1.mkdir(parents=True)
     (v1 / "memory.limit_in_bytes").write_text("4096\n")
     (v1 / "memory.usage_in_bytes").write_text("1024\n")
     (v1.parent / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
     membership.write_text("5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n")
-    assert pyramid.dataset._cgroup_memory_left(membership, hierarchy) == 3072
+    assert pyramid.team._cgroup_memory_left(membership, hierarchy) == 3072
     membership.write_text("0::/\n")
-    assert pyramid.dataset._cgroup_memory_left(membership, tmp_path / "nothing") is None
+    assert pyramid.team._cgroup_memory_left(membership, tmp_path / "nothing") is None
