@@ -219,9 +219,10 @@ class Extraction:
                 host, ready, release = self.copies.start({**levels, FINITE_KEY: finite})
                 finite = host.pop(FINITE_KEY)
                 images = [todo[i] for i in indices.tolist()]
-                tally.writer.submit_batch([output_path_for(image) for image in images], host, ready=ready,
-                                          release=release, finite=finite,
-                                          on_non_finite=functools.partial(self.report_non_finite, images))
+                with self.signals.deferred():  # a queue hand-over: no StopNow inside it (stopping.py)
+                    tally.writer.submit_batch([output_path_for(image) for image in images], host, ready=ready,
+                                              release=release, finite=finite,
+                                              on_non_finite=functools.partial(self.report_non_finite, images))
             if self.signals.signum is not None:
                 team.request_stop()
                 return
@@ -319,9 +320,10 @@ class Extraction:
             return status
         try:
             try:
-                writer.close()
-            except StopNow:  # a second Ctrl-C while waiting: still wait, so no file is left half written;
-                writer.close()  # what is left to do after it is quick (no waiting for peers: signals.at_once)
+                with self.signals.deferred():  # a second Ctrl-C while waiting still waits: no file left half
+                    writer.close()  # written; what is left after it is quick (no waiting for peers: at_once)
+            except StopNow:
+                pass
         except OSError as error:
             if status == exits.OK:
                 log(f"error: {error}", self.progress)

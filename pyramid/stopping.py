@@ -5,6 +5,7 @@ under a launcher stop when it dies.
 """
 
 import _thread
+import contextlib
 import ctypes
 import os
 import signal
@@ -25,6 +26,8 @@ class StopSignals:
         self.signum = None
         self.at_once = False
         self._previous = {}
+        self._deferring = 0  # depth of deferred() regions the main thread is in
+        self._deferred = False  # a second Ctrl-C came inside one: StopNow is raised on leaving it
 
     def __enter__(self):
         for signum in exits.BY_SIGNAL:
@@ -49,8 +52,27 @@ class StopSignals:
                 threading.Timer(0.05, _thread.interrupt_main, args=(signal.SIGINT,)).start()
                 return
             self.at_once = True
+            if self._deferring:
+                self._deferred = True
+                return
             raise StopNow
         self.signum = signum
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A region a second Ctrl-C does not interrupt: its StopNow is raised on leaving the region instead
+        (`at_once` is set at once). For hand-overs to threads through queue.Queue: an exception raised
+        inside Condition.notify, between waking a waiter and taking it off the list, leaves that waiter
+        behind, and the next notify goes to it, so a thread waiting on the queue is never woken (a writer
+        thread that never takes its end-of-work marker, and a close() that waits for it forever)."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+        if self._deferred and not self._deferring:
+            self._deferred = False
+            raise StopNow
 
 
 # Code run by the garbage collector, where an exception is printed and dropped instead of raised.
