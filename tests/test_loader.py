@@ -140,7 +140,7 @@ def test_a_batch_is_never_overwritten_while_held(tree):
     for start, array in zip(range(0, COUNT, 5), arrays):
         assert np.array_equal(array, torch.stack([items[data.names[i]]["1x1"] for i in plan[start:start + 5]]).numpy())
     # A loop that drops each batch gets the same few buffers again, epoch after epoch.
-    del kept, views, arrays
+    del kept, views, arrays, batch, view, array  # the loops above keep their last items in these names
     addresses = {batch["16x16"].data_ptr() for _ in range(2) for batch in loader}
     assert len(addresses) <= 1 + 3
 
