@@ -43,6 +43,8 @@ NOT_PYRAMIDS = frozenset({STATS_NAME})
 DERIVED_NAMES = (FAILURES_NAME, STATS_NAME, PACK_DIR)
 # A temporary from another machine is taken as abandoned once it is this old.
 FOREIGN_TEMPORARY_SECONDS = 600
+# --store_dtype: the dtypes the files' tensors may hold, by the names the manifest records.
+STORE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def flip_twin(level):
@@ -149,6 +151,9 @@ UNCOMPARED_KEYS = frozenset({"versions", REPLACING_KEY})
 # The pixel pipeline (pyramid.decode.pixel_pipeline): compared like the settings, the decoders by name; their
 # versions, like the packages', are said and recorded, not refused.
 PIXEL_KEYS = ("image_processor", "decoders")
+# Settings a manifest written before they existed lacks, and what its silence means: such a tree is
+# compared, and its stats.pt and pack stay current, as if the manifest said so.
+IMPLIED_SETTINGS = {"store_dtype": "fp32"}
 
 
 def read_manifest(output_dir):
@@ -160,6 +165,14 @@ def read_manifest(output_dir):
     if isinstance(manifest, dict):
         manifest.setdefault("flip", False)  # written before --flip existed: no flip/ levels
     return manifest
+
+
+def stored_dtype(manifest):
+    """The dtype the files of a tree hold, by its manifest: "fp32", "bf16" or "fp16" (--store_dtype); "fp32"
+    for a manifest from before --store_dtype; None without a manifest (then each file says its own)."""
+    if manifest is None:
+        return None
+    return manifest.get("store_dtype", IMPLIED_SETTINGS["store_dtype"])
 
 
 def _compared(key, value):
@@ -175,7 +188,8 @@ def manifest_differences(existing, wanted):
     """
     differences = []
     for key in sorted((set(existing) | set(wanted)) - UNCOMPARED_KEYS):
-        old, new = _compared(key, existing.get(key)), _compared(key, wanted.get(key))
+        old = _compared(key, existing.get(key, IMPLIED_SETTINGS.get(key)))
+        new = _compared(key, wanted.get(key, IMPLIED_SETTINGS.get(key)))
         if old == new:
             continue
         if old is None and key in PIXEL_KEYS:
@@ -219,9 +233,11 @@ def tree_state(root):
 
 
 def tree_digest(manifest, records):
-    """A short fingerprint of (compared manifest settings, file records): equal exactly when both are."""
+    """A short fingerprint of (compared manifest settings, file records): equal exactly when both are. A
+    setting equal to what its absence implies is left out, so stats.pt of a tree from before it stays current."""
     settings = None if manifest is None else {key: value for key, value in sorted(manifest.items())
-                                              if key not in UNCOMPARED_KEYS}
+                                              if key not in UNCOMPARED_KEYS
+                                              and not (key in IMPLIED_SETTINGS and value == IMPLIED_SETTINGS[key])}
     return hashlib.sha256(json.dumps([settings, records], sort_keys=True).encode()).hexdigest()
 
 

@@ -71,3 +71,16 @@ def _failure(directory, number):
 
 def _run(directory, number):
     append_run(directory, {"run_id": str(number), "status": 0, "note": "y" * 5000})
+
+
+def test_a_manifest_from_before_store_dtype_reads_and_compares_as_fp32():
+    old = {"model": "m", "dtype": "fp32", "levels": ["2x2", "1x1"], "flip": False}
+    assert tree.stored_dtype(old) == "fp32"
+    assert tree.stored_dtype({**old, "store_dtype": "bf16"}) == "bf16"
+    assert tree.stored_dtype(None) is None
+    assert tree.manifest_differences(old, {**old, "store_dtype": "fp32"}) == []
+    assert tree.manifest_differences(old, {**old, "store_dtype": "fp16"}) == ["store_dtype: 'fp32' -> 'fp16'"]
+    records = [["a.pt", 10, 1]]
+    # stats.pt and the pack of an old tree stay current once a run has added "store_dtype": "fp32"
+    assert tree.tree_digest(old, records) == tree.tree_digest({**old, "store_dtype": "fp32"}, records)
+    assert tree.tree_digest(old, records) != tree.tree_digest({**old, "store_dtype": "bf16"}, records)
