@@ -1,5 +1,6 @@
 """PyramidDataset, the reader for the training phase: items, DataLoader batches, loader(), preload."""
 
+import math
 import mmap
 import os
 import threading
@@ -12,7 +13,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from pyramid.loader import PREFETCH, PyramidLoader
 from pyramid.reader import read_ahead, read_pyramid
-from pyramid.team import usable_memory
+from pyramid.team import usable_cpus, usable_memory
 from pyramid.tree import (
     FLIP_PREFIX,
     STATS_NAME,
@@ -46,18 +47,18 @@ def collate(items):
     return items.collated if isinstance(items, Batch) else default_collate(items)
 
 
-def _empty_batch(shape, shared):
-    """A float32 tensor for a batch; in shared memory inside a DataLoader worker, as default_collate
-    makes its output, so it reaches the main process without another copy.
+def host_empty(shape, dtype=torch.float32, shared=False):
+    """A CPU tensor for a batch or a preload; in shared memory inside a DataLoader worker (`shared`), as
+    default_collate makes its output, so it reaches the main process without another copy.
 
-    Elsewhere numpy allocates it: numpy asks the kernel for huge pages on large arrays, and filling a
-    fresh 50 MB batch then costs 7 ms instead of torch.empty's 50 ms of 4 KiB page faults (measured here).
+    Elsewhere numpy allocates it: numpy asks the kernel for huge pages on large arrays, so filling a
+    fresh 50 MB batch costs 7 ms instead of torch.empty's 50 ms of 4 KiB page faults (measured here), and
+    a gather from a preload takes one TLB entry per 2 MB instead of per 4 KiB.
     """
-    if not shared:
-        return torch.from_numpy(np.empty(shape, dtype=np.float32))
-    numel = int(np.prod(shape))
-    storage = torch.UntypedStorage._new_shared(numel * 4)
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+    size = math.prod(shape) * dtype.itemsize
+    if shared:
+        return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(size), 0, shape)
+    return torch.from_numpy(np.empty(size, np.uint8)).view(dtype).view(shape)
 
 
 def free_memory(device):
@@ -268,15 +269,16 @@ class PyramidDataset(Dataset):
                     self._pack_arrays_open, self._open_pid = arrays, os.getpid()
         return self._pack_arrays_open
 
-    def _read_rows(self, indices, flipped, rows):
+    def _read_rows(self, indices, flipped, rows, reading=None):
         """Read items `indices` into `rows` {level: float32 numpy array (B, s*s, D)}: item indices[k]'s
         level (its flip/ twin where flipped[k]) into row k. The values as stored: not normalised, except
-        from a preload, which holds them normalised.
+        from a preload, which holds them normalised. `reading`: a one-element list, set to the file
+        being read (what a read that never returns is stuck on).
 
         From a preload or the pack: one gather (torch.index_select) per level and group of rows (the
         rows read from the levels, those read from the twins), straight into the batch when the group's
         rows are contiguous (always in loader batches), else through a temporary. From the files: one
-        read_pyramid per item, its levels straight into the rows."""
+        read_pyramid per item, its levels straight into the rows; an error names the file."""
         arrays = self.preloaded if self.preloaded is not None else (
             self._pack_arrays() if self._pack is not None else None)
         if arrays is None:
@@ -284,11 +286,21 @@ class PyramidDataset(Dataset):
                 sources = self._twins if flipped is not None and flipped[row] else self.levels
                 targets = {source: rows[level][row] for level, source in zip(self.levels, sources)}
                 path = self._paths[index]
-                pyramid, keys = read_pyramid(path, sources, out=targets)
+                if reading is not None:
+                    reading[0] = path
+                try:
+                    pyramid, keys = read_pyramid(path, sources, out=targets)
+                except Exception as error:
+                    named = _naming(error, path)
+                    if named is error:
+                        raise
+                    raise named from error
                 if len(pyramid) != len(targets):
                     missing = [source for source in sources if source not in pyramid]
                     raise KeyError(f"{path} has no level {missing[0]!r}; it has {keys}.")
             return
+        if reading is not None:
+            reading[0] = "the CPU preload" if self.preloaded is not None else str(pack_dir(self.root))
         indices = np.asarray(indices, dtype=np.int64)
         positions = np.arange(len(indices))
         groups = [(self.levels, positions)] if flipped is None else [
@@ -363,7 +375,7 @@ class PyramidDataset(Dataset):
                     batch[level][rows] = self.preloaded[twin][torch.as_tensor(indices, device=home)[rows]]
         else:
             shared = get_worker_info() is not None
-            batch = {level: _empty_batch((len(indices), *self._shapes[level]), shared) for level in self.levels}
+            batch = {level: host_empty((len(indices), *self._shapes[level]), shared=shared) for level in self.levels}
             self._read_rows(indices, flipped, {level: tensor.numpy() for level, tensor in batch.items()})
             if self.preloaded is None:
                 self._normalize(batch, flipped)
@@ -385,7 +397,8 @@ class PyramidDataset(Dataset):
             raise MemoryError(f"preload={preload!r} needs {_size_text(needed)} ({count} items, levels "
                               f"{self.levels}{twins}) but {device} has {_size_text(free)} free; preload fewer "
                               f"levels, or preload=None to read the {self.source} each step")
-        preloaded = {source: torch.empty((count, *self._shapes[source]), dtype=torch.float32, device=device)
+        preloaded = {source: host_empty((count, *self._shapes[source])) if device.type == "cpu" else
+                     torch.empty((count, *self._shapes[source]), dtype=torch.float32, device=device)
                      for source in self.sources}
         step = max(1, PRELOAD_CHUNK_BYTES // max(row_bytes, 1))  # items per chunk read
         chunks = [(start, min(start + step, count), twin) for twin in ((False, True) if self.flip else (False,))
@@ -403,12 +416,27 @@ class PyramidDataset(Dataset):
             self._normalize(rows, flipped)
             return chunk, rows
 
-        workers = min(4, os.cpu_count() or 1)
-        for (start, end, twin), rows in read_ahead(read, chunks, workers, 2 * workers):
+        def describe(chunk):
+            start, end, twin = chunk
+            return f"items {start} to {end - 1}{' (flip/ twins)' if twin else ''} of {self.root}"
+
+        workers = min(4, usable_cpus())
+        for (start, end, twin), rows in read_ahead(read, chunks, workers, 2 * workers, describe=describe):
             if device.type != "cpu":
                 for level, source in zip(self.levels, self._twins if twin else self.levels):
                     preloaded[source][start:end].copy_(rows[level])
         self.preloaded, self.source = preloaded, "preload"
+
+
+def _naming(error, path):
+    """`error` where its message names `path`, else an error of its type (RuntimeError where that type
+    cannot be made from a message) that does: every error of the reader names its file."""
+    if str(path) in str(error):
+        return error
+    try:
+        return type(error)(f"reading {path}: {error}")
+    except Exception:  # noqa: BLE001 - an error type with its own constructor
+        return RuntimeError(f"reading {path}: {error}")
 
 
 def _size_text(count):

@@ -7,20 +7,33 @@
 
 A thread reads whole batches ahead of use (a gather per level from the pack's memory-mapped arrays or
 from a CPU preload, or one preadv per file straight into the batch; all of them release the GIL) into a
-few buffers that are used again and again, so a step costs no allocation and no page fault. Batches for
-a CUDA device are read into pinned buffers and copied on a side stream, one batch ahead; from a CUDA
-preload they are gathered on the device, with no host traffic at all.
+few buffers that are used again and again, so a step costs no allocation and no page fault; a few more
+threads each read a part of the batch's rows, since one thread's copy into a batch far larger than the
+CPU's caches runs at a fraction of what the memory can take. Batches for a CUDA device are read into
+pinned buffers and copied on a side stream, one batch ahead; from a CUDA preload they are gathered on
+the device, with no host traffic at all. Every wait is bounded: a read that never returns (a hung file
+system) is raised as a TimeoutError naming its file after `timeout` seconds, a read that fails is raised
+naming its file, and a pass left early ends its threads.
 """
 
 import contextlib
 import queue
 import sys
 import threading
+import time
 
 import numpy as np
 import torch
 
+from pyramid.reader import READ_TIMEOUT, ReadThreads
+from pyramid.team import cpus_per_process
+
 PREFETCH = 2  # batches read ahead of the one in use
+MAX_WORKERS = 4  # threads reading one batch by default: enough to keep a server's memory busy
+# A part of a gathered batch smaller than this is not worth a thread's hand-over: the pack's and a
+# preload's batches are split in parts of at least this many bytes.
+MIN_GATHER_PART_BYTES = 1 << 20
+POLL_SECONDS = 0.1  # how often a waiting thread looks at whether its peer is still there
 _END = object()  # what the reading thread puts after the last batch
 
 
@@ -43,7 +56,11 @@ class PyramidLoader:
     pinned buffers with non_blocking copies on a side stream, normalised on that device. device="cpu"
     gives each batch in new memory (one more copy per batch).
 
-    `prefetch`: batches read ahead of the one in use.
+    `prefetch`: batches read ahead of the one in use. `set_reading(workers, timeout)`: the threads that
+    read each batch, each a part of its rows (default: up to 4, within the CPUs this process may use),
+    and the seconds to wait for a batch before raising TimeoutError naming the files still being read
+    (default 600: a hung file system, not a slow one). A failed read raises its error, naming its file,
+    where the batches are used.
 
     A batch is yours for as long as you hold it: a buffer is used again only once no tensor (or view,
     or numpy array) of the batch it held is left; a loop that keeps batches gets new memory for the
@@ -72,6 +89,18 @@ class PyramidLoader:
         self._rank, self._world_size = None, None
         self.epoch = 0  # the epoch the next pass will be
         self._buffers = None
+        self.set_reading()
+
+    def set_reading(self, workers=None, timeout=READ_TIMEOUT):
+        """`workers` threads read each batch (None: up to 4, within the CPUs this process may use), and a
+        batch not read within `timeout` seconds raises TimeoutError (see the class); returns the loader."""
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive integer or None, not {workers!r}.")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}.")
+        self.workers = min(MAX_WORKERS, cpus_per_process()) if workers is None else workers
+        self.timeout = float(timeout)
+        return self
 
     def set_ranks(self, rank, world_size):
         """Take part `rank` of `world_size` of every epoch (both None: torch.distributed's, when initialised)."""
@@ -166,20 +195,22 @@ class PyramidLoader:
         pinned = self.device is not None and self.device.type == "cuda"
         if self._buffers is None:  # kept from epoch to epoch: new memory costs page faults
             self._buffers = _Buffers(lambda: _Buffer(shapes, self.batch_size, pinned), self.prefetch + 3)
-        pool = self._buffers
         ready = queue.Queue(self.prefetch)
         stop = threading.Event()
         # A preload holds normalised values; otherwise, with a device, normalising happens there, after
         # the copy (on a GPU: no CPU time).
         normalize_here = self.device is None and dataset.preloaded is None
-        reader = threading.Thread(target=_read_batches, args=(dataset, batches, pool, ready, stop, normalize_here),
-                                  name="pyramid-loader", daemon=True)
+        reading = [[None] for _ in range(self.workers)]  # per reading thread: the file it is reading
+        reader = threading.Thread(target=_read_batches, name="pyramid-loader", daemon=True,
+                                  args=(_BatchReader(dataset, self._parts(shapes), normalize_here, reading),
+                                        batches, self._buffers, ready, stop, self.timeout))
         reader.start()
         copier = None if self.device is None else _Copier(dataset, self.device, normalize=dataset.preloaded is None)
+        stuck = False
         try:
             ahead = None  # with a device: the batch to hand over next, while the copy of the one after is under way
             while True:
-                item = ready.get()
+                item, stuck = _next_batch(ready, reader, self.timeout, reading)
                 if item is _END:
                     break
                 if isinstance(item, BaseException):
@@ -201,7 +232,40 @@ class PyramidLoader:
                 yield copier.hand_over(ahead)
         finally:
             stop.set()
-            reader.join()
+            # A reader that is not stuck ends within one read of its part of a batch; a stuck one ends
+            # when its read returns, by itself.
+            reader.join(0 if stuck else self.timeout)
+
+    def _parts(self, shapes):
+        """Into how many parts (one per reading thread) each batch's rows are split: every thread for
+        files (each file costs system calls and a copy), fewer for a gather from memory, whose parts
+        are each worth a hand-over."""
+        if self.dataset.source == "files":
+            return self.workers
+        batch_bytes = self.batch_size * sum(int(np.prod(shape)) for shape in shapes.values()) * 4
+        return max(1, min(self.workers, batch_bytes // MIN_GATHER_PART_BYTES))
+
+
+def _next_batch(ready, reader, timeout, reading):
+    """(the reading thread's next item, False): waits at most `timeout` seconds, and only while the
+    reading thread lives; raises TimeoutError naming the files still being read when it has handed
+    nothing over for that long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ready.get(timeout=POLL_SECONDS), False
+        except queue.Empty:
+            pass
+        if not reader.is_alive():
+            try:  # it may have handed its last item over just before ending
+                return ready.get_nowait(), False
+            except queue.Empty:
+                raise RuntimeError("the loader's reading thread ended without a batch or an error; "
+                                   "iterate over the loader again to read this epoch anew") from None
+        if time.monotonic() > deadline:
+            stuck = [slot[0] for slot in reading if slot[0] is not None]
+            raise TimeoutError(f"no batch in {timeout:g} s: reading {', '.join(map(str, stuck)) or 'a batch'} "
+                               f"has not returned; is its file system hung? (timeout= sets this wait)")
 
 
 class _Buffer:
@@ -266,31 +330,65 @@ def _put(ready, item, stop):
     """Queue `item` for the consumer unless it has stopped listening; True if queued."""
     while not stop.is_set():
         try:
-            ready.put(item, timeout=0.1)
+            ready.put(item, timeout=POLL_SECONDS)
             return True
         except queue.Full:
             pass
     return False
 
 
-def _read_batches(dataset, batches, pool, ready, stop, normalize_here):
-    """The reading thread: each batch into a free buffer, then onto the queue; an error goes on the
-    queue too, so it is raised where the batches are used."""
+class _BatchReader:
+    """Reads a batch's rows into a buffer in `parts` parts: the first on the calling thread, the others
+    on read threads (the reads release the GIL, so the parts' copies run side by side)."""
+
+    def __init__(self, dataset, parts, normalize, reading):
+        self.dataset, self.parts, self.normalize, self.reading = dataset, parts, normalize, reading
+
+    def read(self, buffer, indices, flipped, threads, stop):
+        """Fill `buffer`'s first len(indices) rows; False if `stop` was set before every part was read."""
+        count = len(indices)
+        parts = min(self.parts, count)
+        bounds = [count * part // parts for part in range(parts + 1)]
+        calls = [threads.submit(self.read_part, buffer, indices, flipped, bounds[part], bounds[part + 1], part)
+                 for part in range(1, parts)]
+        self.read_part(buffer, indices, flipped, bounds[0], bounds[1], 0)
+        for call in calls:
+            while not call.done.wait(POLL_SECONDS):
+                if stop.is_set():
+                    return False
+            call.outcome()
+        return True
+
+    def read_part(self, buffer, indices, flipped, start, end, part):
+        """Rows [start, end) of the batch: read, then normalised where the batch is used on the CPU (rows
+        are normalised on their own, so a part gives the values the whole batch would)."""
+        rows = {level: array[start:end] for level, array in buffer.arrays.items()}
+        flipped = None if flipped is None else flipped[start:end]
+        reading = self.reading[part]
+        self.dataset._read_rows(indices[start:end], flipped, rows, reading)
+        if self.normalize:
+            self.dataset._normalize({level: torch.from_numpy(array) for level, array in rows.items()}, flipped)
+        reading[0] = None
+
+
+def _read_batches(reader, batches, pool, ready, stop, timeout):
+    """The reading thread: each batch into a free buffer (its parts on read threads), then onto the queue;
+    an error goes on the queue too, so it is raised where the batches are used."""
+    threads = ReadThreads(reader.parts - 1, "pyramid-loader-read")
     try:
         for indices, flipped in batches:
             if stop.is_set():
                 return
             buffer = pool.take()
-            rows = {level: array[:len(indices)] for level, array in buffer.arrays.items()}
-            dataset._read_rows(indices, flipped, rows)
-            if normalize_here:
-                dataset._normalize({level: torch.from_numpy(array) for level, array in rows.items()}, flipped)
-            del rows
+            if not reader.read(buffer, indices, flipped, threads, stop):
+                return
             if not _put(ready, (buffer, indices, flipped), stop):
                 return
         _put(ready, _END, stop)
     except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
         _put(ready, error, stop)
+    finally:
+        threads.close(wait=timeout)
 
 
 class _Copier:

@@ -18,9 +18,12 @@ import io
 import math
 import os
 import pickle
+import queue
 import struct
+import threading
+import time
+import weakref
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -31,8 +34,9 @@ EDGE_BYTES = 4096
 # Storage types whose tensors numpy can hold (a bfloat16 file goes to torch.load).
 DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
           "LongStorage": torch.int64, "IntStorage": torch.int32}
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
-                 torch.int64: np.int64, torch.int32: np.int32}
+# numpy dtype objects, not types: comparing an array's dtype with one is a pointer check, with a type a lookup.
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
+                 torch.float16: np.dtype(np.float16), torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32)}
 END_OF_DIRECTORY = b"PK\x05\x06"
 DIRECTORY_ENTRY = b"PK\x01\x02"
 LOCAL_HEADER = b"PK\x03\x04"
@@ -224,7 +228,8 @@ def _target(out, level, dtype, shape):
         return torch.empty(shape, dtype=dtype)
     target = out[level]
     if isinstance(target, np.ndarray):
-        fits = target.dtype == _NUMPY_DTYPES.get(dtype) and target.flags.c_contiguous and target.flags.writeable
+        flags = target.flags
+        fits = target.dtype == _NUMPY_DTYPES.get(dtype) and flags.c_contiguous and flags.writeable
     else:
         fits = target.dtype == dtype and target.is_contiguous() and target.device.type == "cpu"
     if not fits or (target.size if isinstance(target, np.ndarray) else target.numel()) != math.prod(shape):
@@ -340,14 +345,100 @@ def read_pyramid(path, levels=None, out=None):
     return pyramid, keys
 
 
-def read_ahead(function, items, workers, window):
+# How long a waiter waits for one read before it gives up: a hung file system (an NFS server gone), not
+# a slow one, since one read is one file or one batch.
+READ_TIMEOUT = 600.0
+# How often an idle read thread checks that its owner still exists.
+IDLE_CHECK_SECONDS = 1.0
+
+
+class Call:
+    """One call handed to ReadThreads: its result, or the error it raised, once `done` is set."""
+
+    __slots__ = ("function", "args", "done", "result", "error")
+
+    def __init__(self, function, args):
+        self.function, self.args = function, args
+        self.done = threading.Event()
+        self.result = self.error = None
+
+    def run(self):
+        try:
+            self.result = self.function(*self.args)
+        except BaseException as error:  # noqa: BLE001 - raised by whoever waits for the call
+            self.error = error
+        finally:
+            self.function = self.args = None  # the buffers it read into are the caller's again
+            self.done.set()
+
+    def outcome(self):
+        """The result of a done call, or its error raised here."""
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class ReadThreads:
+    """`count` daemon threads that run the calls handed to them. Daemon threads, not a ThreadPoolExecutor's:
+    a read stuck for ever (a hung file system) then holds one thread, never the process's exit, and
+    whoever waits for a call waits with a bound. The threads end on close(), or by themselves once
+    this object is garbage collected (a loader dropped in the middle of an epoch)."""
+
+    def __init__(self, count, name="pyramid-read"):
+        self._calls = queue.SimpleQueue()
+        owner = weakref.ref(self)
+        self.threads = [threading.Thread(target=_serve, args=(self._calls, owner), name=f"{name}-{index}", daemon=True)
+                        for index in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, function, *args):
+        call = Call(function, args)
+        self._calls.put(call)
+        return call
+
+    def close(self, wait=0.0):
+        """End the threads once their calls are done; wait at most `wait` seconds for them to end."""
+        for _ in self.threads:
+            self._calls.put(None)
+        deadline = time.monotonic() + wait
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _serve(calls, owner):
+    while True:
+        try:
+            call = calls.get(timeout=IDLE_CHECK_SECONDS)
+        except queue.Empty:
+            if owner() is None:
+                return
+            continue
+        if call is None:
+            return
+        call.run()
+
+
+def read_ahead(function, items, workers, window, timeout=READ_TIMEOUT, describe=str):
     """function(item) for every item, in order, on `workers` threads, at most `window` results ahead: the
-    reads of many files (read_pyramid releases the GIL in its preadv) overlapped."""
-    with ThreadPoolExecutor(workers) as pool:
+    reads of many files (read_pyramid releases the GIL in its preadv) overlapped. An item whose call
+    raises raises here; one not done within `timeout` seconds of being waited for raises TimeoutError
+    naming it (`describe(item)`). Leaving early (an error, a break) leaves the calls still running to
+    finish on their own."""
+    threads = ReadThreads(workers)
+    try:
         pending = deque()
         for item in items:
-            pending.append(pool.submit(function, item))
+            pending.append((item, threads.submit(function, item)))
             if len(pending) >= window:
-                yield pending.popleft().result()
+                yield _outcome(*pending.popleft(), timeout, describe)
         while pending:
-            yield pending.popleft().result()
+            yield _outcome(*pending.popleft(), timeout, describe)
+    finally:
+        threads.close()
+
+
+def _outcome(item, call, timeout, describe):
+    if not call.done.wait(timeout):
+        raise TimeoutError(f"reading {describe(item)} has not returned in {timeout:g} s; is its file system hung?")
+    return call.outcome()

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -255,6 +256,68 @@ def test_leaving_a_pass_early_ends_its_reading_thread(tree):
     assert threading.active_count() == threads
 
 
+def test_a_damaged_file_is_raised_naming_it_and_the_threads_end(tree, tmp_path):
+    copy = tmp_path / "tree"
+    shutil.copytree(tree, copy)
+    data = PyramidDataset(copy, pack=False)
+    path = copy / f"{data.names[11]}.pt"
+    path.write_bytes(path.read_bytes()[:500])  # torch.load's error for it does not name the file
+    threads = threading.active_count()
+    loader = data.loader(8, shuffle=True).set_reading(workers=3)
+    with pytest.raises(RuntimeError, match=f"reading {path}: "):
+        for _ in loader:
+            pass
+    assert threading.active_count() == threads  # the reading thread and its helpers are gone
+
+
+def test_a_read_that_raises_or_never_returns_is_raised_within_the_timeout(tree, monkeypatch):
+    data = PyramidDataset(tree, levels=["4x4"], pack=False)
+    broken, stuck = data._paths[20], data._paths[30]
+    failing, release = [True], threading.Event()
+    read_pyramid = pyramid.dataset.read_pyramid
+
+    def failing_read(path, levels=None, out=None):  # the user's file system, failing from outside
+        if path == broken and failing[0]:
+            raise OSError("Input/output error")
+        if path == stuck:
+            release.wait(60)
+        return read_pyramid(path, levels, out)
+
+    monkeypatch.setattr(pyramid.dataset, "read_pyramid", failing_read)
+    threads = threading.active_count()
+    with pytest.raises(OSError, match=f"reading {broken}: Input/output error"):
+        list(data.loader(4).set_reading(workers=2))
+    assert threading.active_count() == threads
+    failing[0] = False
+    loader = data.loader(4).set_reading(workers=2, timeout=0.5)
+    started = time.monotonic()
+    served = []
+    with pytest.raises(TimeoutError, match=f"no batch in 0.5 s: reading {stuck} has not returned"):
+        for batch in loader.__iter__():
+            served += batch["name"]
+    assert time.monotonic() - started < 10
+    assert served == data.names[:28]  # up to the batch of the stuck file, each batch whole
+    assert threading.active_count() > threads  # the stuck read holds its thread ...
+    release.set()  # ... until it returns, and then its thread ends, and the reading thread with it
+    deadline = time.monotonic() + 10
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == threads
+
+
+def test_a_pass_left_early_ends_every_thread_it_started(tree):
+    data = PyramidDataset(tree, pack=False)
+    threads = threading.active_count()
+    for _ in data.loader(4).set_reading(workers=3):
+        assert threading.active_count() == threads + 3  # the reading thread and two helpers
+        break
+    gc.collect()
+    deadline = time.monotonic() + 10  # the helpers end once they see the reading thread gone
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == threads
+
+
 def test_arguments_are_checked(tree):
     data = PyramidDataset(tree, levels=["1x1"])
     for wrong, message in (({"batch_size": 0}, "batch_size must be a positive integer"),
@@ -265,6 +328,10 @@ def test_arguments_are_checked(tree):
             data.loader(**wrong)
     with pytest.raises(ValueError, match="epoch must be"):
         data.loader(4).set_epoch(-1)
+    for wrong, message in (({"workers": 0}, "workers must be a positive integer or None"),
+                           ({"timeout": 0}, "timeout must be a positive number of seconds")):
+        with pytest.raises(ValueError, match=message):
+            data.loader(4).set_reading(**wrong)
 
 
 @pytest.mark.parametrize("source", SOURCES)
