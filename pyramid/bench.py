@@ -39,6 +39,11 @@ from pyramid.writer import SERIALISERS, Writer, checked_layout, default_writer_t
 np = LazyModule("numpy")
 torch = LazyModule("torch")
 
+# The end-to-end child: a run that has not ended after this long is killed (the extractor's own
+# --stall_timeout ends a stuck one long before), and its pipes read for this long once it has ended.
+CHILD_TIMEOUT = 6 * 3600
+PIPE_DRAIN_SECONDS = 10.0
+
 # Shipped in the package (pyproject's package-data), so the bench runs from an installed wheel too.
 PHOTO = Path(__file__).resolve().parent / "data" / "astronaut.png"
 
@@ -294,15 +299,51 @@ def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype, 
     # checkout run from anywhere, measures its own extractor.
     package_parent = str(Path(__file__).resolve().parent.parent)
     python_path = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=python_path))
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    stderr = process.stderr.read()
+    status, usage, _, stderr = run_child(command, dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=python_path))
     match = re.search(r"^done: .*?([\d.]+) images/s while encoding", stderr, re.MULTILINE)
-    if process.returncode != 0 or match is None:
-        raise RuntimeError(f"the end-to-end run failed (exit {process.returncode}):\n{stderr}")
+    if status != 0 or match is None:
+        raise RuntimeError(f"the end-to-end run failed (exit {status}):\n{stderr}")
     return float(match.group(1)), usage.ru_maxrss / 1024, Path(output_dir)
+
+
+def run_child(command, env=None, timeout=CHILD_TIMEOUT):
+    """Run `command` to its end: (exit status, its resource usage from wait4, stdout, stderr).
+
+    Both pipes are read while it runs, on threads: a child that writes more than a pipe holds (64 KiB:
+    one `failed:` line per broken image) would otherwise wait for ever for a reader. One that runs past
+    `timeout` seconds is killed and raised as a RuntimeError with the end of its stderr.
+    """
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    outputs = {process.stdout: [], process.stderr: []}
+    readers = [threading.Thread(target=_drain, args=(pipe, chunks), daemon=True) for pipe, chunks in outputs.items()]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + timeout
+    pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+    while pid == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+    if pid == 0:
+        process.kill()
+        _, status, usage = os.wait4(process.pid, 0)  # SIGKILL: it ends at once
+    process.returncode = os.waitstatus_to_exitcode(status)
+    # The pipes end with the child, unless a process it started (a DataLoader worker) still holds them.
+    deadline = time.monotonic() + PIPE_DRAIN_SECONDS
+    for reader in readers:
+        reader.join(max(0.0, deadline - time.monotonic()))
+    stdout, stderr = (b"".join(list(chunks)).decode(errors="replace") for chunks in outputs.values())
+    if pid == 0:
+        raise RuntimeError(f"{command[0]} {' '.join(command[1:3])} ran past {timeout:g} s and was killed; the end of "
+                           f"its stderr:\n{stderr[-4000:]}")
+    return process.returncode, usage, stdout, stderr
+
+
+def _drain(pipe, chunks):
+    """Read `pipe` into `chunks` until every writer has closed it, then close it (here: never while
+    this thread may still read its descriptor, which could by then name another file)."""
+    with pipe:
+        while chunk := os.read(pipe.fileno(), 1 << 16):
+            chunks.append(chunk)
 
 
 def flip_figures(model, input_dir, limit, batch_size, num_workers, dtype, end_to_end):

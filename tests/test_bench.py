@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,31 @@ from pyramid.bench import (
     ideal_rate,
     main,
     measure_write,
+    run_child,
     write_levers,
     write_regime,
     write_synthetic_faces,
     write_table_inputs,
 )
+
+
+def test_a_child_that_prints_more_than_a_pipe_holds_is_read_to_its_end():
+    # One `failed:` line per broken image, far more than the 64 KiB a pipe holds, on both pipes.
+    script = ("import resource, sys\n"
+              "sys.stdout.write('x' * 300_000 + '\\n')\n"
+              "sys.stderr.write(''.join(f'failed: image{i}.png: truncated\\n' for i in range(20_000)))\n"
+              "bytearray(50 << 20)\n"  # a peak RSS wait4 must report
+              "sys.exit(3)\n")
+    started = time.monotonic()
+    status, usage, stdout, stderr = run_child([sys.executable, "-c", script], timeout=60)
+    assert time.monotonic() - started < 30
+    assert status == 3 and stdout == "x" * 300_000 + "\n"
+    assert stderr.count("failed: ") == 20_000 and stderr.endswith("failed: image19999.png: truncated\n")
+    assert usage.ru_maxrss > 50 << 10  # KiB: the child's own, not this process's children's sum
+    with pytest.raises(RuntimeError, match="ran past 0.5 s and was killed; the end of its stderr:\nstarted"):
+        run_child([sys.executable, "-c", "import sys, time; print('started', file=sys.stderr, flush=True); "
+                   "time.sleep(60)"], timeout=0.5)
+    assert time.monotonic() - started < 30
 
 
 def test_ideal_rate_overlaps_on_gpu_and_adds_up_on_cpu():
