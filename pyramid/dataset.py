@@ -302,21 +302,27 @@ class PyramidDataset(Dataset):
         if reading is not None:
             reading[0] = "the CPU preload" if self.preloaded is not None else str(pack_dir(self.root))
         indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and not 0 <= indices.min() <= indices.max() < len(self.files):
+            raise IndexError(f"item indices must be in [0, {len(self.files)}), not {indices.min()} to {indices.max()}")
         positions = np.arange(len(indices))
         groups = [(self.levels, positions)] if flipped is None else [
             (self.levels, positions[~flipped]), (self._twins, positions[flipped])]
         for sources, members in groups:
             if not len(members):
                 continue
-            items = torch.from_numpy(indices[members])
             contiguous = members[-1] - members[0] + 1 == len(members)
             for level, source in zip(self.levels, sources):
-                array, target = arrays[source], torch.from_numpy(rows[level])
+                array = arrays[source]
                 if contiguous and array.device.type == "cpu":
-                    torch.index_select(array, 0, items, out=target[members[0]:members[-1] + 1])
+                    # numpy's take, over the rows' bytes: one copy per row like index_select, but never
+                    # on torch's intra-op threads, which spin for CPU time on a busy machine and would
+                    # multiply under the loader's own reading threads. mode="clip": checked above, and
+                    # take's default buffers `out`.
+                    np.take(_row_bytes(array), indices[members], axis=0, mode="clip",
+                            out=_row_bytes(rows[level][members[0]:members[-1] + 1]))
                 else:
-                    gathered = array.index_select(0, items.to(array.device)).cpu()
-                    target.index_copy_(0, torch.from_numpy(members), gathered)
+                    gathered = array.index_select(0, torch.from_numpy(indices[members]).to(array.device)).cpu()
+                    torch.from_numpy(rows[level]).index_copy_(0, torch.from_numpy(members), gathered)
 
     def _normalize(self, batch, flipped):
         """Normalise `batch` {level: (B, s*s, D) tensor} in place, each row by the statistics of the level
@@ -426,6 +432,14 @@ class PyramidDataset(Dataset):
                 for level, source in zip(self.levels, self._twins if twin else self.levels):
                     preloaded[source][start:end].copy_(rows[level])
         self.preloaded, self.source = preloaded, "preload"
+
+
+def _row_bytes(array):
+    """The bytes of each row of a C-contiguous numpy array or CPU tensor (N, ...), as a uint8 numpy array
+    (N, bytes per row): a gather the same for every dtype, those numpy lacks (bfloat16) included."""
+    if isinstance(array, torch.Tensor):
+        array = array.view(torch.uint8).numpy()
+    return array.reshape(len(array), math.prod(array.shape[1:])).view(np.uint8)
 
 
 def _naming(error, path):

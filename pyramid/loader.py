@@ -17,6 +17,7 @@ naming its file, and a pass left early ends its threads.
 """
 
 import contextlib
+import math
 import queue
 import sys
 import threading
@@ -29,6 +30,7 @@ from pyramid.reader import READ_TIMEOUT, ReadThreads
 from pyramid.team import cpus_per_process
 
 PREFETCH = 2  # batches read ahead of the one in use
+BATCH_DTYPE = torch.float32  # what batches hold, whatever the files store
 MAX_WORKERS = 4  # threads reading one batch by default: enough to keep a server's memory busy
 # A part of a gathered batch smaller than this is not worth a thread's hand-over: the pack's and a
 # preload's batches are split in parts of at least this many bytes.
@@ -242,7 +244,7 @@ class PyramidLoader:
         are each worth a hand-over."""
         if self.dataset.source == "files":
             return self.workers
-        batch_bytes = self.batch_size * sum(int(np.prod(shape)) for shape in shapes.values()) * 4
+        batch_bytes = self.batch_size * sum(math.prod(shape) for shape in shapes.values()) * BATCH_DTYPE.itemsize
         return max(1, min(self.workers, batch_bytes // MIN_GATHER_PART_BYTES))
 
 
@@ -343,6 +345,10 @@ class _BatchReader:
 
     def __init__(self, dataset, parts, normalize, reading):
         self.dataset, self.parts, self.normalize, self.reading = dataset, parts, normalize, reading
+        # Torch's elementwise ops run on its own intra-op threads when it has more than one: called from
+        # several threads at once, each call would start a team of its own. Then the whole batch is
+        # normalised once, on the reading thread.
+        self.normalize_parts = normalize and torch.get_num_threads() == 1
 
     def read(self, buffer, indices, flipped, threads, stop):
         """Fill `buffer`'s first len(indices) rows; False if `stop` was set before every part was read."""
@@ -357,16 +363,20 @@ class _BatchReader:
                 if stop.is_set():
                     return False
             call.outcome()
+        if self.normalize and not self.normalize_parts:
+            self.dataset._normalize({level: torch.from_numpy(array[:count]) for level, array in buffer.arrays.items()},
+                                    flipped)
         return True
 
     def read_part(self, buffer, indices, flipped, start, end, part):
-        """Rows [start, end) of the batch: read, then normalised where the batch is used on the CPU (rows
-        are normalised on their own, so a part gives the values the whole batch would)."""
+        """Rows [start, end) of the batch: read, then normalised where the batch is used on the CPU and
+        torch runs on one thread (rows are normalised on their own, so a part gives the values the whole
+        batch would)."""
         rows = {level: array[start:end] for level, array in buffer.arrays.items()}
         flipped = None if flipped is None else flipped[start:end]
         reading = self.reading[part]
         self.dataset._read_rows(indices[start:end], flipped, rows, reading)
-        if self.normalize:
+        if self.normalize_parts:
             self.dataset._normalize({level: torch.from_numpy(array) for level, array in rows.items()}, flipped)
         reading[0] = None
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import pyramid.dataset
+import pyramid.loader
 import pyramid.team
 from conftest import REPO
 from pyramid import PyramidDataset
@@ -171,6 +172,31 @@ def test_normalize_and_flips_through_the_loader_are_the_items(tree, source, devi
     again = next(iter(another.loader(6, shuffle=True, seed=1)))
     first = next(iter(data.loader(6, shuffle=True, seed=1)))
     assert first["name"] == again["name"] and all(torch.equal(first[level], again[level]) for level in levels)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("torch_threads", [1, 2])
+def test_batches_read_in_parts_are_the_items(tree, source, torch_threads, monkeypatch):
+    # Each batch's rows in three parts on three threads, normalised in the parts (torch on one thread)
+    # or once on the reading thread: the same values either way.
+    levels = ["16x16", "2x2"]
+    data = dataset(tree, source, levels=levels, normalize=True, flip="random")
+    items = {item["name"]: item for item in reference(tree, levels, normalize=True)}
+    twins = {item["name"]: item for item in reference(tree, [f"flip/{level}" for level in levels], normalize=True)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        monkeypatch.setattr(pyramid.loader, "MIN_GATHER_PART_BYTES", 1)  # the small rows split too
+        loader = data.loader(7, shuffle=True, seed=4).set_reading(workers=3)
+        assert loader._parts(data._shapes) == 3
+        flipped = loader.plan(0)[1]
+        start = 0
+        for batch in loader:
+            assert_batch_is_items(batch, items, levels, twins, flipped[start:start + len(batch["name"])])
+            start += len(batch["name"])
+        assert start == COUNT
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_preload_holds_only_the_levels_asked_for_and_serves_from_memory(tree, tmp_path):
