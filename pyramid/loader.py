@@ -36,6 +36,9 @@ MAX_WORKERS = 4  # threads reading one batch by default: enough to keep a server
 # preload's batches are split in parts of at least this many bytes.
 MIN_GATHER_PART_BYTES = 1 << 20
 POLL_SECONDS = 0.1  # how often a waiting thread looks at whether its peer is still there
+# How long a pass that ends waits for its threads' reads in flight; a slower read (a hung file system)
+# ends its thread by itself when it returns.
+JOIN_SECONDS = 10.0
 _END = object()  # what the reading thread puts after the last batch
 
 
@@ -100,7 +103,7 @@ class PyramidLoader:
             raise ValueError(f"workers must be a positive integer or None, not {workers!r}.")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}.")
-        self.workers = min(MAX_WORKERS, cpus_per_process()) if workers is None else workers
+        self.workers = default_workers() if workers is None else workers
         self.timeout = float(timeout)
         return self
 
@@ -212,7 +215,11 @@ class PyramidLoader:
         try:
             ahead = None  # with a device: the batch to hand over next, while the copy of the one after is under way
             while True:
-                item, stuck = _next_batch(ready, reader, self.timeout, reading)
+                try:
+                    item = _next_batch(ready, reader, self.timeout, reading)
+                except TimeoutError:
+                    stuck = True
+                    raise
                 if item is _END:
                     break
                 if isinstance(item, BaseException):
@@ -236,7 +243,7 @@ class PyramidLoader:
             stop.set()
             # A reader that is not stuck ends within one read of its part of a batch; a stuck one ends
             # when its read returns, by itself.
-            reader.join(0 if stuck else self.timeout)
+            reader.join(0 if stuck else min(self.timeout, JOIN_SECONDS))
 
     def _parts(self, shapes):
         """Into how many parts (one per reading thread) each batch's rows are split: every thread for
@@ -248,26 +255,32 @@ class PyramidLoader:
         return max(1, min(self.workers, batch_bytes // MIN_GATHER_PART_BYTES))
 
 
+def default_workers():
+    """Threads that read each batch by default: up to MAX_WORKERS, within this process's share of the CPUs."""
+    return min(MAX_WORKERS, cpus_per_process())
+
+
 def _next_batch(ready, reader, timeout, reading):
-    """(the reading thread's next item, False): waits at most `timeout` seconds, and only while the
-    reading thread lives; raises TimeoutError naming the files still being read when it has handed
-    nothing over for that long."""
+    """The reading thread's next item: waits at most `timeout` seconds, and only while the reading
+    thread lives; raises TimeoutError naming the files still being read when it has handed nothing
+    over for that long."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return ready.get(timeout=POLL_SECONDS), False
+            return ready.get(timeout=POLL_SECONDS)
         except queue.Empty:
             pass
         if not reader.is_alive():
             try:  # it may have handed its last item over just before ending
-                return ready.get_nowait(), False
+                return ready.get_nowait()
             except queue.Empty:
                 raise RuntimeError("the loader's reading thread ended without a batch or an error; "
                                    "iterate over the loader again to read this epoch anew") from None
         if time.monotonic() > deadline:
             stuck = [slot[0] for slot in reading if slot[0] is not None]
             raise TimeoutError(f"no batch in {timeout:g} s: reading {', '.join(map(str, stuck)) or 'a batch'} "
-                               f"has not returned; is its file system hung? (timeout= sets this wait)")
+                               f"has not returned; is its file system hung? (loader.set_reading(timeout=) sets "
+                               f"this wait)")
 
 
 class _Buffer:
@@ -398,7 +411,7 @@ def _read_batches(reader, batches, pool, ready, stop, timeout):
     except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
         _put(ready, error, stop)
     finally:
-        threads.close(wait=timeout)
+        threads.close(wait=min(timeout, JOIN_SECONDS))
 
 
 class _Copier:

@@ -31,6 +31,7 @@ from pyramid.dataset import PyramidDataset
 from pyramid.encoder import ModelInfo
 from pyramid.exits import UsageError
 from pyramid.levels import build_pyramid, split_pyramids, split_twins
+from pyramid.loader import default_workers
 from pyramid.manifest import build_manifest, write_manifest
 from pyramid.pack import build_pack
 from pyramid.tree import available_levels, current_pack, item_name, pack_dir, pack_level_path, tree_state
@@ -182,7 +183,8 @@ def format_reader_table(figures):
     header = (f"{figures['items']} items of {figures['files']} files ({figures['file_mb']:.2f} MB each, levels "
               f"{figures['levels']}), median of {figures['rounds']} interleaved rounds; pack built in "
               f"{figures['pack_seconds']:.1f} s, {figures['pack_gb']:.2f} GB; CPU preload in "
-              f"{figures['preload_seconds']:.1f} s; load average {figures['load_average']}")
+              f"{figures['preload_seconds']:.1f} s; dataset.loader reads each batch on {figures['loader_workers']} "
+              f"threads; load average {figures['load_average']}")
     rows = figures["rows"]
     raw = rows["raw read(), files"][0]
     width = max(len(name) for name in rows) + 2
@@ -233,6 +235,7 @@ def reader_main(args):
         figures = {"files": len(records), "items": min(args.reader_items, len(records)), "rounds": args.rounds,
                    "file_mb": np.mean([entry[1] for entry in records]) / 1e6, "levels": len(levels),
                    "pack_seconds": pack_seconds, "pack_gb": pack_gb, "preload_seconds": preload_seconds,
+                   "loader_workers": default_workers(),
                    "load_average": " ".join(f"{load:.1f}" for load in os.getloadavg()), "rows": rows}
     finally:
         if scratch is not None:

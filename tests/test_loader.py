@@ -296,9 +296,10 @@ def test_a_damaged_file_is_raised_naming_it_and_the_threads_end(tree, tmp_path):
     assert threading.active_count() == threads  # the reading thread and its helpers are gone
 
 
-def test_a_read_that_raises_or_never_returns_is_raised_within_the_timeout(tree, monkeypatch):
+@pytest.mark.parametrize("stuck_item", [28, 31])  # in the reading thread's own part of the batch, in a helper's
+def test_a_read_that_raises_or_never_returns_is_raised_within_the_timeout(tree, monkeypatch, stuck_item):
     data = PyramidDataset(tree, levels=["4x4"], pack=False)
-    broken, stuck = data._paths[20], data._paths[30]
+    broken, stuck = data._paths[20], data._paths[stuck_item]
     failing, release = [True], threading.Event()
     read_pyramid = pyramid.dataset.read_pyramid
 
@@ -321,7 +322,7 @@ def test_a_read_that_raises_or_never_returns_is_raised_within_the_timeout(tree, 
     with pytest.raises(TimeoutError, match=f"no batch in 0.5 s: reading {stuck} has not returned"):
         for batch in loader.__iter__():
             served += batch["name"]
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 5
     assert served == data.names[:28]  # up to the batch of the stuck file, each batch whole
     assert threading.active_count() > threads  # the stuck read holds its thread ...
     release.set()  # ... until it returns, and then its thread ends, and the reading thread with it
