@@ -75,7 +75,8 @@ def local_weights_digest(directory):
 HUB_PROBE_SECONDS = 10
 
 
-def _first_line(error):
+def first_line(error):
+    """The first line of an error's message, or its type's name when it has none."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -105,11 +106,11 @@ def _hub_model_error(name):
     try:
         HfApi().model_info(name, timeout=HUB_PROBE_SECONDS)
     except (RepositoryNotFoundError, GatedRepoError) as error:
-        return ModelError(f"the hub has no model {name!r} that you may read ({_first_line(error)}); check the id, "
+        return ModelError(f"the hub has no model {name!r} that you may read ({first_line(error)}); check the id, "
                           f"or log in (hf auth login) for a private or gated one")
     except Exception as error:  # DNS, refused, timeout, proxy: all mean "not reachable from here"
         return ModelError(f"model {name!r} is not in the HF cache ({cache}) and the hub "
-                          f"({constants.ENDPOINT}) could not be reached ({_first_line(error)}); check the id and "
+                          f"({constants.ENDPOINT}) could not be reached ({first_line(error)}); check the id and "
                           f"the network, or pass a local save_pretrained directory (HF_HUB_OFFLINE=1 uses the "
                           f"cache alone)")
     return None
@@ -168,7 +169,7 @@ def load_model_info(name):
     except ModelError:
         raise
     except Exception as error:  # hub, network, missing file and JSON errors all mean "cannot load"
-        raise ModelError(f"cannot load model {name!r}: {_first_line(error)}") from error
+        raise ModelError(f"cannot load model {name!r}: {first_line(error)}") from error
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"model {name!r} is a {config.model_type!r}; this tool extracts DINOv2 "
                          f"(with or without registers)")
@@ -239,6 +240,10 @@ class Encoder:
         hidden = self._forward(pixels.to(self.dtype))  # (B, 1+R+G*G, D)
         return strip_special_tokens(hidden, self.info.num_register_tokens).to(torch.float32)  # (B, G*G, D)
 
+    def reset_padding(self):
+        """Pad no batch past the next one's length: after an out-of-memory error the batch is smaller."""
+        self._rows = 0
+
     def _forward(self, pixels):
         if self.compiled is None:
             return self.model(pixel_values=pixels).last_hidden_state
@@ -251,7 +256,7 @@ class Encoder:
         except Exception as error:  # the compiler's own errors: no C++ compiler, no Triton, an unsupported op
             self.compiled = None
             self.compile_failure = (f"warning: --compile: the model cannot be compiled here "
-                                    f"({type(error).__name__}: {_first_line(error)[:200]}); it runs uncompiled")
+                                    f"({type(error).__name__}: {first_line(error)[:200]}); it runs uncompiled")
             if self._warn is not None:
                 self._warn(self.compile_failure)
             return self.model(pixel_values=pixels).last_hidden_state

@@ -6,6 +6,9 @@ OK = 0
 WRITE_ERROR = 1
 USAGE = 2
 IMAGES_FAILED = 3
+# The run ended with images of its to-do list neither written nor recorded failures: a process raised an
+# error, got stuck (--stall_timeout) or was killed. A rerun finishes them.
+INCOMPLETE = 4
 BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 

@@ -61,6 +61,10 @@ def get_args_parser():
     parser.add_argument("--fsync", action="store_true",
                         help="flush each file and its directory entry to disk before counting it done, so "
                              "files survive a node crash or power loss too (slower; see docs/scale.md)")
+    parser.add_argument("--stall_timeout", type=float, default=DEFAULTS.stall_timeout, metavar="SECONDS",
+                        help="a process that finishes no batch for this long (loading and compiling the model not "
+                             "counted) writes every thread's stack to its log and exits with status 4; the run "
+                             "says so and records it (default: 900, 15 minutes)")
     return parser
 
 
@@ -78,6 +82,8 @@ def check_args(args):
     for name in ("batch_size", "limit", "max_pixels"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if not args.stall_timeout > 0:
+        raise UsageError(f"--stall_timeout must be more than 0 seconds, not {args.stall_timeout:g}")
     if args.num_workers is not None and args.num_workers < 0:
         raise UsageError(f"--num_workers must be 0 or more, not {args.num_workers}")
     if args.max_pixels is None:  # Pillow's own limit (decode.pillow_pixel_limit, which loads torch)

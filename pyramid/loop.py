@@ -7,18 +7,23 @@ the main process plans and every process claims chunks of the to-do list until n
 import functools
 import os
 import signal
+import socket
+import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers.image_processing_utils  # noqa: F401 - the shared plan holds the image processor: unpickled by it
 from accelerate import PartialState
+from accelerate.utils import release_memory
+from accelerate.utils.memory import should_reduce_batch_size
 
 from pyramid import exits
 from pyramid.chunks import CLAIM_KEY, ChunkSampler, chunk_size_for
 from pyramid.decode import DecoderMissing, Preprocess, decoders, image_loader, pixel_pipeline
-from pyramid.encoder import DTYPES, Encoder, HostCopies, ModelError, load_model_info, resolve_dtype
+from pyramid.encoder import DTYPES, Encoder, HostCopies, ModelError, first_line, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
 from pyramid.levels import build_pyramid, finite_images, split_twins
 from pyramid.lock import OutputLock
@@ -36,6 +41,7 @@ from pyramid.runs import append_run, new_run_id, now_iso
 from pyramid.stopping import StopNow, StopSignals, stop_with_launcher
 from pyramid.team import Team
 from pyramid.tree import FAILURES_NAME, MANIFEST_NAME, RUNS_NAME
+from pyramid.watchdog import BACKSTOP_SECONDS, Watchdog
 from pyramid.writer import Writer, default_writer_threads, record_failure
 
 FINITE_KEY = "finite"  # the per-image flags, copied to the host with the levels
@@ -55,7 +61,7 @@ def run(settings, stages=Stages()):
     the exit status; the main process appends the run's line to runs.jsonl, also when stopped by a signal."""
     extraction = Extraction(settings, stages)
     try:
-        with extraction.signals:
+        with extraction.watchdog, extraction.signals:
             stop_with_launcher()
             try:
                 extraction.record["status"] = extraction.run()
@@ -64,6 +70,8 @@ def run(settings, stages=Stages()):
                     log("stopped at once by a second Ctrl-C; every file handed to the writer is complete, "
                         "rerun the same command to finish")
                 extraction.record["status"] = exits.BY_SIGNAL[signal.SIGINT]
+            except Exception as error:  # anything unforeseen, in planning or at the end: said and recorded
+                extraction.record["status"] = extraction.fail(error)
         return extraction.record["status"]
     finally:
         extraction.lock.release()
@@ -78,6 +86,7 @@ class Tally:
     def __init__(self):
         self.writer = None
         self.unreadable = 0  # images the decoder could not read
+        self.too_large = 0  # images that do not fit in the device's memory even alone
         self.published = 0
         self.peer_stopped = False
         self.encoding_started = None  # after the model loaded: the rate in the summary excludes start-up
@@ -88,8 +97,9 @@ class Tally:
 
     @property
     def failed(self):
-        """Recorded failures: unreadable images, and images whose features came out non-finite."""
-        return self.unreadable + (self.writer.non_finite if self.writer is not None else 0)
+        """Recorded failures: unreadable images, images too large for the device's memory, and images whose
+        features came out non-finite."""
+        return self.unreadable + self.too_large + (self.writer.non_finite if self.writer is not None else 0)
 
     @property
     def done(self):
@@ -116,6 +126,14 @@ class Extraction:
         self.progress = None  # the bar, on the main process
         self.tally = Tally()
         self.preprocess = self.encoder = self.copies = None
+        self.rows = self.batch_size  # images per forward pass: halved on each out-of-memory error
+        self.where = f"process {self.team.rank} on {socket.gethostname()}: " if self.team.world_size > 1 else ""
+        self.watchdog = Watchdog(settings.stall_timeout, self.give_up, where=self.where,
+                                 reacted=lambda: self.signals.signum is not None)
+        self._once = threading.Lock()  # the main thread and the watchdog's: counts and the record go once
+        self._counted = self._recorded = False
+        self._publishing = threading.Lock()
+        self.gone = []  # the peers the end wait gave up on
 
     # ----------------------------------------------------------------------------- the steps, in order
 
@@ -136,9 +154,12 @@ class Extraction:
         except OSError as error:
             log(f"error: {error}", self.progress)
             status = exits.WRITE_ERROR
-        finally:
-            status = self.finish(status)
-        return self.conclude(status)
+        except Exception as error:  # leave at once: the launcher then stops (or restarts) the team
+            return self.fail(error)
+        except BaseException:  # StopNow: a second Ctrl-C; the files handed over and the counts still count
+            self.finish(status)
+            raise
+        return self.conclude(self.finish(status))
 
     def share_plan(self):
         """The main process plans (takes the lock, loads the model's config, lists the work); every process
@@ -198,54 +219,100 @@ class Extraction:
     def encode_share(self):
         """Decode, encode and pool the chunks of the to-do list this process claims, handing the pyramids
         to the writer. Claims go through the team's store as the loader asks for more: no collectives."""
-        todo, team, tally, flip = self.plan.todo, self.team, self.tally, self.settings.flip
+        todo, team, tally = self.plan.todo, self.team, self.tally
         sampler = ChunkSampler(len(todo), chunk_size_for(len(todo), team.world_size),
                                lambda: team.add(CLAIM_KEY) - 1)
         loader = image_loader(self.settings.input_dir, todo, self.preprocess, self.batch_size, self.num_workers,
                               pin_memory=self.device.type == "cuda", sampler=sampler,
                               max_pixels=self.settings.max_pixels)
-        parts = 2 if flip else 1
+        if not self.settings.compile:  # compiling happens in the first batch: the clock starts after it
+            self.watchdog.arm()
         for indices, pixels, failures in loader:
             for index, message in failures:
                 self.record_failure(todo[index], message)
                 tally.unreadable += 1
             if pixels is not None:
-                levels = build_pyramid(self.encoder(pixels), self.encoder.info.grid_size)  # {"16x16": (B, 256, D), ...}
-                # Checked on the device and read by the writer once the copy is there: the loop never waits.
-                finite = finite_images(levels).view(parts, -1).T.contiguous()  # (B, parts) bool: image, mirror
-                if flip:  # one forward pass of the B images and their B mirrors
-                    levels = split_twins(levels)  # {"16x16": (B, 256, D), ..., "flip/16x16": (B, 256, D), ...}
-                # Copied to the host on the side while the next batch computes; the writer waits, not us.
-                host, ready, release = self.copies.start({**levels, FINITE_KEY: finite})
-                finite = host.pop(FINITE_KEY)
-                images = [todo[i] for i in indices.tolist()]
-                with self.signals.deferred():  # a queue hand-over: no StopNow inside it (stopping.py)
-                    tally.writer.submit_batch([output_path_for(image) for image in images], host, ready=ready,
-                                              release=release, finite=finite,
-                                              on_non_finite=functools.partial(self.report_non_finite, images))
+                self.encode_batch([todo[i] for i in indices.tolist()], pixels)
+            self.watchdog.beat()
             if self.signals.signum is not None:
                 team.request_stop()
                 return
             if tally.peer_stopped:
                 return
 
+    def encode_batch(self, images, pixels):
+        """Encode and pool the batch of `images` in forward passes of at most `self.rows` images, handing
+        each pass's pyramids to the writer. Out of memory, the pass is retried in halves and the run goes
+        on at the smaller size, said once; an image that does not fit alone is a recorded failure."""
+        parts = 2 if self.settings.flip else 1
+        count, start = len(images), 0
+        while start < count:
+            rows = min(self.rows, count - start)
+            out_of_memory = None
+            try:
+                levels, finite = self.compute(_rows_of(pixels, parts, count, start, rows))
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                out_of_memory = f"{type(error).__name__}: {first_line(error)[:300]}"
+            if out_of_memory is None:
+                self.hand_over(images[start:start + rows], levels, finite)
+                start += rows
+                continue
+            # Outside the except block: its traceback no longer holds the failed pass's tensors.
+            levels = finite = None
+            release_memory()  # gc, then the device's cache back to the driver (accelerate)
+            if rows == 1:
+                self.record_failure(images[start], f"out of {self.memory_name()} even alone (batch 1), computed "
+                                                   f"in {DTYPE_NAMES[self.encoder.dtype]}: {out_of_memory}; it needs "
+                                                   f"a device with more free memory")
+                self.tally.too_large += 1
+                start += 1
+                continue
+            self.rows = rows // 2
+            self.encoder.reset_padding()  # --compile pads to the longest batch seen: not past the new size
+            self.note(f"out of {self.memory_name()} at batch {rows}; going on at batch {self.rows}")
+
+    def compute(self, pixels):
+        """One forward pass: the levels {"16x16": (B, 256, D), ...} on the device, and the (B, parts) finite flags."""
+        parts = 2 if self.settings.flip else 1
+        levels = build_pyramid(self.encoder(pixels), self.encoder.info.grid_size)  # {"16x16": (B, 256, D), ...}
+        # Checked on the device and read by the writer once the copy is there: the loop never waits.
+        finite = finite_images(levels).view(parts, -1).T.contiguous()  # (B, parts) bool: image, mirror
+        if parts == 2:  # one forward pass of the B images and their B mirrors
+            levels = split_twins(levels)  # {"16x16": (B, 256, D), ..., "flip/16x16": (B, 256, D), ...}
+        return levels, finite
+
+    def hand_over(self, images, levels, finite):
+        """Copy the pyramids of `images` to the host on the side, while the next pass computes, and queue
+        them for the writer, which waits for the copy, not us."""
+        host, ready, release = self.copies.start({**levels, FINITE_KEY: finite})
+        finite = host.pop(FINITE_KEY)
+        with self.signals.deferred():  # a queue hand-over: no StopNow inside it (stopping.py)
+            self.tally.writer.submit_batch([output_path_for(image) for image in images], host, ready=ready,
+                                           release=release, finite=finite,
+                                           on_non_finite=functools.partial(self.report_non_finite, images))
+
+    def memory_name(self):
+        return "GPU memory" if self.device.type == "cuda" else "memory"
+
     def finish(self, status):
         """Wait for the writer's last files, add this process's counts to the team's, wait (a while) for
         the other processes; returns the status, a write error included."""
-        team, tally = self.team, self.tally
+        team = self.team
         status = self.close_writer(status)
+        self.watchdog.pause()  # waiting for the others has bounds of its own
         team.stop_heartbeat()
-        self.publish_progress(None)
-        team.add("written", tally.written)
-        team.add("failed", tally.failed)
-        if status == exits.WRITE_ERROR:
-            team.add("write_errors")
+        self.count_into_team(write_error=status == exits.WRITE_ERROR)
         self.count_into_record()
-        # A second Ctrl-C waits for nobody: the launcher, or the user, is ending the run now.
-        gone = [] if self.signals.at_once else team.finish(on_wait=self.update_bar,
-                                                           stopping=lambda: self.signals.signum is not None)
+        # A second Ctrl-C waits for nobody: the launcher, or the user, is ending the run now. A peer that
+        # finishes no batch for longer than its own --stall_timeout would have allowed it is stuck.
+        gone = [] if self.signals.at_once else team.finish(
+            on_wait=self.update_bar, stopping=lambda: self.signals.signum is not None,
+            idle_after=self.settings.stall_timeout + BACKSTOP_SECONDS)
         self.count_into_record()  # now with every process's counts
         if gone and team.is_main:
+            self.gone = gone
             log(f"warning: process(es) {gone} stopped answering; their share may be unfinished, "
                 f"rerun to complete it")
         if self.progress is not None:
@@ -262,29 +329,129 @@ class Extraction:
         stopped = stopped and not self.all_done()
         if stopped and status == exits.OK:
             status = exits.BY_SIGNAL.get(self.signals.signum, exits.BY_SIGNAL[signal.SIGTERM])
-        failed = team.add("failed", 0) if team.is_main else tally.failed
-        if team.is_main and status == exits.OK and team.add("write_errors", 0):
+        if not team.is_main:
+            return exits.IMAGES_FAILED if tally.failed and status == exits.OK else status
+        if status == exits.OK and team.add("write_errors", 0):
             status = exits.WRITE_ERROR  # another process said which file it could not write
-        if team.is_main:
-            finished = time.monotonic()
-            encoding_seconds = finished - (tally.encoding_started or finished)
-            _print_summary(team.add("written", 0), self.plan.skipped, failed, finished - self.started,
-                           encoding_seconds, Path(self.settings.output_dir) / FAILURES_NAME, stopped,
-                           self.record["per_process"])
-        if failed and status == exits.OK:
+        errors = team.posts("errors")
+        undone = self.undone()
+        if errors and status not in (exits.USAGE, exits.WRITE_ERROR):
+            status = exits.INCOMPLETE  # a process failed: the launcher's SIGTERM to this one is its echo
+            self.record["error"] = errors[0]
+        elif undone and status == exits.OK:
+            status = exits.INCOMPLETE
+            self.record["error"] = (f"process(es) {self.gone} stopped answering" if self.gone
+                                    else "a process ended without finishing its share (killed?)")
+        if status == exits.OK and team.add("failed", 0):
             status = exits.IMAGES_FAILED
+        self.say_summary(status)
         return status
 
+    def say_summary(self, status):
+        """The summary on the main process: `done:` only when every image of the to-do list is written or a
+        recorded failure; else how many are not, why, and that a rerun finishes them."""
+        team, tally = self.team, self.tally
+        finished = time.monotonic()
+        encoding_seconds = finished - (tally.encoding_started or finished)
+        undone = self.undone()
+        _print_summary(team.add("written", 0), self.plan.skipped, team.add("failed", 0), finished - self.started,
+                       encoding_seconds, Path(self.settings.output_dir) / FAILURES_NAME, undone,
+                       self.record["per_process"])
+        if undone or status in exits.BY_SIGNAL.values():
+            why = "stopped before the end" if status in exits.BY_SIGNAL.values() and "error" not in self.record \
+                else f"ended early: {self.record.get('error', 'a process ended without finishing its share')}"
+            log(f"{why}; rerun the same command to finish" + (f" the {undone} images not done" if undone else ""))
+
+    def fail(self, error):
+        """Any error but a model's or a write's: said at once in one line naming this process, its traceback
+        in the log; this process's counts go to the team and it leaves without waiting for the others, so
+        the launcher can act. Returns exits.INCOMPLETE."""
+        self.watchdog.pause()
+        line = f"{self.where}{type(error).__name__}: {first_line(error)}"
+        log(f"error: {line}", self.progress)
+        traceback.print_exception(error)
+        try:
+            self.close_writer(exits.OK)  # the files handed over are finished; a write error is said there
+        except Exception:
+            pass
+        self.team.stop_heartbeat()
+        self.leave(line)
+        if self.progress is not None:
+            self.progress.close()
+        if self.team.is_main and self.tally.encoding_started is not None:
+            self.say_summary(exits.INCOMPLETE)
+        return exits.INCOMPLETE
+
+    def give_up(self, message, status):
+        """The watchdog's end of this process (on its thread): the main thread is stuck or has not stopped.
+        Records what it can; the watchdog then ends the process with `status`. A stop that took too long
+        is still a stop (its status is the signal's); a stuck process is the run's error."""
+        self.leave(message, error=status == exits.INCOMPLETE)
+        self.record["status"] = status
+        if self.team.is_main:
+            if self.tally.encoding_started is not None:
+                self.say_summary(status)
+            self.lock.release()
+            self.record_run()
+
+    def leave(self, line, error=True):
+        """Post this process's counts and `line` (an error, or else a note) to the team, and say it is
+        finished: nobody waits for it."""
+        try:
+            self.publish_progress(None)
+            self.count_into_team()
+            self.team.post("errors" if error else "notes", line)
+        except Exception:  # the store is gone with the main process: nobody is left to read it
+            pass
+        self.team.leave()
+        if error:
+            self.record.setdefault("error", line)
+        else:  # kept where the store is gone; else the notes read back from the team include it
+            self.record["notes"] = [*self.record.get("notes", []), line]
+        self.count_into_record()
+
+    def note(self, text):
+        """A change the run made to go on (a smaller batch): said by this process, recorded by the main one."""
+        log(f"note: {self.where}{text}", self.progress)
+        try:
+            self.team.post("notes", f"{self.where}{text}")
+        except Exception:
+            pass
+
+    def undone(self):
+        """Images of the to-do list neither written nor recorded failures, by every process's counts."""
+        try:
+            return max(0, len(self.plan.todo) - self.team.add("written", 0) - self.team.add("failed", 0))
+        except Exception:
+            return len(self.plan.todo)
+
+    def count_into_team(self, write_error=False):
+        """Add this process's counts to the team's, once (the main thread or the watchdog's)."""
+        with self._once:
+            if self._counted:
+                return
+            self._counted = True
+        self.publish_progress(None)
+        self.team.add("written", self.tally.written)
+        self.team.add("failed", self.tally.failed)
+        if write_error:
+            self.team.add("write_errors")
+
     def record_run(self):
-        """The main process appends the run's line to runs.jsonl; a process exiting non-zero waits (a while)
-        for that line first: a launcher that sees a process fail SIGTERMs the others, the main one too."""
+        """The main process appends the run's line to runs.jsonl, once; a process refused with the others
+        waits (a while) for that line first: a launcher that sees a process fail SIGTERMs the others, the
+        main one too. A process that failed on its own leaves at once."""
         if self.team.is_main and self.record["status"] is not None:
+            with self._once:
+                if self._recorded:
+                    return
+                self._recorded = True
             self.append_record()
             try:
                 self.team.add("recorded")
             except Exception:  # a team whose store is gone has nobody left waiting
                 pass
-        elif self.record["status"]:
+        elif self.record["status"] and self.record["status"] != exits.INCOMPLETE:
             deadline = time.monotonic() + RECORD_WAIT_SECONDS
             try:
                 while self.team.add("recorded", 0) == 0 and time.monotonic() < deadline:
@@ -333,11 +500,12 @@ class Extraction:
     def publish_progress(self, progress):
         """Add this process's newly done images to the team's count; redraw `progress` on main; see peers' stop."""
         team, tally = self.team, self.tally
-        done = tally.done
-        if done != tally.published:
-            team.add("done", done - tally.published)
-            team.add(f"done/{team.rank}", done - tally.published)
-            tally.published = done
+        with self._publishing:  # the heartbeat's thread, the main one and the watchdog's
+            done = tally.done
+            if done != tally.published:
+                team.add("done", done - tally.published)
+                team.add(f"done/{team.rank}", done - tally.published)
+                tally.published = done
         if progress is not None:
             progress.update(team.add("done", 0))
         if team.world_size > 1 and team.stop_requested():
@@ -350,9 +518,14 @@ class Extraction:
     def count_into_record(self):
         if self.team.is_main:
             team = self.team
-            self.record.update(written=team.add("written", 0), skipped=self.plan.skipped,
-                               failed=team.add("failed", 0),
-                               per_process=[team.add(f"done/{rank}", 0) for rank in range(team.world_size)])
+            try:
+                self.record.update(written=team.add("written", 0), skipped=self.plan.skipped,
+                                   failed=team.add("failed", 0),
+                                   per_process=[team.add(f"done/{rank}", 0) for rank in range(team.world_size)])
+                if notes := team.posts("notes"):
+                    self.record["notes"] = notes
+            except Exception:  # the store is gone: the counts taken before stand
+                pass
 
     def all_done(self):
         """True when the processes wrote or recorded as failed every image of the to-do list."""
@@ -390,16 +563,30 @@ def non_finite_message(dtype, flags):
                    "(NaN or inf values, a damaged download): check them or download them again")
 
 
-def _print_summary(written, skipped, failed, seconds, encoding_seconds, failures_path, stopped, per_process):
+def _rows_of(pixels, parts, count, start, rows):
+    """Rows start..start+rows of a batch of `count` images, with their mirrors where `parts` is 2: the pixels
+    hold the images, then their mirrors in the same order."""
+    if parts == 1:
+        return pixels[start:start + rows]
+    return pixels.view(parts, count, *pixels.shape[1:])[:, start:start + rows].reshape(-1, *pixels.shape[1:])
+
+
+def is_out_of_memory(error):
+    """True for an error a smaller batch may avoid: torch's OutOfMemoryError, or what accelerate takes
+    for one (the allocators' messages, cuDNN's CUDNN_STATUS_NOT_SUPPORTED for too large an input)."""
+    return isinstance(error, torch.OutOfMemoryError) or should_reduce_batch_size(error)
+
+
+def _print_summary(written, skipped, failed, seconds, encoding_seconds, failures_path, undone, per_process):
     """The run's one summary line; images/s counts the time spent encoding, not loading the model.
-    With several processes it ends with the images each did, in rank order."""
+    With several processes it ends with the images each did, in rank order. `done:` only when no image
+    of the to-do list is left `undone`; else `not finished:` with their number."""
     # A rate of nothing ("0.00 images/s") reads as a stalled run: a run with nothing to encode says so.
     pace = f"{written / encoding_seconds:.2f} images/s while encoding" if written and encoding_seconds > 0 \
         else "nothing encoded"
     shares = f"; per process: {', '.join(map(str, per_process))}" if len(per_process) > 1 else ""
-    log(f"done: {written} written, {skipped} skipped (already there), {failed} failed "
+    head, left = ("not finished", f", {undone} not done") if undone else ("done", "")
+    log(f"{head}: {written} written, {skipped} skipped (already there), {failed} failed{left} "
         f"in {format_duration(seconds)} ({seconds:.1f} s; {pace}){shares}")
     if failed:
         log(f"the failed images are listed in {failures_path}, each with its reason; fix what it says and rerun")
-    if stopped:
-        log("stopped before the end; rerun the same command to finish")

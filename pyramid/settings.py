@@ -24,6 +24,7 @@ class Settings:
     ignore_free_space: bool = False
     compile: bool = False
     fsync: bool = False
+    stall_timeout: float = 900.0  # seconds without a finished batch before a process is taken for stuck
 
     @classmethod
     def from_args(cls, args):

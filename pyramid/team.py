@@ -1,8 +1,9 @@
 """The processes of one run and what they share, over the process group's key-value store.
 
 No collective ever runs inside the loop: the to-do list is set once by the main process and read
-by the others, counts are added to store counters, and each process beats a heartbeat counter so
-that a process waiting at the end can tell a slow peer from a dead one and never hangs.
+by the others, counts are added to store counters, and each process beats a heartbeat counter and
+publishes its done count, so that a process waiting at the end can tell a slow peer from a dead or
+stuck one and never hangs.
 """
 
 import os
@@ -18,8 +19,12 @@ HEARTBEAT_SECONDS = 1.0
 STALE_AFTER_SECONDS = 120.0
 # The same for a process that is stopping on SIGINT/SIGTERM: its launcher is tearing the team down
 # (torchrun SIGTERMs the survivors of a dead rank and SIGKILLs them 30 s later), so it waits only
-# for peers still beating, long enough to hear a few of their beats.
+# for peers still beating, long enough to hear a few of their beats...
 STOPPING_STALE_AFTER_SECONDS = 5.0
+# ... and for none, beating or not, past this long after the stop: a peer stuck with its signals
+# masked beats on (its heartbeat thread runs) but never ends, and the main process must still write
+# its runs.jsonl line well within the launcher's 30 s.
+STOPPING_WAIT_SECONDS = 15.0
 
 
 def usable_cpus():
@@ -82,10 +87,14 @@ def _cgroup_memory_left(membership=Path("/proc/self/cgroup"), hierarchy=Path("/s
 class Team:
     """Rank, world size and shared counters of the run; with no store it is a team of one."""
 
-    def __init__(self, rank=0, world_size=1, store=None):
+    def __init__(self, rank=0, world_size=1, store=None, attempt=0):
         self.rank = rank
         self.world_size = world_size
         self.store = store
+        # Keys of their own per attempt: a launcher that restarts the team (torchrun's --max_restarts)
+        # may keep its store, and the restarted team must not read the failed attempt's plan, claims
+        # and counts.
+        self.prefix = f"{KEY_PREFIX}{attempt}/"
         self._lock = threading.Lock()
         self._local = defaultdict(int)
         self._beating = None
@@ -97,7 +106,8 @@ class Team:
             return cls()
         import torch.distributed as dist
 
-        return cls(state.process_index, state.num_processes, dist.distributed_c10d._get_default_store())
+        return cls(state.process_index, state.num_processes, dist.distributed_c10d._get_default_store(),
+                   attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0))
 
     @property
     def is_main(self):
@@ -109,7 +119,7 @@ class Team:
             if self.store is None:
                 self._local[key] += amount
                 return self._local[key]
-            return self.store.add(KEY_PREFIX + key, amount)
+            return self.store.add(self.prefix + key, amount)
 
     def share(self, key, value):
         """The main process's `value` for `key`, in every process (the others' `value` is ignored)."""
@@ -117,10 +127,31 @@ class Team:
             return value
         if self.is_main:
             with self._lock:
-                self.store.set(KEY_PREFIX + key, pickle.dumps(value))
+                self.store.set(self.prefix + key, pickle.dumps(value))
             return value
         with self._lock:
-            return pickle.loads(self.store.get(KEY_PREFIX + key))
+            return pickle.loads(self.store.get(self.prefix + key))
+
+    def post(self, kind, text):
+        """Add `text` to this process's list of `kind` ("notes", "errors"), for the main process to read."""
+        number = self.add(f"{kind}/{self.rank}/count")
+        with self._lock:
+            if self.store is None:
+                self._local[f"{kind}/{self.rank}/{number}"] = text
+            else:
+                self.store.set(f"{self.prefix}{kind}/{self.rank}/{number}", text.encode())
+
+    def posts(self, kind):
+        """Every process's texts of `kind`, in rank order, each in the order posted."""
+        texts = []
+        for rank in range(self.world_size):
+            for number in range(1, self.add(f"{kind}/{rank}/count", 0) + 1):
+                with self._lock:
+                    if self.store is None:
+                        texts.append(self._local[f"{kind}/{rank}/{number}"])
+                    else:
+                        texts.append(self.store.get(f"{self.prefix}{kind}/{rank}/{number}").decode())
+        return texts
 
     def start_heartbeat(self, on_beat=None):
         """Beat every HEARTBEAT_SECONDS on a daemon thread, calling `on_beat()` each time.
@@ -162,31 +193,51 @@ class Team:
         except Exception:
             return False
 
-    def finish(self, on_wait=None, stale_after=STALE_AFTER_SECONDS, poll_seconds=0.5, stopping=None,
-               stopping_stale_after=STOPPING_STALE_AFTER_SECONDS):
+    def leave(self):
+        """Say this process is done without waiting for the others (it is exiting on an error)."""
+        try:
+            self.add(f"finished/{self.rank}")
+        except Exception:
+            pass
+
+    def finish(self, on_wait=None, stale_after=STALE_AFTER_SECONDS, idle_after=None, poll_seconds=0.5,
+               stopping=None, stopping_stale_after=STOPPING_STALE_AFTER_SECONDS,
+               stopping_wait=STOPPING_WAIT_SECONDS):
         """Say this process is done, then wait until every process is, calling `on_wait()` meanwhile.
 
         Waiting matters: a launcher that sees one process exit non-zero kills the rest, so nobody
-        leaves early. Returns the ranks given up on (heartbeat stale for `stale_after` seconds, or
-        the store gone); an empty list when all finished. Once `stopping()` is true (a signal came,
-        even during the wait), `stopping_stale_after` replaces `stale_after`.
+        leaves early. Returns the ranks given up on, an empty list when all finished: a peer whose
+        heartbeat is stale for `stale_after` seconds (dead), whose done count (`done/RANK`) has not
+        moved for `idle_after` seconds (stuck: its heartbeat thread beats on), or every peer when
+        the store is gone. Once `stopping()` is true (a signal came, even during the wait),
+        `stopping_stale_after` replaces `stale_after`, and nobody is waited for past `stopping_wait`
+        seconds after the stop was seen.
         """
         try:
             self.add(f"finished/{self.rank}")
-            last_beat, last_change = {}, {}
+            last_seen, last_change, stopped_at = {}, {}, None
             while True:
                 waiting = [r for r in range(self.world_size) if self.add(f"finished/{r}", 0) == 0]
                 if not waiting:
                     return []
                 now = time.monotonic()
                 for rank in waiting:
-                    beat = self.add(f"beat/{rank}", 0)
-                    if last_beat.get(rank) != beat:
-                        last_beat[rank], last_change[rank] = beat, now
-                limit = stopping_stale_after if stopping is not None and stopping() else stale_after
-                stale = [r for r in waiting if now - last_change[r] >= limit]
-                if stale:
-                    return stale
+                    seen = (self.add(f"beat/{rank}", 0), self.add(f"done/{rank}", 0))
+                    previous = last_seen.get(rank)
+                    if previous is None or previous[0] != seen[0]:
+                        last_change.setdefault(rank, {})["beat"] = now
+                    if previous is None or previous[1] != seen[1]:
+                        last_change.setdefault(rank, {})["done"] = now
+                    last_seen[rank] = seen
+                if stopping is not None and stopping() and stopped_at is None:
+                    stopped_at = now
+                limit = stale_after if stopped_at is None else stopping_stale_after
+                gone = [r for r in waiting if now - last_change[r]["beat"] >= limit
+                        or idle_after is not None and now - last_change[r]["done"] >= idle_after]
+                if stopped_at is not None and now - stopped_at >= stopping_wait:
+                    gone = waiting
+                if gone:
+                    return gone
                 if on_wait is not None:
                     on_wait()
                 time.sleep(poll_seconds)
