@@ -306,6 +306,9 @@ class CopyDone:
             self.event.synchronize()  # releases the GIL while it waits
 
 
+HOLDER_CHECK_SECONDS = 1.0  # how often a wait for a free buffer looks whether its holder is alive
+
+
 class HostCopies:
     """Device-to-host copies of batched pyramids that keep the GPU computing.
 
@@ -320,6 +323,9 @@ class HostCopies:
     GPU run ahead.
 
     Elsewhere the levels are already on the host: they are returned as they are, with no event.
+
+    `holder_alive`, where set, is called while `start` waits for a buffer: it raises once whoever holds
+    the buffers (the writer's threads: Writer.check_alive) is gone, so that wait never lasts for ever.
     """
 
     def __init__(self, device, batch_size, buffers=6):
@@ -329,6 +335,7 @@ class HostCopies:
         self.waits = 0  # batches that found every buffer set lent out and waited for one
         self.made = 0  # buffer sets allocated so far, at most `buffers`
         self._free = queue.Queue()  # pinned buffer sets the writer has released
+        self.holder_alive = None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._device_index = None
         if self._stream is not None:
@@ -359,11 +366,20 @@ class HostCopies:
             return self._allocate(levels)
         if self._free.empty():
             self.waits += 1
-        buffer = self._free.get()  # blocks while the writer still holds every buffer
+        buffer = self._next_free()  # waits while the writer still holds every buffer
         fits = buffer.keys() == levels.keys() and all(
             buffer[key].shape[1:] == value.shape[1:] and buffer[key].shape[0] >= value.shape[0]
             and buffer[key].dtype == value.dtype for key, value in levels.items())
         return buffer if fits else self._allocate(levels)
+
+    def _next_free(self):
+        """The next released buffer set, waiting while its holder is alive."""
+        while True:
+            try:
+                return self._free.get(timeout=HOLDER_CHECK_SECONDS)
+            except queue.Empty:
+                if self.holder_alive is not None:
+                    self.holder_alive()
 
     def _allocate(self, levels):
         return {key: torch.empty((max(self.batch_size, value.shape[0]), *value.shape[1:]), dtype=value.dtype,

@@ -214,6 +214,7 @@ class Extraction:
         self.tally.writer = self.stages.writer(settings.output_dir, threads=default_writer_threads(),
                                                fsync=settings.fsync)
         self.copies = self.stages.copies(self.encoder.device, self.batch_size)
+        self.copies.holder_alive = self.tally.writer.check_alive  # a wait for a buffer ends with the writer
         self.tally.encoding_started = time.monotonic()
 
     def encode_share(self):

@@ -227,6 +227,12 @@ def default_writer_threads():
 
 
 SERIALISERS = ("layout", "torch.save")
+# How often a wait on the writer's queue looks whether its threads are still alive.
+LIVENESS_SECONDS = 1.0
+
+
+class WriterGone(RuntimeError):
+    """The writer's threads ended without being asked to: what was queued will never be written."""
 
 
 def checked_layout(levels):
@@ -267,7 +273,7 @@ class Writer:
     layout ArchiveLayout does not reproduce; `layouts` says which). `submit_batch` blocks only when
     `max_pending` batches wait, so the memory held stays a few batches whatever the run's size. The
     first write error stops the writer; `check` raises it in the caller's thread. `close` waits for
-    every submitted file.
+    every submitted file. Neither waits on threads that are gone: WriterGone once none is left.
     """
 
     def __init__(self, output_dir, max_pending=4, threads=1, fsync=False, serialise="layout"):
@@ -284,6 +290,7 @@ class Writer:
         self._written = [0] * threads  # one counter per thread: no lock on the hot path
         self._non_finite = [0] * threads
         self._made_dirs = set()
+        self._ended = [False] * threads  # per thread: took its end marker (not ended by an error)
         self._threads = [threading.Thread(target=self._loop, args=(slot,), name=f"pyramid-writer-{slot}",
                                           daemon=True) for slot in range(threads)]
         for thread in self._threads:
@@ -309,18 +316,41 @@ class Writer:
         writer thread.
         """
         self.check()
-        self.queue.put((relative_outputs, levels, ready, release, finite, on_non_finite))
+        self._put((relative_outputs, levels, ready, release, finite, on_non_finite))
 
     def check(self):
         if self.error is not None:
             raise self.error
 
+    def check_alive(self):
+        """WriterGone when no writer thread is left to take what is queued (they ended on an error that is
+        not an Exception); the first write error instead, as `check`, where there was one."""
+        if not any(thread.is_alive() for thread in self._threads):
+            self.check()
+            raise WriterGone(f"the writer's {len(self._threads)} thread(s) ended unexpectedly; the files "
+                             f"queued for them are not written, rerun to write them")
+
+    def _put(self, item):
+        """queue.put, waiting only while a writer thread is alive to take from the queue."""
+        while True:
+            try:
+                self.queue.put(item, timeout=LIVENESS_SECONDS)
+                return
+            except queue.Full:
+                self.check_alive()
+
     def close(self):
+        """Wait for every submitted file; WriterGone where a thread ended before its end marker (its batch,
+        and any left in the queue, are not written)."""
         for _ in self._threads:
-            self.queue.put(None)
+            self._put(None)
         for thread in self._threads:
-            thread.join()
+            thread.join()  # alive until it takes its end marker, or gone already: either way it ends
         self.check()
+        lost = self._ended.count(False)
+        if lost:
+            raise WriterGone(f"{lost} of the writer's {len(self._threads)} thread(s) ended unexpectedly; the "
+                             f"files queued for them are not written, rerun to write them")
 
     def _fail(self, error):
         with self._error_lock:
@@ -328,6 +358,10 @@ class Writer:
                 self.error = error
 
     def _loop(self, slot):
+        self._serve(slot)
+        self._ended[slot] = True
+
+    def _serve(self, slot):
         while (item := self.queue.get()) is not None:
             relative_outputs, levels, ready, release, finite, on_non_finite = item
             try:

@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch
 from pyramid.levels import build_pyramid, split_pyramids, split_twins
 from pyramid.paths import is_complete_archive
 from pyramid.tree import scan_outputs
-from pyramid.writer import Writer, record_failure, save_atomic, write_atomic
+from pyramid.writer import Writer, WriterGone, record_failure, save_atomic, write_atomic
 
 
 def test_save_atomic_leaves_only_the_final_file(tmp_path):
@@ -117,6 +119,59 @@ def test_after_an_error_every_batch_is_released_and_nothing_hangs(tmp_path):
         writer.close()
     assert sorted(released) == submitted and len(submitted) < 50
     assert not (tmp_path / "blocker.pt").exists() and scan_outputs(tmp_path)[1] == []
+
+
+class DyingWriter(Writer):
+    """A writer whose threads end on their first batch, as a thread hit by an error that is not an Exception."""
+
+    def write_batch(self, slot, relative_outputs, levels):
+        raise SystemExit  # ends a thread without a word; `except Exception` does not catch it
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the threads die on purpose
+def test_a_writer_whose_threads_died_raises_instead_of_waiting_for_ever(tmp_path):
+    writer = DyingWriter(tmp_path, max_pending=1, threads=2)
+    started = time.monotonic()
+    with pytest.raises(WriterGone, match="thread"):
+        for number in range(10):  # two batches end the two threads, one fills the queue, the next waits
+            writer.submit_batch([f"{number}.pt"], build_pyramid(torch.randn(1, 4, 2), 2))
+    assert time.monotonic() - started < 10
+    with pytest.raises(WriterGone, match="ended unexpectedly"):
+        writer.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the threads die on purpose
+def test_close_says_so_when_one_of_the_threads_died(tmp_path):
+    died = threading.Event()
+
+    class OneDies(Writer):
+        def write_batch(self, slot, relative_outputs, levels):
+            if not died.is_set():
+                died.set()
+                raise SystemExit
+            super().write_batch(slot, relative_outputs, levels)
+
+    writer = OneDies(tmp_path, threads=2)
+    for number in range(4):
+        writer.submit_batch([f"{number}.pt"], build_pyramid(torch.randn(1, 4, 2), 2))
+    with pytest.raises(WriterGone, match="1 of the writer's 2 thread"):
+        writer.close()
+    assert writer.written == 3
+
+
+def test_a_wait_for_a_host_buffer_ends_when_its_holder_is_gone():
+    from pyramid.encoder import HostCopies
+
+    copies = HostCopies("cpu", batch_size=2)
+
+    def writer_gone():
+        raise WriterGone("the writer's 4 thread(s) ended unexpectedly")
+
+    copies.holder_alive = writer_gone
+    started = time.monotonic()
+    with pytest.raises(WriterGone):
+        copies._next_free()  # no buffer is ever released
+    assert time.monotonic() - started < 10
 
 
 def test_host_copies_off_cuda_hand_the_levels_through():
