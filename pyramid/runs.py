@@ -1,6 +1,7 @@
 """runs.jsonl: one JSON line per run in the output directory, for scripts a launcher hides the exit status from.
 
-    python -m pyramid.runs status OUTPUT_DIR RUN_ID    # prints that run's exit status; exit 1 if it has no line
+    python -m pyramid.runs status OUTPUT_DIR RUN_ID    # prints that run's exit status (its error, if any, on
+                                                       # stderr); exit 1 if it has no line
 """
 
 import json
@@ -65,19 +66,26 @@ def read_runs(output_dir):
     return records
 
 
-def status_of(output_dir, run_id):
-    """The exit status the last line of run `run_id` reports, or None when it has no line."""
+def record_of(output_dir, run_id):
+    """The last line of run `run_id` that has a status (a launcher's restarts append one line each), or None."""
     for record in reversed(read_runs(output_dir)):
         if record.get("run_id") == run_id and isinstance(record.get("status"), int):
-            return record["status"]
+            return record
     return None
+
+
+def status_of(output_dir, run_id):
+    """The exit status the last line of run `run_id` reports, or None when it has no line."""
+    record = record_of(output_dir, run_id)
+    return None if record is None else record["status"]
 
 
 def get_args_parser():
     parser = argument_parser(command_name("pyramid.runs"), __doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = commands.add_parser("status", formatter_class=HelpFormatter,
-                                 help="print the exit status that run RUN_ID reported; exit 1 if it has no line")
+                                 help="print the exit status that run RUN_ID reported (its last line), and its "
+                                      "error on stderr; exit 1 if it has no line")
     status.add_argument("output_dir", type=Path, help="the extractor's --output_dir")
     status.add_argument("run_id", help=f"the run's id, as ${RUN_ID_VARIABLE} named it")
     return parser
@@ -87,11 +95,13 @@ def get_args_parser():
 def main(args):
     if not args.output_dir.is_dir():
         raise UsageError(f"{args.output_dir} is not a directory; pass the extractor's --output_dir")
-    status = status_of(args.output_dir, args.run_id)
-    if status is None:
+    record = record_of(args.output_dir, args.run_id)
+    if record is None:
         print(f"no run {args.run_id!r} in {args.output_dir / RUNS_NAME}", file=sys.stderr)
         return 1
-    print(status)
+    print(record["status"])
+    if record.get("error"):
+        print(f"error: {record['error']}", file=sys.stderr)
     return exits.OK
 
 

@@ -5,10 +5,12 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from conftest import run_cli, save_tiny_dinov2, write_images
+from faulty_forward import faulty
 from pyramid.loop import non_finite_message
 from pyramid.plan import default_batch_size, default_num_workers, prune_failures
 from pyramid.tree import FAILURES_NAME
@@ -188,12 +190,15 @@ def test_non_finite_message_names_the_part_and_the_dtype_to_try():
 def test_the_summary_of_a_run_with_nothing_to_encode_gives_no_rate(tmp_path, capsys):
     from pyramid.loop import _print_summary
 
-    _print_summary(0, 64, 0, 3.2, 0.0, tmp_path / FAILURES_NAME, False, [0])
+    _print_summary(0, 64, 0, 3.2, 0.0, tmp_path / FAILURES_NAME, 0, [0])
     assert capsys.readouterr().err == ("done: 0 written, 64 skipped (already there), 0 failed in 0:00:03 "
                                        "(3.2 s; nothing encoded)\n")
-    _print_summary(10, 0, 0, 4.0, 2.0, tmp_path / FAILURES_NAME, False, [6, 4])
+    _print_summary(10, 0, 0, 4.0, 2.0, tmp_path / FAILURES_NAME, 0, [6, 4])
     assert capsys.readouterr().err == ("done: 10 written, 0 skipped (already there), 0 failed in 0:00:04 (4.0 s; "
                                        "5.00 images/s while encoding); per process: 6, 4\n")
+    _print_summary(10, 0, 0, 4.0, 2.0, tmp_path / FAILURES_NAME, 8, [6, 4])  # never "done" with images left
+    assert capsys.readouterr().err == ("not finished: 10 written, 0 skipped (already there), 0 failed, 8 not done "
+                                       "in 0:00:04 (4.0 s; 5.00 images/s while encoding); per process: 6, 4\n")
 
 
 def test_shared_memory_the_decode_workers_need():
@@ -207,3 +212,122 @@ def test_shared_memory_the_decode_workers_need():
     line = shared_memory_warning(10**6, 15, 224, shm="/")  # far more than any disk
     assert line.startswith("warning: / has ") and "15 decode workers at batch 1000000 hold up to " in line
     assert "--shm-size=" in line and "--num_workers" in line and "\n" not in line
+
+
+# --- Faults in the forward pass, put in from outside (tests/faulty_forward.py), on the run in this process ----
+
+
+def extract_in_process(input_dir, output_dir, model, *options):
+    """The extractor's run in this process (no torch import to pay); returns its exit status."""
+    from pyramid.extract import check_args, get_args_parser
+    from pyramid.loop import run
+    from pyramid.settings import Settings
+
+    args = get_args_parser().parse_args(["--input_dir", str(input_dir), "--output_dir", str(output_dir),
+                                         "--model", str(model), "--num_workers", "0", *map(str, options)])
+    check_args(args)
+    return run(Settings.from_args(args))
+
+
+def file_values(directory):
+    return {name: torch.load(directory / name, weights_only=True) for name in outputs(directory)}
+
+
+@pytest.fixture
+def faulty_model(monkeypatch):
+    """faulty_model(**faults): Dinov2Model.forward with tests/faulty_forward.py's faults, for this test."""
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Model
+
+    def put_in(**faults):
+        monkeypatch.setattr(Dinov2Model, "forward", faulty(Dinov2Model.forward, **faults))
+
+    return put_in
+
+
+def test_out_of_memory_halves_the_batch_and_writes_the_files_of_the_smaller_batch(tmp_path, tiny_model,
+                                                                                   faulty_model, capsys):
+    write_images(tmp_path / "in", 10)
+    assert extract_in_process(tmp_path / "in", tmp_path / "batch2", tiny_model, "--batch_size", 2) == 0
+    faulty_model(oom_above=2)
+    capsys.readouterr()
+    assert extract_in_process(tmp_path / "in", tmp_path / "out", tiny_model, "--batch_size", 8) == 0
+    stderr = capsys.readouterr().err
+    notes = [line for line in stderr.splitlines() if line.startswith("note:")]
+    assert notes == ["note: out of memory at batch 8; going on at batch 4",
+                     "note: out of memory at batch 4; going on at batch 2"], stderr
+    assert summary_line(stderr).startswith("done: 10 written, 0 skipped (already there), 0 failed in ")
+    record = last_run(tmp_path / "out")
+    assert (record["status"], record["written"]) == (0, 10)
+    assert record["notes"] == [line[len("note: "):] for line in notes]
+    # The files of a run at batch 2, value for value: the same images in each forward pass.
+    expected, got = file_values(tmp_path / "batch2"), file_values(tmp_path / "out")
+    assert sorted(got) == sorted(expected) and len(got) == 10
+    for name in expected:
+        assert all(torch.equal(got[name][key], expected[name][key]) for key in expected[name]), name
+
+
+def test_an_image_too_large_even_alone_is_a_recorded_failure_and_its_mirror_stays_its_own(tmp_path, tiny_model,
+                                                                                         monkeypatch, capsys):
+    """With --flip a pass holds the images and then their mirrors: a smaller pass must keep each pair."""
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Model
+
+    paths = write_images(tmp_path / "in", 6)
+    Image.new("RGB", (64, 48), "white").save(paths[2])  # the image that needs "too much memory"
+    assert extract_in_process(tmp_path / "in", tmp_path / "clean", tiny_model, "--batch_size", 4, "--flip") == 0
+    forward = Dinov2Model.forward
+
+    def out_of_memory_with_the_white_image(self, pixel_values=None, **kwargs):
+        if (pixel_values.mean(dim=(1, 2, 3)) > 1.5).any():  # white, normalised: about 2.2 on every channel
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return forward(self, pixel_values=pixel_values, **kwargs)
+
+    monkeypatch.setattr(Dinov2Model, "forward", out_of_memory_with_the_white_image)
+    capsys.readouterr()
+    assert extract_in_process(tmp_path / "in", tmp_path / "out", tiny_model, "--batch_size", 4, "--flip") == 3
+    stderr = capsys.readouterr().err
+    assert [line for line in stderr.splitlines() if line.startswith("note:")] == [
+        "note: out of memory at batch 4; going on at batch 2", "note: out of memory at batch 2; going on at batch 1"]
+    failure, = failures(tmp_path / "out")
+    assert failure["path"] == "00002.png"
+    assert failure["error"].startswith("out of memory even alone (batch 1), computed in fp32: OutOfMemoryError: "
+                                       "CUDA out of memory. Tried to allocate 80.00 GiB")
+    assert summary_line(stderr).startswith("done: 5 written, 0 skipped (already there), 1 failed in ")
+    expected, got = file_values(tmp_path / "clean"), file_values(tmp_path / "out")
+    assert sorted(got) == sorted(set(expected) - {"00002.pt"})
+    for name in got:
+        assert sorted(got[name]) == sorted(expected[name])
+        for key in expected[name]:
+            assert torch.allclose(got[name][key], expected[name][key], atol=1e-5), (name, key)
+
+
+def test_an_error_is_said_recorded_and_never_reported_done_and_a_rerun_finishes(tmp_path, tiny_model,
+                                                                                 faulty_model, capsys):
+    from pyramid import runs
+
+    write_images(tmp_path / "in", 10)
+    faulty_model(raise_at=2)
+    capsys.readouterr()
+    assert extract_in_process(tmp_path / "in", tmp_path / "out", tiny_model, "--batch_size", 2) == 4
+    stderr = capsys.readouterr().err
+    lines = stderr.splitlines()
+    assert [line for line in lines if line.startswith("error:")] == [
+        "error: RuntimeError: injected failure at forward pass 2"]
+    assert "Traceback (most recent call last):" in stderr and "in wrapped" in stderr  # the traceback, in the log
+    assert not [line for line in lines if line.startswith("done:")]
+    assert [line for line in lines if line.startswith("not finished:")][0].startswith(
+        "not finished: 2 written, 0 skipped (already there), 0 failed, 8 not done in ")
+    assert ("ended early: RuntimeError: injected failure at forward pass 2; rerun the same command to finish "
+            "the 8 images not done") in lines
+    record = last_run(tmp_path / "out")
+    assert (record["status"], record["written"], record["failed"]) == (4, 2, 0)
+    assert record["error"] == "RuntimeError: injected failure at forward pass 2"
+    assert len(outputs(tmp_path / "out")) == 2
+
+    assert runs.main(runs.get_args_parser().parse_args(["status", str(tmp_path / "out"), record["run_id"]])) == 0
+    said = capsys.readouterr()
+    assert said.out == "4\n" and said.err == "error: RuntimeError: injected failure at forward pass 2\n"
+
+    faulty_model()  # no fault: the rerun finishes
+    assert extract_in_process(tmp_path / "in", tmp_path / "out", tiny_model, "--batch_size", 2) == 0
+    assert summary_line(capsys.readouterr().err).startswith("done: 8 written, 2 skipped (already there), 0 failed")
+    assert len(outputs(tmp_path / "out")) == 10
