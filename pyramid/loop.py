@@ -39,7 +39,7 @@ from pyramid.plan import (
 from pyramid.progress import Progress, format_bytes, format_duration, log
 from pyramid.runs import append_run, new_run_id, now_iso
 from pyramid.stopping import StopNow, StopSignals, stop_with_launcher
-from pyramid.team import Team
+from pyramid.team import Team, start_process_group
 from pyramid.tree import FAILURES_NAME, MANIFEST_NAME, RUNS_NAME
 from pyramid.watchdog import BACKSTOP_SECONDS, Watchdog
 from pyramid.writer import Writer, default_writer_threads, record_failure
@@ -115,6 +115,7 @@ class Extraction:
         self.started = time.monotonic()
         self.record = {"run_id": new_run_id(), "status": None, "started": now_iso()}
         self.settings, self.stages = settings, stages
+        start_process_group()  # on a store prefix of this attempt: torchrun's restarts keep the store
         state = PartialState(cpu=not torch.cuda.is_available())
         self.device, self.team = state.device, Team.from_state(state)
         self.dtype = resolve_dtype(settings.dtype, self.device)

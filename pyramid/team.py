@@ -84,6 +84,36 @@ def _cgroup_memory_left(membership=Path("/proc/self/cgroup"), hierarchy=Path("/s
     return left
 
 
+def start_process_group():
+    """Start the process group on the launcher's store under a prefix of this attempt, before accelerate
+    would start it on the bare store; a no-op but under torchrun with two or more processes.
+
+    torchrun keeps one store (its agent's: TORCHELASTIC_USE_AGENT_STORE) for every attempt of a run it
+    restarts (--max_restarts, static rendezvous), and the restarted group's backend would read the failed
+    attempt's addresses from it: gloo fails to connect, NCCL may hang. Accelerate's PartialState then
+    takes the group as it is. The restart count is the same in every process of one node's attempt; a
+    multi-node run's agents do not restart together under static rendezvous (docs/scale.md).
+    """
+    environ = os.environ
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(environ.get("WORLD_SIZE", "1")) < 2:
+        return
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    attempt = int(environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), int(environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timedelta(minutes=30))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            store=dist.PrefixStore(f"attempt_{attempt}/", store), rank=int(environ["RANK"]),
+                            world_size=int(environ["WORLD_SIZE"]), timeout=timedelta(minutes=30))
+
+
 class Team:
     """Rank, world size and shared counters of the run; with no store it is a team of one."""
 

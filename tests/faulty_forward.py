@@ -12,6 +12,7 @@ The faults come from the environment (each optional), so a launcher passes them 
     FAULT_FIRST_ATTEMPT=1   only in a launcher's first attempt (TORCHELASTIC_RESTART_COUNT 0 or unset)
 """
 
+import faulthandler
 import functools
 import os
 import runpy
@@ -56,6 +57,7 @@ def faults_from_environment(environ):
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: its stacks, to see where it waits
     faults = faults_from_environment(os.environ)
     if faults:
         from transformers.models.dinov2.modeling_dinov2 import Dinov2Model
