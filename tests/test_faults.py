@@ -486,3 +486,107 @@ def test_overwrite_killed_at_random_moments_never_leaves_old_files_counted_as_do
     assert outputs(out) == outputs(reference_b) and equal_files(out, reference_b) == set(outputs(reference_b))
     assert "replacing" not in json.loads((out / "manifest.json").read_text())
     assert_verify_passes(out, input_dir)
+
+
+# --- Faults inside the forward pass (tests/faulty_forward.py wraps Dinov2Model.forward): a process that
+# raises, a process stuck with its signals masked ---------------------------------------------------------
+
+FAULTY = REPO / "tests" / "faulty_forward.py"
+
+
+def faulty_command(processes, *args):
+    """The extractor through tests/faulty_forward.py: one process, or two under `accelerate launch` with
+    torchrun's own restarts where `args` begins with launcher options ending in '--'."""
+    launcher_args = []
+    if "--" in args:
+        launcher_args, args = [str(arg) for arg in args[:args.index("--")]], args[args.index("--") + 1:]
+    script = [str(FAULTY), *map(str, args)]
+    if processes == 1:
+        return [sys.executable, *script]
+    return [*accelerate_launch(TWO_CPU_PROCESSES), *launcher_args, *script]
+
+
+def runs_of(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "runs.jsonl").read_text().splitlines()]
+
+
+def test_a_stuck_process_ends_with_its_stacks_and_its_record(tmp_path, tiny_model, corpus):
+    input_dir, reference = corpus
+    out = tmp_path / "out"
+    result = subprocess.run(faulty_command(1, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                                           "--batch_size", 2, "--num_workers", 0, "--stall_timeout", 2),
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, FAULT_STUCK_AT="3", OMP_NUM_THREADS="1"))
+    assert result.returncode == 4, result.stderr
+    assert "error: no batch finished in 2 s (--stall_timeout 2); stuck; every thread's stack follows" \
+           in result.stderr
+    assert "in wrapped" in result.stderr and "pyramid-writer" not in result.stderr  # the stuck frame, by file
+    assert "not finished: 4 written, 0 skipped (already there), 0 failed, 36 not done in " in result.stderr
+    record, = runs_of(out)
+    assert (record["status"], record["written"]) == (4, 4)
+    assert record["error"] == "no batch finished in 2 s (--stall_timeout 2); stuck"
+    assert not (out / ".pyramid.lock").exists() and outputs(out) == outputs(reference)[:4]
+    assert_complete_and_equal(out, reference)
+
+
+def test_sigterm_ends_every_process_within_the_grace_though_one_is_stuck_with_signals_masked(tmp_path, tiny_model,
+                                                                                             corpus):
+    input_dir, reference = corpus
+    out = tmp_path / "out"
+    command = faulty_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                             "--batch_size", 1, "--num_workers", 0)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", FAULT_RANK="1", FAULT_STUCK_AT="2")
+    with open(tmp_path / "launch.log", "w") as log:
+        launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    ranks = []
+    try:
+        assert wait_for_outputs(out, 3, launcher), (tmp_path / "launch.log").read_text()
+        ranks = children(launcher.pid)
+        time.sleep(1)  # rank 1 is in its second forward pass by now, for good
+        launcher.send_signal(signal.SIGTERM)  # as `kill`, or scancel: the launcher SIGTERMs every rank
+        sent = time.monotonic()
+        launcher.wait(timeout=90)  # the bound that matters is asserted below; this one only ends a hang
+        ended_after = time.monotonic() - sent
+    finally:
+        for pid in [launcher.pid, *ranks]:
+            kill_tree(pid)
+    log = (tmp_path / "launch.log").read_text()
+    assert ended_after < LAUNCH_TEARDOWN_SECONDS, f"launch ended {ended_after:.0f} s after SIGTERM\n{log}"
+    assert not any(alive(pid) for pid in ranks)
+    assert "SIGKILL" not in log, log  # every rank ended itself, before torchrun's 30 s were up
+    stuck_line = "process 1 on {}: SIGTERM came 10 s ago and the main thread has not responded; stopping at once"
+    assert f"error: {stuck_line.format(socket.gethostname())}; every thread's stack follows" in log, log
+    assert "in wrapped" in log  # the stuck rank's stack
+    record = runs_of(out)[-1]
+    assert record["status"] == 143, record
+    assert record["notes"] == [stuck_line.format(socket.gethostname())]
+    assert record["written"] == len(outputs(out)) < NUM_IMAGES
+    assert_complete_and_equal(out, reference)
+
+
+def test_a_process_that_raises_is_recorded_and_torchruns_restart_finishes_the_run(tmp_path, tiny_model, corpus):
+    """The first attempt's rank 1 raises at its second forward pass: that attempt ends at once, recorded with
+    the error and the images not done; torchrun restarts the team (--max_restarts 1), whose plan, lock and
+    chunk claims come up clean, and the run ends with status 0 and a clean run's files."""
+    input_dir, reference = corpus
+    out = tmp_path / "out"
+    command = faulty_command(2, "--max_restarts", 1, "--", "--input_dir", input_dir, "--output_dir", out,
+                             "--model", tiny_model, "--batch_size", 1, "--num_workers", 0)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYRAMID_RUN_ID="restarted", FAULT_RANK="1",
+                                     FAULT_RAISE_AT="2", FAULT_FIRST_ATTEMPT="1"))
+    assert result.returncode == 0, result.stderr
+    error = f"process 1 on {socket.gethostname()}: RuntimeError: injected failure at forward pass 2"
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [f"error: {error}"]
+    summaries = [line for line in result.stderr.splitlines() if line.startswith(("done:", "not finished:"))]
+    assert len(summaries) == 2 and summaries[0].startswith("not finished: ") and summaries[1].startswith("done: ")
+    first, restarted = runs_of(out)
+    assert (first["run_id"], first["status"], first["error"]) == ("restarted", 4, error)
+    assert first["written"] + first["failed"] < NUM_IMAGES
+    assert (restarted["run_id"], restarted["status"]) == ("restarted", 0)
+    assert restarted["written"] + restarted["skipped"] == NUM_IMAGES and restarted["skipped"] == first["written"]
+    assert subprocess.run([sys.executable, "-m", "pyramid.runs", "status", str(out), "restarted"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60).stdout == "0\n"
+    assert outputs(out) == outputs(reference) and temporaries(out) == []
+    assert_complete_and_equal(out, reference)
