@@ -340,9 +340,10 @@ class Extraction:
         if errors and status not in (exits.USAGE, exits.WRITE_ERROR):
             status = exits.INCOMPLETE  # a process failed: the launcher's SIGTERM to this one is its echo
             self.record["error"] = errors[0]
-        elif undone and status == exits.OK:
+        elif undone and (status == exits.OK or self.gone and status in exits.BY_SIGNAL.values()):
+            # A peer gone silent is a fault, not a stop, also when the launcher then SIGTERMed this process.
             status = exits.INCOMPLETE
-            self.record["error"] = (f"process(es) {self.gone} stopped answering" if self.gone
+            self.record["error"] = (f"process(es) {self.gone} stopped answering (killed?)" if self.gone
                                     else "a process ended without finishing its share (killed?)")
         if status == exits.OK and team.add("failed", 0):
             status = exits.IMAGES_FAILED

@@ -5,7 +5,8 @@
 #   sbatch slurm/extract.sh          # extract_distributed.py with its defaults
 #   sbatch slurm/extract.sh --model facebook/dinov2-large --output_dir data/pyr_large
 #
-# Every argument after the script name goes to extract_distributed.py unchanged. Options given to
+# Every argument after the script name goes to extract_distributed.py unchanged. With several GPUs a failed
+# process is restarted once with the others (PYRAMID_MAX_RESTARTS=N for N times, 0 for none). Options given to
 # sbatch before the script name override the directives below (sbatch --time=12:00:00 slurm/extract.sh).
 # Shortly before the time limit SLURM sends SIGUSR1: the run stops after the files in flight and the
 # job requeues itself; the next run skips every file that exists. A run that finished is not requeued.
@@ -56,6 +57,9 @@ if [ "$processes" -eq 1 ]; then
     # One process needs no launcher; accelerate's would neither pass SIGTERM on nor keep the exit status.
     run_and_requeue_on_usr1 process python extract_distributed.py "$@"
 else
+    # torchrun's own restarts: a process that fails (an error, a stuck or killed process) reruns the
+    # node's processes, which finish the run (docs/scale.md#faults-inside-a-run).
     run_and_requeue_on_usr1 process accelerate launch --config_file accelerate_config.yaml \
-        --num_processes "$processes" --main_process_port "$(free_port)" extract_distributed.py "$@"
+        --num_processes "$processes" --main_process_port "$(free_port)" \
+        --max_restarts "${PYRAMID_MAX_RESTARTS:-1}" extract_distributed.py "$@"
 fi

@@ -62,6 +62,9 @@ echo "pyramid: job $SLURM_JOB_ID run $((${SLURM_RESTART_COUNT:-0} + 1)): $SLURM_
 # are known only there. --num_processes is the total over all nodes (accelerate divides it by
 # --num_machines), so every node must have the same GPU count. srun is given --cpus-per-task again
 # because since SLURM 22.05 a step does not inherit it from the job.
+# No --max_restarts here, unlike slurm/extract.sh: under static rendezvous a node's agent restarts only
+# its own processes, which would then wait for the other nodes in vain. A failed process ends the step
+# (--kill-on-bad-exit) with the run's record; a rerun finishes it (docs/scale.md#faults-inside-a-run).
 # shellcheck disable=SC2016
 run_and_requeue_on_usr1 steps srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
     --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 bash -c '

@@ -1,5 +1,6 @@
 """The job on a CUDA GPU: the CLI in every dtype, the asynchronous device-to-host path at scale against a
-synchronous reference, two processes on one GPU, --compile, the pinned buffers.
+synchronous reference, two processes on one GPU, --compile, the pinned buffers, a batch too large for the
+card (halved until it fits).
 
 Most tests need CUDA and are skipped with the reason "needs CUDA" without it. The tests of the async path
 and of two processes are parametrised over the device: their CPU variant runs in the normal suite, on
@@ -19,6 +20,7 @@ flash attention, cuBLAS accumulation order). --compile against eager in fp16: th
 """
 
 import functools
+import gc
 import json
 import os
 import subprocess
@@ -380,6 +382,60 @@ def test_compile_on_cuda_gives_the_eager_files_to_fp16_rounding(tiny_model, tmp_
         runs[name] = load_tree(tmp_path / name)
     cosines = min_cosine_per_level(runs["compiled"], runs["eager"])
     print(f"--compile vs eager, fp16, min cosine per level: {cosines}")
+    assert all(value >= THRESHOLD_VS_FP32["fp16"] for value in cosines.values()), cosines
+
+
+def forward_bytes(model_dir, batch_size, side=224):
+    """Bytes of GPU memory one fp16 forward pass of `batch_size` crops takes beyond the weights."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float16, attn_implementation="sdpa").cuda().eval()
+    pixels = torch.zeros((batch_size, 3, side, side), dtype=torch.float16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        model(pixel_values=pixels)
+    torch.cuda.synchronize()
+    used = torch.cuda.max_memory_allocated() - before
+    del model, pixels
+    torch.cuda.empty_cache()
+    return used
+
+
+@needs_cuda
+@not_quick
+def test_a_batch_too_large_for_the_card_is_halved_and_the_run_writes_every_file(base_model, tmp_path, capsys):
+    """A real out-of-memory error from the CUDA allocator: the process may take the weights and about 2.5
+    forward passes of 16 crops (torch.cuda.set_per_process_memory_fraction, as a smaller card would), and
+    is asked for batches of 64. The run halves until a pass fits and writes every file, to fp16 rounding
+    of a run on the whole card."""
+    write_images(tmp_path / "in", 96, size=(40, 32))
+    assert extract_in_process(tmp_path / "in", tmp_path / "whole_card", base_model, 64) == 0
+    per_16 = forward_bytes(base_model, 16)
+    gc.collect()
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_allocated()  # what this test process holds already (other tests' tensors)
+    weights = sum(path.stat().st_size for path in base_model.glob("*.safetensors")) // 2  # fp32 files, fp16 here
+    # Room for the weights, 2.5 passes of 16 and 64 MB of the run's own (pixels, levels: ~2 MB an image):
+    # a pass of 64 needs about 4 passes of 16 and 128 MB, of 16 one pass and 32 MB.
+    allowed = held + weights + 2.5 * per_16 + 64 * 2**20
+    capsys.readouterr()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, allowed / torch.cuda.get_device_properties(0).total_memory))
+    try:
+        status = extract_in_process(tmp_path / "in", tmp_path / "small_card", base_model, 64)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    stderr = capsys.readouterr().err
+    assert status == 0, stderr[-3000:]
+    notes = [line for line in stderr.splitlines() if line.startswith("note:")]
+    assert notes and notes[0] == "note: out of GPU memory at batch 64; going on at batch 32", stderr[-3000:]
+    assert all(line.startswith("note: out of GPU memory at batch ") for line in notes), notes
+    record = json.loads((tmp_path / "small_card" / "runs.jsonl").read_text().splitlines()[-1])
+    assert record["notes"] == [line[len("note: "):] for line in notes] and record["written"] == 96, record
+    cosines = min_cosine_per_level(load_tree(tmp_path / "small_card"), load_tree(tmp_path / "whole_card"))
+    print(f"halved batch vs batch 64, fp16, min cosine per level: {cosines}; notes: {notes}")
     assert all(value >= THRESHOLD_VS_FP32["fp16"] for value in cosines.values()), cosines
 
 

@@ -23,7 +23,7 @@ from conftest import REPO, TINY_HIDDEN, run_cli, write_images
 CI_CLUSTER_CONF = Path(os.environ.get("PYRAMID_SLURM_DIR", "/tmp/pyramid-slurm")) / "slurm.conf"
 JOB_NAME = "pyramid-test"
 LEVEL_TOKENS = {"16x16": 256, "8x8": 64, "4x4": 16, "2x2": 4, "1x1": 1}
-SUMMARY = re.compile(r"^done: (\d+) written, (\d+) skipped", re.MULTILINE)
+SUMMARY = re.compile(r"^(?:done|not finished): (\d+) written, (\d+) skipped", re.MULTILINE)
 PER_PROCESS = re.compile(r"^done: .*; per process: ([\d, ]+)$", re.MULTILINE)
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
@@ -254,7 +254,8 @@ def test_extract_sh_runs_the_extraction_to_the_end(tmp_path, tiny_model, submit)
 
 def test_extract_sh_takes_the_runs_own_status_from_runs_jsonl(tmp_path, tiny_model, submit):
     """Under `accelerate launch` (two fake GPUs) a broken image exits 1 from the launcher; the job ends
-    with the run's own status 3, read from its runs.jsonl line, and is not requeued."""
+    with the run's own status 3, read from its runs.jsonl line, and is not requeued. torchrun's restart
+    (--max_restarts 1 in the template) tries the broken image once more, in a line of its own."""
     input_dir, output_dir = tmp_path / "images", tmp_path / "pyramids"
     write_images(input_dir, 3)
     (input_dir / "00001.png").write_bytes((input_dir / "00001.png").read_bytes()[:200])
@@ -265,8 +266,10 @@ def test_extract_sh_takes_the_runs_own_status_from_runs_jsonl(tmp_path, tiny_mod
     log = job.log()
     assert info == {"JobState": "FAILED", "Restarts": "0", "ExitCode": "3:0"}, log
     assert "the launcher returned 1; the run reported 3" in log, log
-    record, = [json.loads(line) for line in (output_dir / "runs.jsonl").read_text().splitlines()]
-    assert (record["run_id"], record["status"], record["failed"]) == (f"slurm-{job.id}-0", 3, 1)
+    records = [json.loads(line) for line in (output_dir / "runs.jsonl").read_text().splitlines()]
+    assert [(record["run_id"], record["status"], record["failed"]) for record in records] == \
+        [(f"slurm-{job.id}-0", 3, 1)] * 2
+    assert [(record["written"], record["skipped"]) for record in records] == [(2, 0), (0, 2)]
     assert sorted(p.name for p in output_dir.glob("*.pt")) == ["00000.pt", "00002.pt"]
 
 
