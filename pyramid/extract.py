@@ -19,6 +19,7 @@ from pyramid.cli import argument_parser, command_name, refusals_exit_2
 from pyramid.exits import UsageError
 from pyramid.runs import record_refusal
 from pyramid.settings import DEFAULTS, Settings
+from pyramid.tree import STORE_DTYPES
 
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 
@@ -41,7 +42,10 @@ def get_args_parser():
     parser.add_argument("--limit", type=int, default=None, help="only the first N images in sorted order")
     parser.add_argument("--dtype", default=DEFAULTS.dtype,
                         help="the dtype the model computes in: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, "
-                             "fp32; files hold fp32 whatever it is")
+                             "fp32; the files hold --store_dtype whatever it is")
+    parser.add_argument("--store_dtype", default=DEFAULTS.store_dtype,
+                        help="the dtype of the files' tensors: fp32, bf16 or fp16 (half the disk); the levels are "
+                             "computed in fp32 and rounded once into it. The manifest records it")
     parser.add_argument("--overwrite", action="store_true",
                         help="accept an output directory made with other settings and replace its files; "
                              "once its manifest matches, a rerun resumes")
@@ -72,6 +76,8 @@ def check_args(args):
     """The checks that need nothing heavy, so a typo fails in a second, not after loading torch."""
     if args.dtype not in DTYPE_CHOICES:
         raise UsageError(f"unknown --dtype {args.dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
+    if args.store_dtype not in STORE_DTYPES:
+        raise UsageError(f"unknown --store_dtype {args.store_dtype!r}; use one of {', '.join(STORE_DTYPES)}")
     input_dir = Path(args.input_dir)
     if not input_dir.is_dir():
         raise UsageError(f"input directory {input_dir} does not exist; pass --input_dir with your images "

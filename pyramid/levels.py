@@ -74,6 +74,24 @@ def finite_images(levels):
     return coarsest.isfinite().flatten(1).all(dim=1)
 
 
+def stored_levels(levels, dtype):
+    """The fp32 levels rounded once into the files' dtype (a torch dtype), by torch's round to nearest even;
+    the levels themselves for float32. An fp32 value beyond the dtype's range (|x| > 65504 for fp16) becomes inf:
+    `representable_images` tells those images apart."""
+    return {key: value if value.dtype == dtype else value.to(dtype) for key, value in levels.items()}
+
+
+def representable_images(stored):
+    """(B,) bool on the levels' device: True where rounding the image's pyramid into the stored dtype left every
+    value finite, given `stored` (the rounded levels) of an image whose fp32 levels are finite (`finite_images`).
+
+    Only the finest level is read: a coarser value is a mean of finer ones, so its magnitude is at most theirs,
+    and rounding is monotonic, so where the finest level fits the range every coarser one does too.
+    """
+    finest = stored[next(iter(stored))]  # (B, G*G, D)
+    return finest.isfinite().flatten(1).all(dim=1)
+
+
 def split_twins(levels):
     """A batch of B images followed by their B mirrors -> the levels of the B images and their flip/ twins.
 
@@ -86,11 +104,11 @@ def split_twins(levels):
 
 
 def split_pyramids(levels):
-    """Split a batched pyramid into one dict per image, each value (1, S*S, D) float32, contiguous.
+    """Split a batched pyramid into one dict per image, each value (1, S*S, D) in the levels' dtype, contiguous.
 
     Each tensor is one copy of its rows, so a saved file holds only its own storage: torch.save of
     a view would store the whole batch's storage (a 50 MB file for a 64-image base batch).
     """
     batch = next(iter(levels.values())).shape[0]
-    return [{key: value[i:i + 1].float().clone().contiguous() for key, value in levels.items()}
+    return [{key: value[i:i + 1].clone().contiguous() for key, value in levels.items()}
             for i in range(batch)]

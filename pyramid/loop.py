@@ -25,7 +25,7 @@ from pyramid.chunks import CLAIM_KEY, ChunkSampler, chunk_size_for
 from pyramid.decode import DecoderMissing, Preprocess, decoders, image_loader, pixel_pipeline
 from pyramid.encoder import DTYPES, Encoder, HostCopies, ModelError, first_line, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
-from pyramid.levels import build_pyramid, finite_images, split_twins
+from pyramid.levels import build_pyramid, finite_images, representable_images, split_twins, stored_levels
 from pyramid.lock import OutputLock
 from pyramid.paths import output_path_for
 from pyramid.plan import (
@@ -119,6 +119,7 @@ class Extraction:
         state = PartialState(cpu=not torch.cuda.is_available())
         self.device, self.team = state.device, Team.from_state(state)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.store_dtype = DTYPES[settings.store_dtype]
         self.batch_size = settings.batch_size or default_batch_size(self.device)
         self.num_workers = default_num_workers(self.device) if settings.num_workers is None else settings.num_workers
         self.lock = OutputLock(settings.output_dir)
@@ -276,11 +277,17 @@ class Extraction:
             self.note(f"out of {self.memory_name()} at batch {rows}; going on at batch {self.rows}")
 
     def compute(self, pixels):
-        """One forward pass: the levels {"16x16": (B, 256, D), ...} on the device, and the (B, parts) finite flags."""
+        """One forward pass: the levels {"16x16": (B, 256, D), ...} on the device, rounded into the files' dtype,
+        and the (B, 2 * parts) finite flags (as computed, then as stored)."""
         parts = 2 if self.settings.flip else 1
         levels = build_pyramid(self.encoder(pixels), self.encoder.info.grid_size)  # {"16x16": (B, 256, D), ...}
         # Checked on the device and read by the writer once the copy is there: the loop never waits.
-        finite = finite_images(levels).view(parts, -1).T.contiguous()  # (B, parts) bool: image, mirror
+        finite = finite_images(levels)  # (parts * B,) bool: the fp32 values
+        # Rounded once into the files' dtype on the device: a 2-byte dtype halves the copy to the host.
+        levels = stored_levels(levels, self.store_dtype)
+        fits = finite if self.store_dtype == torch.float32 else representable_images(levels)
+        # (B, 2 * parts) bool: image, mirror computed finite; then image, mirror still finite once stored
+        finite = torch.stack([finite, fits]).view(2 * parts, -1).T.contiguous()
         if parts == 2:  # one forward pass of the B images and their B mirrors
             levels = split_twins(levels)  # {"16x16": (B, 256, D), ..., "flip/16x16": (B, 256, D), ...}
         return levels, finite
@@ -481,7 +488,8 @@ class Extraction:
 
     def report_non_finite(self, images, position, flags):
         """The writer's call for an image of `images` whose features came out non-finite (on its thread)."""
-        self.record_failure(images[position], non_finite_message(DTYPE_NAMES[self.encoder.dtype], flags))
+        self.record_failure(images[position], non_finite_message(DTYPE_NAMES[self.encoder.dtype], flags,
+                                                                 self.settings.store_dtype))
 
     def close_writer(self, status):
         """Wait for the writer's last files; a write error turns a clean status into exits.WRITE_ERROR."""
@@ -551,12 +559,23 @@ class Extraction:
 
 
 DTYPE_NAMES = {value: name for name, value in DTYPES.items()}  # torch.float16 -> "fp16"
+STORE_RANGE = {name: torch.finfo(dtype).max for name, dtype in DTYPES.items()}  # the largest finite value of each
 
 
-def non_finite_message(dtype, flags):
-    """The failures.jsonl error of an image whose features came out NaN or inf in `dtype`: what happened
-    and what to try. `flags` are its parts' finite flags: [image] or, with --flip, [image, mirror]."""
-    parts = [name for name, finite in zip(("the image", "its mirror (--flip)"), flags) if not finite]
+def non_finite_message(dtype, flags, store_dtype="fp32"):
+    """The failures.jsonl error of an image whose features came out NaN or inf, computed in `dtype` or once
+    rounded into `store_dtype`: what happened and what to try. `flags` are its parts' finite flags as computed,
+    then as stored: [image, image stored] or, with --flip, [image, mirror, image stored, mirror stored]."""
+    half = len(flags) // 2
+    names = ("the image", "its mirror (--flip)")
+    if all(flags[:half]):  # finite in fp32, beyond the range of the files' dtype
+        parts = [name for name, finite in zip(names, flags[half:]) if not finite]
+        larger = [name for name in ("bf16", "fp32") if STORE_RANGE[name] > STORE_RANGE[store_dtype]]
+        return (f"features of {' and '.join(parts)} beyond the range of --store_dtype {store_dtype} (|x| > "
+                f"{STORE_RANGE[store_dtype]:.6g}): finite in fp32, inf once stored; no file written: store this "
+                f"tree in {' or '.join(larger)} (--store_dtype {larger[0]} with another --output_dir, or with "
+                f"--overwrite)")
+    parts = [name for name, finite in zip(names, flags[:half]) if not finite]
     what = f"non-finite features (NaN or inf) for {' and '.join(parts)}, computed in {dtype}; no file written: "
     if dtype == "fp16":
         return what + "most likely an fp16 overflow, rerun with --dtype bf16 or --dtype fp32"

@@ -32,11 +32,12 @@ def package_versions():
             "pillow": PIL.__version__}
 
 
-def build_manifest(info, dtype, flip=False, pixels=None):
+def build_manifest(info, dtype, flip=False, pixels=None, store_dtype="fp32"):
     """The manifest of a run: the settings that decide every value in its files. `info`: the model's
-    encoder.ModelInfo; `pixels`: the pixel pipeline, {"image_processor": {"class", "backend"},
-    "decoders": {name: version}}."""
+    encoder.ModelInfo; `dtype`: the one the model computes in; `store_dtype`: the files' ("fp32", "bf16",
+    "fp16"); `pixels`: the pixel pipeline, {"image_processor": {"class", "backend"}, "decoders": {name: version}}."""
     return {"format": FORMAT_VERSION, "model": info.name, "revision": info.revision, "dtype": dtype,
+            "store_dtype": store_dtype,
             "crop_size": info.crop_size, "patch_size": info.patch_size, "grid_size": info.grid_size,
             "levels": [level_key(size) for size in pyramid_sizes(info.grid_size)], "hidden_size": info.hidden_size,
             "num_register_tokens": info.num_register_tokens, "flip": flip, **(pixels or {}),

@@ -3,9 +3,11 @@
     python -m pyramid.pack data/feature_pyramids                 # every level, into data/feature_pyramids/pack/
     python -m pyramid.pack data/feature_pyramids --levels 4x4 1x1
 
-pack/ holds `<level>.npy` per level (`flip/<level>.npy` for flip levels), float32 [N, s*s, D] in the
-sorted-name order of the files, memory-mappable with numpy.load(mmap_mode="r"), and pack.json: the
-names, and per file what identifies its version cheaply (size, mtime_ns), and the manifest.
+pack/ holds `<level>.npy` per level (`flip/<level>.npy` for flip levels), [N, s*s, D] in the files' stored
+dtype (--store_dtype: float32, float16, or bfloat16 as uint16 holding its raw bits, since numpy has no
+bfloat16) in the sorted-name order of the files, memory-mappable with numpy.load(mmap_mode="r"), and
+pack.json: the names, the dtype ("fp32", "bf16", "fp16"), per file what identifies its version cheaply
+(size, mtime_ns), and the manifest. PyramidDataset serves a bf16 pack back as torch.bfloat16, bit for bit.
 A pack is current while the tree's .pt files and manifest are still exactly those: one os.stat per
 file at open time, no file read. A file added, removed or rewritten (the extractor writes a new file
 and renames it into place, so its mtime is the time of that write) or another manifest makes it
@@ -27,6 +29,7 @@ from pyramid.cli import check_output_tree_args, output_tree_parser, refusals_exi
 from pyramid.exits import UsageError
 from pyramid.progress import Progress, format_duration
 from pyramid.tree import (
+    MANIFEST_NAME,
     PACK_FORMAT,
     PACK_OLD_PREFIX,
     PACK_RECORD_NAME,
@@ -38,6 +41,7 @@ from pyramid.tree import (
     pack_level_path,
     pack_staleness,
     read_pack_record,
+    stored_dtype,
     tree_state,
     writer_tag,
 )
@@ -49,9 +53,8 @@ def build_pack(root, levels, workers=4, progress=None):
     Raises ValueError naming the file when a file lacks a level or has another shape.
     """
     import numpy as np
-    import torch
 
-    from pyramid.reader import read_ahead, read_pyramid
+    from pyramid.reader import STORED_DTYPES, as_numpy, numpy_dtype, read_ahead, read_pyramid
 
     root = Path(root)
     started = time.monotonic()
@@ -64,6 +67,14 @@ def build_pack(root, levels, workers=4, progress=None):
     if missing:
         raise ValueError(f"{root / names[0]} has no level(s) {missing}")
     shapes = {level: (len(names), *first[level].shape[1:]) for level in levels}  # (N, s*s, D)
+    # The files' dtype: the manifest's store_dtype, or without a manifest the first file's.
+    dtype_name = stored_dtype(manifest) or next((name for name, dtype in STORED_DTYPES.items()
+                                                 if dtype == first[levels[0]].dtype), None)
+    if dtype_name not in STORED_DTYPES:
+        what = f"{root / names[0]}: {levels[0]} is {first[levels[0]].dtype}" if manifest is None else \
+            f"{root / MANIFEST_NAME} says store_dtype {dtype_name!r}"
+        raise ValueError(f"{what}, not one of the dtypes the extractor stores ({', '.join(STORED_DTYPES)})")
+    dtype = STORED_DTYPES[dtype_name]
     temporary = root / f"{PACK_TEMPORARY_PREFIX}{writer_tag()}"
     temporary.mkdir()
     try:
@@ -71,7 +82,7 @@ def build_pack(root, levels, workers=4, progress=None):
         for level in levels:
             path = pack_level_path(temporary, level)
             path.parent.mkdir(parents=True, exist_ok=True)
-            arrays[level] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shapes[level])
+            arrays[level] = np.lib.format.open_memmap(path, mode="w+", dtype=numpy_dtype(dtype), shape=shapes[level])
 
         def read(name):
             return name, read_pyramid(root / name, levels)[0]
@@ -79,17 +90,16 @@ def build_pack(root, levels, workers=4, progress=None):
         for index, (name, pyramid) in enumerate(read_ahead(read, names, workers, 4 * workers)):
             for level in levels:
                 tensor = pyramid.get(level)
-                if tensor is None or tuple(tensor.shape) != (1, *shapes[level][1:]) \
-                        or tensor.dtype != torch.float32:
+                if tensor is None or tuple(tensor.shape) != (1, *shapes[level][1:]) or tensor.dtype != dtype:
                     got = "no such level" if tensor is None else f"{tensor.dtype} {list(tensor.shape)}"
-                    raise ValueError(f"{root / name}: {level} is {got}, expected float32 {[1, *shapes[level][1:]]}")
-                arrays[level][index] = tensor[0].numpy()
+                    raise ValueError(f"{root / name}: {level} is {got}, expected {dtype} {[1, *shapes[level][1:]]}")
+                arrays[level][index] = as_numpy(tensor[0])
             if progress is not None:
                 progress.update(index + 1)
         for array in arrays.values():
             array.flush()
         del arrays
-        record = {"format": PACK_FORMAT, "count": len(names), "levels": list(levels),
+        record = {"format": PACK_FORMAT, "count": len(names), "levels": list(levels), "dtype": dtype_name,
                   "shapes": {level: list(shape) for level, shape in shapes.items()},
                   "names": [item_name(name) for name in names], "files": records, "manifest": manifest,
                   "seconds": round(time.monotonic() - started, 3)}

@@ -147,7 +147,7 @@ def plan_run(settings, info, dtype, lock=None, pixels=None):
         if lock.taken_over:
             log(lock.taken_over)
 
-    manifest = build_manifest(info, dtype, flip=settings.flip, pixels=pixels)
+    manifest = build_manifest(info, dtype, flip=settings.flip, pixels=pixels, store_dtype=settings.store_dtype)
     finished, temporaries = scan_outputs(output_dir)
     previous = read_manifest(output_dir)
     finished = adopt_output_tree(output_dir, manifest, finished, settings.overwrite)  # refuses, or removes old files
@@ -173,7 +173,8 @@ def check_free_space(settings, info, images, output_dir):
     parent); a UsageError when they do not fit, unless --ignore_free_space. A run that learns it lacks space
     hours later has wasted those hours."""
     finished, _ = scan_outputs(output_dir)
-    per_file = estimated_file_bytes(pyramid_sizes(info.grid_size), info.hidden_size, settings.flip)
+    per_file = estimated_file_bytes(pyramid_sizes(info.grid_size), info.hidden_size, settings.flip,
+                                    settings.store_dtype)
     count = len(images_to_do(images, finished))
     existing = next(parent for parent in [output_dir, *output_dir.absolute().parents] if parent.exists())
     free = shutil.disk_usage(existing).free

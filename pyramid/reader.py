@@ -31,12 +31,33 @@ import torch
 # How much of each end of a file the first two reads take: the pickle of a 10-level pyramid and the zip
 # directory of its ~15 records are each well under 2 KiB; larger ones are read again, exactly.
 EDGE_BYTES = 4096
-# Storage types whose tensors numpy can hold (a bfloat16 file goes to torch.load).
+# The storage types this parser reads, by the names data.pkl gives them.
 DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-          "LongStorage": torch.int64, "IntStorage": torch.int32}
+          "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32}
 # numpy dtype objects, not types: comparing an array's dtype with one is a pointer check, with a type a lookup.
+# numpy has no bfloat16: a bfloat16 level is held in numpy as its raw 16 bits, uint16 (the loader's buffers, the
+# pack's arrays); `as_numpy` and `from_numpy` go between the two without a copy.
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64),
-                 torch.float16: np.dtype(np.float16), torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32)}
+                 torch.float16: np.dtype(np.float16), torch.bfloat16: np.dtype(np.uint16),
+                 torch.int64: np.dtype(np.int64), torch.int32: np.dtype(np.int32)}
+# --store_dtype's names (tree.STORE_DTYPES, manifest.json's "store_dtype") as torch dtypes.
+STORED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def numpy_dtype(dtype):
+    """The numpy dtype that holds a torch dtype's values in numpy: itself, or uint16 (raw bits) for bfloat16."""
+    return _NUMPY_DTYPES[dtype]
+
+
+def as_numpy(tensor):
+    """A numpy array over a contiguous CPU tensor's memory (no copy); a bfloat16 tensor's as uint16 raw bits."""
+    return tensor.view(torch.uint16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+
+def from_numpy(array, dtype):
+    """The tensor of `dtype` over a numpy array's memory (no copy): the inverse of `as_numpy`."""
+    tensor = torch.from_numpy(array)
+    return tensor.view(dtype) if dtype == torch.bfloat16 else tensor
 END_OF_DIRECTORY = b"PK\x05\x06"
 DIRECTORY_ENTRY = b"PK\x01\x02"
 LOCAL_HEADER = b"PK\x03\x04"
@@ -240,7 +261,7 @@ def _target(out, level, dtype, shape):
 
 def _bytes_of(target):
     """A writable buffer over a contiguous tensor or numpy array."""
-    return target if isinstance(target, np.ndarray) else target.numpy()
+    return target if isinstance(target, np.ndarray) else as_numpy(target)
 
 
 def _read_with(layout, file, levels, out):
@@ -338,7 +359,7 @@ def read_pyramid(path, levels=None, out=None):
         if out is not None and level in out:
             target = _target(out, level, pyramid[level].dtype, pyramid[level].shape)
             if isinstance(target, np.ndarray):
-                target[...] = pyramid[level].numpy().reshape(target.shape)
+                target[...] = as_numpy(pyramid[level]).reshape(target.shape)
             else:
                 target.copy_(pyramid[level].reshape(target.shape))
             pyramid[level] = target

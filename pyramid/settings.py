@@ -18,6 +18,7 @@ class Settings:
     num_workers: int | None = None  # decode workers per process; None: the cores this process may use
     limit: int | None = None  # only the first N images in sorted order
     dtype: str = "auto"  # the dtype the model computes in: auto, fp16, bf16, fp32
+    store_dtype: str = "fp32"  # the dtype of the files' tensors: fp32, bf16, fp16 (levels rounded once into it)
     overwrite: bool = False
     flip: bool = False
     max_pixels: int | None = None  # None: Pillow's own limit

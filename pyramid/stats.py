@@ -7,7 +7,8 @@ stats.pt: {"count": N, "<level>": {"mean": (D,), "std": (D,), "position_mean": (
 the files hold (flip/ levels included). "source" identifies the files and manifest it was computed
 from, so PyramidDataset(normalize=True) can refuse stats that no longer describe the tree.
 
-Exact and deterministic. Every float32 value is widened to float64 (exact) and shifted by the first
+Exact and deterministic. Every stored value (float32, or bf16/fp16 from --store_dtype: each widens to float32
+exactly, then to float64) is widened to float64 (exact) and shifted by the first
 file's value at the same position and channel, so the sums are of values of the order of the spread,
 not of the mean (no cancellation in sum-of-squares minus square-of-sum). The files are summed in
 sorted-name order in blocks of BLOCK files: within a block numpy adds the files one after another per
@@ -34,6 +35,7 @@ from pyramid.tree import (
     current_pack,
     pack_dir,
     pack_level_path,
+    pack_stored_dtype,
     scan_outputs,
     stats_source,
     tree_state,
@@ -55,7 +57,7 @@ class LevelSums:
         self.count = 0
 
     def add(self, block):
-        """block: (B, s*s, D) float32, the next B files in sorted order."""
+        """block: (B, s*s, D) float32 (the stored values, widened exactly), the next B files in sorted order."""
         import numpy as np
 
         shifted = block.astype(np.float64) - self.shift  # (B, s*s, D)
@@ -77,13 +79,25 @@ class LevelSums:
                 "position_std": torch.from_numpy(np.sqrt(position_var))}
 
 
+def _widened(array, dtype):
+    """A pack's block of stored values as float32, exactly: fp16 widens exactly, and a bf16 value's raw bits
+    (the pack's uint16) are the upper half of the float32 of the same value."""
+    import numpy as np
+
+    if dtype == "bf16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array.astype(np.float32, copy=False)
+
+
 def _blocks_from_pack(root, record, levels):
     """({level: (B, s*s, D) float32}) blocks of BLOCK files from a current pack, in order."""
     import numpy as np
 
     arrays = {level: np.load(pack_level_path(pack_dir(root), level), mmap_mode="r") for level in levels}
+    dtype = pack_stored_dtype(record)
     for start in range(0, record["count"], BLOCK):
-        yield {level: np.ascontiguousarray(array[start:start + BLOCK]) for level, array in arrays.items()}
+        yield {level: _widened(np.ascontiguousarray(array[start:start + BLOCK]), dtype)
+               for level, array in arrays.items()}
 
 
 def _blocks_from_files(root, names, levels, workers):
@@ -97,7 +111,7 @@ def _blocks_from_files(root, names, levels, workers):
         missing = [level for level in levels if level not in pyramid]
         if missing:
             raise ValueError(f"{Path(root) / name} has no level(s) {missing}; it has {keys}")
-        return {level: tensor[0].numpy() for level, tensor in pyramid.items()}  # (s*s, D) each
+        return {level: tensor[0].float().numpy() for level, tensor in pyramid.items()}  # (s*s, D) each, exact
 
     block = []
     for pyramid in read_ahead(read, names, workers, 4 * workers):

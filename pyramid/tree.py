@@ -271,6 +271,12 @@ def read_pack_record(root):
         return None
 
 
+def pack_stored_dtype(record):
+    """The dtype name ("fp32", "bf16", "fp16") of a pack's arrays, by its pack.json: fp32 for a pack from before
+    --store_dtype. bf16 arrays are numpy uint16, the values' raw bits (numpy has no bfloat16)."""
+    return record.get("dtype", IMPLIED_SETTINGS["store_dtype"])
+
+
 def pack_staleness(record, manifest, records):
     """Why a pack record no longer matches the tree, as sentences; [] when it is current."""
     reasons = []

@@ -22,13 +22,16 @@ from pyramid.tree import (
     MANIFEST_NAME,
     PACK_RECORD_NAME,
     REPLACING_KEY,
+    STORE_DTYPES,
     pack_command,
     pack_dir,
     pack_level_path,
     pack_staleness,
+    pack_stored_dtype,
     read_manifest,
     read_pack_record,
     scan_outputs,
+    stored_dtype,
     tree_state,
     with_twins,
 )
@@ -38,6 +41,11 @@ torch = LazyModule("torch")  # loaded by the first check, so --help and bad argu
 # A coarser level must equal the 2x2 mean of the finer one to within float32 rounding of a 4-term sum:
 # |error| <= ATOL + RTOL * mean(|finer block|). Orders of magnitude above rounding, far below a wrong level.
 ATOL, RTOL = 1e-5, 1e-4
+# The rounding of the files' dtype (--store_dtype), as the unit roundoff u: rounding to nearest moves a value x by
+# at most u * |x| (u * the smallest normal below it, where fp16's subnormals are). bf16 keeps 8 significant bits
+# (u = 2**-8), fp16 11 (u = 2**-11), fp32 is what the levels are computed in (u = 0). A stored coarser level and
+# the 2x2 mean of the stored finer one are each one rounding from the fp32 pair: RTOL + 2u of the block's mean |x|.
+STORE_ROUNDING = {"fp32": 0.0, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 PROBLEMS_FOUND = 1  # the exit status when the tree is not as the contract says
 
 # --recompute: the largest max|file - recomputed| / RMS(recomputed), per level, that a file made in the
@@ -57,13 +65,14 @@ def pool_2x2(level, side):
     return pooled.reshape(1, (side // 2) ** 2, -1)
 
 
-def check_pyramid(pyramid, levels, hidden_size):
+def check_pyramid(pyramid, levels, hidden_size, dtype="fp32"):
     """Problems with one loaded pyramid, as sentences; [] when it is as the contract says.
 
     `levels` are the names it must have, finest first (then the flip/ twins, finest first, where the
-    files have them: checked the same way), and `hidden_size` is D: each value must be a
-    contiguous float32 tensor of shape [1, s*s, D] owning only its storage, finite, and each level
-    the 2x2 mean of the one before it.
+    files have them: checked the same way), `hidden_size` is D and `dtype` the stored dtype's name ("fp32",
+    "bf16", "fp16"; None: whichever of them the first level holds): each value must be a contiguous tensor
+    of that dtype and shape [1, s*s, D] owning only its storage, finite, and each level the 2x2 mean of the
+    one before it (to that dtype's rounding).
     """
     if not isinstance(pyramid, dict):
         return [f"holds a {type(pyramid).__name__}, not a dict of tensors"]
@@ -74,7 +83,14 @@ def check_pyramid(pyramid, levels, hidden_size):
         problems.append(f"missing level(s) {missing}")
     if extra:
         problems.append(f"unexpected key(s) {extra}")
+    from pyramid.reader import STORED_DTYPES
+
     good = {}  # the levels fit for the 2x2 check
+    if dtype is None:  # no manifest: the file's own dtype, if it is one the extractor stores
+        first = next((value for value in pyramid.values() if isinstance(value, torch.Tensor)), None)
+        dtype = next((name for name, value in STORED_DTYPES.items() if first is not None and first.dtype == value),
+                     "fp32")
+    expected_dtype = STORED_DTYPES[dtype]
     for level in levels:
         tensor = pyramid.get(level)
         side = level_side(level.removeprefix(FLIP_PREFIX)) if isinstance(level, str) else None
@@ -87,8 +103,8 @@ def check_pyramid(pyramid, levels, hidden_size):
         if tuple(tensor.shape) != expected_shape:
             problems.append(f"{level} has shape {list(tensor.shape)}, expected {list(expected_shape)}")
             continue
-        if tensor.dtype != torch.float32:
-            problems.append(f"{level} is {tensor.dtype}, expected torch.float32")
+        if tensor.dtype != expected_dtype:
+            problems.append(f"{level} is {tensor.dtype}, expected {expected_dtype} (store_dtype {dtype})")
             continue
         if not tensor.is_contiguous():
             problems.append(f"{level} is not contiguous")
@@ -98,13 +114,14 @@ def check_pyramid(pyramid, levels, hidden_size):
         if non_finite:
             problems.append(f"{level} has {non_finite} non-finite value(s)")
             continue
-        good[level] = (side, tensor)
+        good[level] = (side, tensor.float())  # exact: the 2x2 means in float32, whatever the stored dtype
+    relative = RTOL + 2 * STORE_ROUNDING[dtype]
     for finer, coarser in zip(levels, levels[1:]):
         if finer not in good or coarser not in good or good[finer][0] != 2 * good[coarser][0]:
             continue
         side, fine = good[finer]
         error = (good[coarser][1] - pool_2x2(fine, side)).abs()
-        allowed = ATOL + RTOL * pool_2x2(fine.abs(), side)
+        allowed = ATOL + relative * pool_2x2(fine.abs(), side)
         if (error > allowed).any():
             problems.append(f"{coarser} is not the 2x2 mean of {finer} (max error {error.max().item():.3g})")
     return problems
@@ -130,6 +147,8 @@ def check_manifest(manifest):
         problems.append(f"levels are {manifest.get('levels')!r}, expected {levels} for grid_size {grid_size}")
     if manifest.get("flip", False) not in (True, False):
         problems.append(f"flip is {manifest.get('flip')!r}, not true or false")
+    if stored_dtype(manifest) not in STORE_DTYPES:
+        problems.append(f"store_dtype is {manifest.get('store_dtype')!r}, not one of {', '.join(STORE_DTYPES)}")
     return problems
 
 
@@ -148,19 +167,20 @@ def manifest_layout(output_dir):
 
 
 def layout_of(pyramid):
-    """(levels finest first, hidden size) that a loaded pyramid claims; used when there is no manifest."""
+    """(levels finest first, hidden size, dtype) that a loaded pyramid claims; used when there is no manifest."""
     if not isinstance(pyramid, dict):
-        return [], None
+        return [], None, None
     levels = sorted((key for key in pyramid if level_side(key)),
                     key=level_side, reverse=True)
     levels = with_twins(levels, any(isinstance(key, str) and key.startswith(FLIP_PREFIX) for key in pyramid))
     first = pyramid.get(levels[0]) if levels else None
     hidden_size = first.shape[-1] if isinstance(first, torch.Tensor) and first.dim() > 0 else None
-    return levels, hidden_size
+    return levels, hidden_size, first.dtype if isinstance(first, torch.Tensor) else None
 
 
-def load_and_check(path, levels, hidden_size):
-    """(problems, layout) for one file; with levels None it is checked against its own layout."""
+def load_and_check(path, levels, hidden_size, dtype=None):
+    """(problems, layout) for one file; with levels None it is checked against its own layout. `dtype`: the
+    manifest's store_dtype (None: the file's own)."""
     try:
         pyramid = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a torn file can fail inside zipfile, pickle or torch; all mean the same
@@ -170,8 +190,8 @@ def load_and_check(path, levels, hidden_size):
     if levels is None:
         if not layout[0]:
             return ["holds no '{s}x{s}' levels"], layout
-        levels, hidden_size = layout
-    return check_pyramid(pyramid, levels, hidden_size), layout
+        levels, hidden_size, _ = layout
+    return check_pyramid(pyramid, levels, hidden_size, dtype), layout
 
 
 def check_pack(output_dir):
@@ -179,7 +199,7 @@ def check_pack(output_dir):
     from its rows in a current pack (None when there is no pack to compare); problems of the pack itself."""
     import numpy as np
 
-    from pyramid.reader import read_pyramid
+    from pyramid.reader import STORED_DTYPES, as_numpy, numpy_dtype, read_pyramid
 
     directory = pack_dir(output_dir)
     if not directory.exists():
@@ -192,6 +212,11 @@ def check_pack(output_dir):
     if reasons:
         return None, [(directory, f"is stale, so never read ({'; '.join(reasons)}); {rerun}")]
     arrays, problems = {}, []
+    dtype, manifest_dtype = pack_stored_dtype(record), stored_dtype(read_manifest(output_dir)) or "fp32"
+    if dtype != manifest_dtype:
+        return None, [(directory, f"holds {dtype} arrays ({PACK_RECORD_NAME}), the files are {manifest_dtype} "
+                                  f"({MANIFEST_NAME}); {rerun}")]
+    expected = numpy_dtype(STORED_DTYPES[dtype])  # bf16: uint16, the raw bits
     for level in record["levels"]:
         path = pack_level_path(directory, level)
         try:
@@ -199,9 +224,9 @@ def check_pack(output_dir):
         except (OSError, ValueError) as error:
             problems.append((path, f"cannot be read ({error}); {rerun}"))
             continue
-        if array.dtype != np.float32 or list(array.shape) != record["shapes"][level]:
-            problems.append((path, f"holds {array.dtype} {list(array.shape)}, {PACK_RECORD_NAME} says float32 "
-                                   f"{record['shapes'][level]}; {rerun}"))
+        if array.dtype != expected or list(array.shape) != record["shapes"][level]:
+            problems.append((path, f"holds {array.dtype} {list(array.shape)}, {PACK_RECORD_NAME} says {expected} "
+                                   f"({dtype}) {record['shapes'][level]}; {rerun}"))
             continue
         arrays[level] = array
     rows = {entry[0]: index for index, entry in enumerate(record["files"])}
@@ -210,7 +235,8 @@ def check_pack(output_dir):
         pyramid, _ = read_pyramid(Path(output_dir) / relative, list(arrays))
         return [f"{level} differs from its row {rows[relative]} in {pack_level_path(directory, level)}; {rerun}"
                 for level, array in arrays.items()
-                if level in pyramid and not np.array_equal(array[rows[relative]], pyramid[level][0].numpy())]
+                if level in pyramid and not (pyramid[level].dtype == STORED_DTYPES[dtype]
+                                             and np.array_equal(array[rows[relative]], as_numpy(pyramid[level][0])))]
 
     return compare, problems
 
@@ -241,12 +267,24 @@ def sample_images(images, count, seed):
     return sorted(random.Random(seed).sample(images, count))
 
 
-def relative_error(stored, recomputed):
+def relative_error(stored, recomputed, store_dtype="fp32"):
     """max|stored - recomputed| / RMS(recomputed) of one level: scale-free, so one tolerance fits every level
     and model size, and the max sees a single wrong patch or channel that a mean or a cosine would dilute.
-    inf when they differ where the recomputation is all zeros, or where a value is not finite."""
-    difference = (stored.double() - recomputed.double()).abs().max()
-    rms = recomputed.double().pow(2).mean().sqrt()
+    inf when they differ where the recomputation is all zeros, or where a value is not finite.
+
+    Files stored in bf16 or fp16 are first given the store's rounding: each difference less u * |recomputed|
+    (u of STORE_ROUNDING; u * fp16's smallest normal below it), which no file rounded once from its fp32 levels
+    exceeds, so the error left is the model dtype's alone and one tolerance per model dtype serves every store."""
+    from pyramid.reader import STORED_DTYPES
+
+    recomputed = recomputed.double()
+    difference = (stored.double() - recomputed).abs()
+    unit = STORE_ROUNDING[store_dtype]
+    if unit:
+        smallest = torch.finfo(STORED_DTYPES[store_dtype]).smallest_normal
+        difference = (difference - unit * recomputed.abs().clamp_min(smallest)).clamp_min(0)
+    difference = difference.max()
+    rms = recomputed.pow(2).mean().sqrt()
     if rms == 0:
         return 0.0 if difference == 0 else math.inf
     error = float(difference / rms)
@@ -294,6 +332,7 @@ class Recompute:
             raise UsageError(f"--recompute: {error}") from error
         self.name = name
         self.tolerance = RECOMPUTE_TOLERANCE[self.dtype]
+        self.store_dtype = stored_dtype(manifest)
 
     def compare(self, input_dir, output_dir, images):
         """Re-encode `images` (relative to input_dir) through the extractor's own decode, encode and pool
@@ -321,8 +360,8 @@ class Recompute:
                     relative = output_path_for(images[index])
                     try:
                         stored = torch.load(Path(output_dir) / relative, map_location="cpu", weights_only=True)
-                        errors = {level: relative_error(stored[level], levels[level][row:row + 1])
-                                  for level in self.levels}
+                        errors = {level: relative_error(stored[level], levels[level][row:row + 1],
+                                                        self.store_dtype) for level in self.levels}
                     except Exception as error:  # changed since it was checked: gone, torn, rewritten
                         differing[relative] = (f"cannot be compared with its recomputation "
                                                f"({type(error).__name__}: {error})")
@@ -359,12 +398,18 @@ def recompute_sample(recompute, args, with_files, bad_files):
     report = [f"recompute: sampled {len(sample)} of {len(with_files)} images with a file (seed {args.seed}): {shown}",
               f"recompute: compared {compared} with {recompute.name} in fp32 on {recompute.device.type}"
               + (f" ({len(unchecked)} with problems above not compared)" if unchecked else ""),
-              f"recompute: worst max|file - recomputed|/RMS per level: {format_errors(worst['all'])}; "
-              f"tolerance for {recompute.dtype} files {recompute.tolerance:g}"]
+              f"recompute: worst max|file - recomputed|/RMS per level{store_rounding_said(recompute.store_dtype)}: "
+              f"{format_errors(worst['all'])}; tolerance for {recompute.dtype} files {recompute.tolerance:g}"]
     if differing and compared > len(differing):
         report.append(f"recompute: of the {compared - len(differing)} files that agree: "
                       f"{format_errors(worst['agreeing'])}")
     return problems, set(differing), report
+
+
+def store_rounding_said(store_dtype):
+    """'' for fp32 files; for bf16 and fp16 files, what relative_error leaves out before comparing."""
+    unit = STORE_ROUNDING[store_dtype]
+    return f" (beyond the {store_dtype} store's rounding, 2**{int(math.log2(unit))} of each value)" if unit else ""
 
 
 def counted(number, singular, plural=None):
@@ -412,6 +457,7 @@ def main(args):
 
     levels, hidden_size, manifest_problems = manifest_layout(output_dir)
     problems += [(output_dir / MANIFEST_NAME, problem) for problem in manifest_problems]
+    dtype = stored_dtype(read_manifest(output_dir)) if levels is not None else None
 
     recompute = None
     if args.recompute is not None:  # refused before any file is read: the model, its weights, the manifest
@@ -441,7 +487,7 @@ def main(args):
     problems += pack_problems
 
     def check(relative):
-        file_problems, layout = load_and_check(output_dir / relative, levels, hidden_size)
+        file_problems, layout = load_and_check(output_dir / relative, levels, hidden_size, dtype)
         if compare_with_pack is not None and not file_problems:
             file_problems = compare_with_pack(relative)
         return file_problems, layout
@@ -456,15 +502,17 @@ def main(args):
             if file_problems:
                 bad_files.add(relative)
             if layout is not None and layout[0]:
-                layouts[relative] = (tuple(layout[0]), layout[1])
+                layouts[relative] = (tuple(layout[0]), layout[1], layout[2])
         progress.close()
     if levels is None and layouts:
         # Without a manifest, the layout most files share stands in for it.
         (common, _), = Counter(layouts.values()).most_common(1)
         for relative, layout in layouts.items():
             if layout != common:
-                problems.append((output_dir / relative, f"has levels {list(layout[0])} and D={layout[1]}, "
-                                                        f"most files have {list(common[0])} and D={common[1]}"))
+                mine, theirs = (f" in {layout[2]}", f" in {common[2]}") if layout[2] != common[2] else ("", "")
+                problems.append((output_dir / relative, f"has levels {list(layout[0])} and D={layout[1]}{mine}, "
+                                                        f"most files have {list(common[0])} and D={common[1]}"
+                                                        f"{theirs}"))
                 bad_files.add(relative)
 
     failures, failure_problems = read_failures(output_dir)

@@ -129,19 +129,21 @@ class ArchiveLayout:
     layout and uses torch.save for a layout that differs.
     """
 
-    def __init__(self, shapes):
-        """`shapes`: {key: the shape of one image's level, (1, S*S, D)}, float32, in the file's key order."""
+    def __init__(self, shapes, dtypes=None):
+        """`shapes`: {key: the shape of one image's level, (1, S*S, D)}, in the file's key order; `dtypes`:
+        {key: its torch dtype} (float32 where not given): any dtype, the values' bytes are laid in as they are."""
         import torch
 
+        dtypes = {key: (dtypes or {}).get(key, torch.float32) for key in shapes}
         template = io.BytesIO()
-        torch.save({key: torch.zeros(shape) for key, shape in shapes.items()}, template)
+        torch.save({key: torch.zeros(shape, dtype=dtypes[key]) for key, shape in shapes.items()}, template)
         data = template.getvalue()
         records = _zip_records(data)
         names = [name for name, *_ in records]
         self.level_records = []  # per key, the index of its storage record
         for number, (key, shape) in enumerate(shapes.items()):
             found = [index for index, name in enumerate(names) if name.endswith(f"/data/{number}")]
-            if len(found) != 1 or records[found[0]][2] != 4 * math.prod(shape):
+            if len(found) != 1 or records[found[0]][2] != dtypes[key].itemsize * math.prod(shape):
                 raise NotTorchSaveLayout(f"storage record of {key}")
             self.level_records.append(found[0])
         found = [index for index, name in enumerate(names) if name.endswith("/.data/serialization_id")]
@@ -236,18 +238,27 @@ class WriterGone(RuntimeError):
 
 
 def checked_layout(levels):
-    """The ArchiveLayout of the images of `levels` ({key: (B, S*S, D) float32}), once its file of the
-    first image is torch.save's, byte for byte; None where torch.save lays its archive out otherwise."""
+    """The ArchiveLayout of the images of `levels` ({key: (B, S*S, D) CPU tensor, fp32, bf16 or fp16}), once its
+    file of the first image is torch.save's, byte for byte; None where torch.save lays its archive out otherwise."""
     import torch
 
     try:
-        layout = ArchiveLayout({key: (1, *value.shape[1:]) for key, value in levels.items()})
+        layout = ArchiveLayout({key: (1, *value.shape[1:]) for key, value in levels.items()},
+                               {key: value.dtype for key, value in levels.items()})
     except NotTorchSaveLayout:
         return None
     expected = io.BytesIO()
     torch.save({key: value[0:1].clone() for key, value in levels.items()}, expected)
-    rows = [memoryview(value[0].numpy()).cast("B") for value in levels.values()]
+    rows = [memoryview(raw_array(value[0])).cast("B") for value in levels.values()]
     return layout if b"".join(layout.pieces(rows)) == expected.getvalue() else None
+
+
+def raw_array(tensor):
+    """A numpy array over a contiguous CPU tensor's memory, whatever its dtype: numpy has no bfloat16, so a
+    bfloat16 tensor's values are seen as their raw 16 bits (uint16); the bytes are the tensor's either way."""
+    import torch
+
+    return (tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 def _image_pyramid(levels, index):
@@ -259,7 +270,8 @@ def _image_pyramid(levels, index):
     """
     import torch
 
-    return {key: torch.from_numpy(value[index:index + 1].numpy().copy()) for key, value in levels.items()}
+    return {key: torch.from_numpy(raw_array(value[index:index + 1]).copy()).view(value.dtype)
+            for key, value in levels.items()}
 
 
 class Writer:
@@ -284,7 +296,7 @@ class Writer:
         self.serialise = serialise
         self.queue = queue.Queue(maxsize=max_pending)
         self.error = None
-        self.layouts = {}  # {((key, per-image shape), ...): ArchiveLayout, or None where torch.save writes}
+        self.layouts = {}  # {((key, per-image shape, dtype), ...): ArchiveLayout, or None where torch.save writes}
         self._layouts_lock = threading.Lock()
         self._error_lock = threading.Lock()
         self._written = [0] * threads  # one counter per thread: no lock on the hot path
@@ -306,7 +318,7 @@ class Writer:
         return sum(self._non_finite)
 
     def submit_batch(self, relative_outputs, levels, ready=None, release=None, finite=None, on_non_finite=None):
-        """Queue one batch: output paths (B,) and {"16x16": (B, 256, D), ...} CPU fp32 tensors.
+        """Queue one batch: output paths (B,) and {"16x16": (B, 256, D), ...} CPU tensors in the files' dtype.
 
         `ready` (a CUDA event, or None) completes once `levels` hold their values: the writer waits
         for it, never the caller. `release()` is called once the batch's files are written (also
@@ -401,12 +413,13 @@ class Writer:
         `check` and ends the batch. A subclass may wrap it (tests slow it down)."""
         if not relative_outputs:
             return
-        levels = {key: value.float().contiguous() for key, value in levels.items()}  # the run's: as they are
+        levels = {key: value.contiguous() for key, value in levels.items()}  # the run's: as they are
         layout = self._layout(levels)
         if layout is None:  # each image copied out: torch.save of a view would store the whole batch
             files = (_image_pyramid(levels, i) for i in range(len(relative_outputs)))
         else:
-            flat = [(memoryview(value.numpy()).cast("B"), value[0].numel() * 4) for value in levels.values()]
+            flat = [(memoryview(raw_array(value)).cast("B"), value[0].numel() * value.element_size())
+                    for value in levels.values()]
             files = ([view[i * size:(i + 1) * size] for view, size in flat] for i in range(len(relative_outputs)))
         for relative_output, content in zip(relative_outputs, files):
             if self.error is not None:
@@ -429,7 +442,7 @@ class Writer:
         """The checked ArchiveLayout of these levels' shapes, made once per shape; None: torch.save."""
         if self.serialise == "torch.save":
             return None
-        shapes = tuple((key, tuple(value.shape[1:])) for key, value in levels.items())
+        shapes = tuple((key, tuple(value.shape[1:]), value.dtype) for key, value in levels.items())
         with self._layouts_lock:
             if shapes not in self.layouts:
                 self.layouts[shapes] = checked_layout(levels)
@@ -439,13 +452,15 @@ class Writer:
 # What torch.save adds to the tensors' bytes, as measured: about 1.4 KB for the archive, 0.2 KB per tensor.
 FILE_OVERHEAD_BYTES, TENSOR_OVERHEAD_BYTES = 1500, 200
 DISK_BLOCK_BYTES = 4096  # a file takes whole blocks of most filesystems
+STORE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes a value of each --store_dtype
 
 
-def estimated_file_bytes(level_sizes, hidden_size, flip=False):
+def estimated_file_bytes(level_sizes, hidden_size, flip=False, store_dtype="fp32"):
     """The disk space one pyramid file takes: levels of sides `level_sizes` ([16, 8, 4, 2, 1]) of `hidden_size`
-    float32 channels each, twice with --flip, plus the archive's overhead, rounded up to whole blocks.
-    dinov2-base: 1.05 MB (10**6 bytes) a file, 2.1 MB with --flip."""
+    channels each in `store_dtype` (4 bytes a value for fp32, 2 for bf16 and fp16), twice with --flip, plus
+    the archive's overhead, rounded up to whole blocks. dinov2-base: 1.05 MB (10**6 bytes) a file in fp32,
+    2.1 MB with --flip; 0.53 MB in bf16 or fp16."""
     tensors = len(level_sizes) * (2 if flip else 1)
-    data = sum(side * side for side in level_sizes) * hidden_size * 4 * (2 if flip else 1)
+    data = sum(side * side for side in level_sizes) * hidden_size * STORE_BYTES[store_dtype] * (2 if flip else 1)
     size = data + FILE_OVERHEAD_BYTES + TENSOR_OVERHEAD_BYTES * tensors
     return -(-size // DISK_BLOCK_BYTES) * DISK_BLOCK_BYTES

@@ -121,7 +121,7 @@ def test_images_with_non_finite_features_are_failures_and_the_others_are_the_nor
     result = run_cli("--input_dir", write_trigger_images(tmp_path / "in", kinds), "--output_dir", tmp_path / "out",
                      *common)
     assert result.returncode == 3, result.stderr
-    message = non_finite_message("fp32", [False])
+    message = non_finite_message("fp32", [False, False])
     assert message.startswith("non-finite features (NaN or inf) for the image, computed in fp32; no file written")
     assert "weights of --model are likely broken" in message
     assert failures(tmp_path / "out") == [{"path": "01_left.png", "error": message},
@@ -172,7 +172,7 @@ def test_a_model_that_is_nan_everywhere_writes_no_file(tmp_path, tiny_model):
     result = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tmp_path / "model",
                      "--batch_size", 2, "--num_workers", 0)
     assert result.returncode == 3, result.stderr
-    assert failures(tmp_path / "out") == [{"path": f"{i:05d}.png", "error": non_finite_message("fp32", [False])}
+    assert failures(tmp_path / "out") == [{"path": f"{i:05d}.png", "error": non_finite_message("fp32", [False, False])}
                                           for i in range(5)]
     assert outputs(tmp_path / "out") == []
     assert summary_line(result.stderr).startswith("done: 0 written, 0 skipped (already there), 5 failed in ")
@@ -180,11 +180,20 @@ def test_a_model_that_is_nan_everywhere_writes_no_file(tmp_path, tiny_model):
 
 
 def test_non_finite_message_names_the_part_and_the_dtype_to_try():
-    assert non_finite_message("bf16", [True, False]) == (
+    assert non_finite_message("bf16", [True, False, True, False]) == (
         "non-finite features (NaN or inf) for its mirror (--flip), computed in bf16; no file written: "
         "rerun with --dtype fp32")
-    assert non_finite_message("fp16", [False, False]).startswith(
+    assert non_finite_message("fp16", [False, False, False, False]).startswith(
         "non-finite features (NaN or inf) for the image and its mirror (--flip), computed in fp16")
+    # Finite as computed, beyond the range of the files' dtype once rounded into it
+    assert non_finite_message("fp32", [True, False], "fp16") == (
+        "features of the image beyond the range of --store_dtype fp16 (|x| > 65504): finite in fp32, inf once "
+        "stored; no file written: store this tree in bf16 or fp32 (--store_dtype bf16 with another --output_dir, "
+        "or with --overwrite)")
+    assert non_finite_message("bf16", [True, True, True, False], "bf16").startswith(
+        "features of its mirror (--flip) beyond the range of --store_dtype bf16 (|x| > 3.38953e+38)")
+    assert non_finite_message("bf16", [True, True, True, False], "bf16").endswith(
+        "store this tree in fp32 (--store_dtype fp32 with another --output_dir, or with --overwrite)")
 
 
 def test_the_summary_of_a_run_with_nothing_to_encode_gives_no_rate(tmp_path, capsys):

@@ -285,6 +285,24 @@ def test_torch_save_serialiser_writes_the_same_bytes(tmp_path):
         Writer(tmp_path, serialise="pickle")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_size_files_are_torch_saves_bytes_by_either_serialiser(tmp_path, dtype):
+    levels = {key: value.to(dtype) for key, value in build_pyramid(torch.randn(3, 256, 64), 16).items()}
+    writers = {}
+    for serialise in ("layout", "torch.save"):
+        writers[serialise] = Writer(tmp_path / serialise, threads=2, serialise=serialise)
+        writers[serialise].submit_batch(["a.pt", "b.pt", "c.pt"], levels)
+        writers[serialise].close()
+    assert [layout is not None for layout in writers["layout"].layouts.values()] == [True]
+    for name, pyramid in zip(["a.pt", "b.pt", "c.pt"], split_pyramids(levels)):
+        for serialise in writers:
+            assert (tmp_path / serialise / name).read_bytes() == torch_save_bytes(pyramid), (serialise, name)
+    loaded = torch.load(tmp_path / "layout" / "c.pt", weights_only=True)
+    for key, value in loaded.items():
+        assert value.dtype == dtype and value.is_contiguous() and torch.equal(value[0], levels[key][2])
+        assert value.untyped_storage().nbytes() == value.numel() * 2  # its own storage, 2 bytes a value
+
+
 def test_write_atomic_finishes_files_the_kernel_takes_in_parts(tmp_path, monkeypatch):
     real_writev = os.writev
     calls = []
