@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from pyramid.loader import PREFETCH, PyramidLoader
-from pyramid.reader import read_ahead, read_pyramid
+from pyramid.loader import PyramidLoader
+from pyramid.reader import STORED_DTYPES, as_numpy, from_numpy, numpy_dtype, read_ahead, read_pyramid
 from pyramid.team import usable_cpus, usable_memory
 from pyramid.tree import (
     FLIP_PREFIX,
+    MANIFEST_NAME,
     STATS_NAME,
     available_levels,
     current_pack,
@@ -25,6 +26,7 @@ from pyramid.tree import (
     pack_dir,
     pack_level_path,
     stats_current,
+    stored_dtype,
     tree_state,
 )
 
@@ -74,17 +76,20 @@ class PyramidDataset(Dataset):
     """The pyramid files below `root`, in sorted order, one item per image.
 
     Item i is a dict: `"name"` is the image's path relative to `root` without its suffix, as a POSIX
-    string (`"a/b/c"` for `a/b/c.pt`, made from `a/b/c.jpg`), and one `float32` tensor of shape
-    `[s*s, D]` per level asked for (the stored `[1, s*s, D]` without its leading 1), so the default
-    collate gives `{"name": [B names], "8x8": (B, 64, D), ...}`.
+    string (`"a/b/c"` for `a/b/c.pt`, made from `a/b/c.jpg`), and one tensor of shape `[s*s, D]` per
+    level asked for (the stored `[1, s*s, D]` without its leading 1), so the default collate gives
+    `{"name": [B names], "8x8": (B, 64, D), ...}`. The tensors hold the stored dtype (`self.stored_dtype`:
+    float32, or bfloat16 / float16 for a tree extracted with --store_dtype), float32 when normalised
+    (`self.dtype` says which); `loader(..., dtype=torch.float32)` hands out float32 batches of any tree.
 
     `levels`: a list of level names such as `["4x4", "8x8"]`; None means every plain level. Only the
     levels asked for are read from disk. The available levels are those of manifest.json (with their
     `flip/` twins when it says flip), or of the first file when there is no manifest.
 
-    `normalize=True`: each level becomes `(x - mean) / std` per channel, with the mean and std of the
-    level actually read from `root/stats.pt` (`python -m pyramid.stats`); refused when stats.pt is
-    missing or was computed from other files.
+    `normalize=True`: each level becomes `(x - mean) / std` per channel, computed in float32 (so the
+    items are float32 whatever the stored dtype), with the mean and std of the level actually read from
+    `root/stats.pt` (`python -m pyramid.stats`); refused when stats.pt is missing or was computed from
+    other files.
 
     `flip="random"`: per item, either the levels or their `flip/` twins (the mirrored image), under the
     plain keys, each with probability 1/2. Items draw from torch's random generator: seeded by
@@ -105,7 +110,8 @@ class PyramidDataset(Dataset):
 
     `preload`: None, "cpu", "cuda" or a torch.device: the levels asked for (with their flip/ twins for
     flip="random"; normalised when asked) are read once, at construction, from the pack or the files
-    into one [N, s*s, D] tensor per level in that memory (`self.preloaded`, on `self.preload_device`),
+    into one [N, s*s, D] tensor per level in that memory, of the items' dtype (a bf16 tree takes half
+    the memory of an fp32 one unless normalised) (`self.preloaded`, on `self.preload_device`),
     and items and loader batches are served from there (`self.source` is then "preload"); refused with
     MemoryError, naming the size, when they do not fit in the memory free there. Items of a CUDA preload
     are CUDA tensors; use `loader()` (or num_workers=0) with it.
@@ -134,6 +140,7 @@ class PyramidDataset(Dataset):
             raise ValueError(f"unknown level(s) {unknown}; available: {available}.")
         self.levels = list(levels)
         self.flip = flip
+        self.stored_dtype = self._stored_dtype(manifest)
         if flip and available:
             unflippable = [level for level in self.levels if flip_twin(level) not in available]
             if unflippable:
@@ -144,6 +151,7 @@ class PyramidDataset(Dataset):
         self._pack = self._choose_pack(pack, manifest, records)
         self.source = "files" if self._pack is None else "pack"
         self._scales = self._load_scales(manifest, records) if normalize else None
+        self.dtype = torch.float32 if normalize else self.stored_dtype  # the items'; normalised in float32
         self._scales_on = {}  # the scales copied to each device that normalises
         self._open_pid, self._pack_arrays_open, self._open_lock = None, None, threading.Lock()
         self._shapes = self._level_shapes()
@@ -156,6 +164,25 @@ class PyramidDataset(Dataset):
             self._preload(preload, preload_device)
 
     collate = staticmethod(collate)
+
+    def _stored_dtype(self, manifest):
+        """The torch dtype of the files' levels: the manifest's store_dtype; without a manifest, the first
+        file's (float32 where there is none)."""
+        name = stored_dtype(manifest)
+        if name is not None:
+            if name not in STORED_DTYPES:
+                raise ValueError(f"{self.root / MANIFEST_NAME} says store_dtype {name!r}, not one of "
+                                 f"{', '.join(STORED_DTYPES)}.")
+            return STORED_DTYPES[name]
+        if not self.files:
+            return torch.float32
+        pyramid, _ = read_pyramid(self.root / self.files[0], self.levels[:1])
+        return next(iter(pyramid.values())).dtype if pyramid else torch.float32
+
+    @property
+    def _row_dtype(self):
+        """The dtype _read_rows reads: the preload's, or the files' (and the pack's)."""
+        return self.preloaded[self.sources[0]].dtype if self.preloaded else self.stored_dtype
 
     def _level_shapes(self):
         """{level: (s*s, D)} of every source level, from the pack or the first file (one small read)."""
@@ -187,9 +214,10 @@ class PyramidDataset(Dataset):
         for level in self.sources:
             path = pack_level_path(pack_dir(self.root), level)
             array = np.load(path, mmap_mode="r")  # (N, s*s, D): read only for its header's size
-            if array.dtype != np.float32 or array.shape[0] != len(self.files):
-                raise ValueError(f"{path} holds {array.dtype} {list(array.shape)}, not float32 "
-                                 f"[{len(self.files)}, ...]")
+            expected = numpy_dtype(self.stored_dtype)  # bf16: uint16, the raw bits
+            if array.dtype != expected or array.shape[0] != len(self.files):
+                raise ValueError(f"{path} holds {array.dtype} {list(array.shape)}, not {expected} "
+                                 f"[{len(self.files)}, ...] ({self.stored_dtype}, the files' dtype)")
             layout[level] = (path, array.offset, array[0].nbytes, array.shape[1:])
         return layout
 
@@ -232,12 +260,14 @@ class PyramidDataset(Dataset):
         self.__dict__.update(state, _open_lock=threading.Lock())
 
     def loader(self, batch_size, shuffle=False, drop_last=False, seed=0, device=None, rank=None, world_size=None,
-               prefetch=PREFETCH):
+               **options):
         """The fast way to iterate: a PyramidLoader (pyramid/loader.py) over this dataset; each pass over
         it is one epoch, of batches {"name": [B names], level: (B, s*s, D), ...}. `rank` and `world_size`
-        (both or neither): this process's part of every epoch, where torch.distributed does not say it."""
+        (both or neither): this process's part of every epoch, where torch.distributed does not say it.
+        `options`: PyramidLoader's `prefetch` (batches read ahead, 2) and `dtype` (the batches' dtype;
+        None: the items', `self.dtype`; torch.float32 widens a bf16 or fp16 tree exactly)."""
         loader = PyramidLoader(self, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, device=device,
-                               prefetch=prefetch)
+                               **options)
         loader.set_ranks(rank, world_size)
         return loader
 
@@ -263,17 +293,17 @@ class PyramidDataset(Dataset):
                             raise OSError(f"{path} is shorter than its header says")
                         with warnings.catch_warnings():  # read-only memory: never written, only gathered from
                             warnings.simplefilter("ignore", UserWarning)
-                            array = torch.frombuffer(mapped, dtype=torch.float32, offset=offset,
-                                                     count=len(self.files) * row_bytes // 4)
+                            array = torch.frombuffer(mapped, dtype=self.stored_dtype, offset=offset,
+                                                     count=len(self.files) * row_bytes // self.stored_dtype.itemsize)
                         arrays[level] = array.view(len(self.files), *shape)
                     self._pack_arrays_open, self._open_pid = arrays, os.getpid()
         return self._pack_arrays_open
 
     def _read_rows(self, indices, flipped, rows, reading=None):
-        """Read items `indices` into `rows` {level: float32 numpy array (B, s*s, D)}: item indices[k]'s
-        level (its flip/ twin where flipped[k]) into row k. The values as stored: not normalised, except
-        from a preload, which holds them normalised. `reading`: a one-element list, set to the file
-        being read (what a read that never returns is stuck on).
+        """Read items `indices` into `rows` {level: numpy array (B, s*s, D) of `self._row_dtype`, bf16 as
+        uint16}: item indices[k]'s level (its flip/ twin where flipped[k]) into row k. The values as stored:
+        not normalised, except from a preload, which holds them normalised (in float32). `reading`: a
+        one-element list, set to the file being read (what a read that never returns is stuck on).
 
         From a preload or the pack: one gather (torch.index_select) per level and group of rows (the
         rows read from the levels, those read from the twins), straight into the batch when the group's
@@ -322,7 +352,16 @@ class PyramidDataset(Dataset):
                             out=_row_bytes(rows[level][members[0]:members[-1] + 1]))
                 else:
                     gathered = array.index_select(0, torch.from_numpy(indices[members]).to(array.device)).cpu()
-                    torch.from_numpy(rows[level]).index_copy_(0, torch.from_numpy(members), gathered)
+                    from_numpy(rows[level], array.dtype).index_copy_(0, torch.from_numpy(members), gathered)
+
+    def _as_items(self, batch, flipped):
+        """A batch as read ({level: (B, s*s, D) tensor of the stored dtype}) as items hold it: itself, or
+        normalised in float32 (in place where it is float32 already)."""
+        if self._scales is None:
+            return batch
+        batch = {level: tensor.float() for level, tensor in batch.items()}
+        self._normalize(batch, flipped)
+        return batch
 
     def _normalize(self, batch, flipped):
         """Normalise `batch` {level: (B, s*s, D) tensor} in place, each row by the statistics of the level
@@ -361,9 +400,9 @@ class PyramidDataset(Dataset):
             arrays = self._pack_arrays()
             batch = {level: arrays[source][index:index + 1].clone() for level, source in zip(self.levels, sources)}
         else:
-            batch = {level: torch.empty((1, *self._shapes[level]), dtype=torch.float32) for level in self.levels}
-            self._read_rows([index], flipped, {level: tensor.numpy() for level, tensor in batch.items()})
-        self._normalize(batch, flipped)
+            batch = {level: torch.empty((1, *self._shapes[level]), dtype=self.stored_dtype) for level in self.levels}
+            self._read_rows([index], flipped, {level: as_numpy(tensor) for level, tensor in batch.items()})
+        batch = self._as_items(batch, flipped)
         return {"name": name, **{level: tensor[0] for level, tensor in batch.items()}}  # (s*s, D) each
 
     def __getitems__(self, indices):
@@ -380,11 +419,15 @@ class PyramidDataset(Dataset):
                     rows = torch.from_numpy(np.flatnonzero(flipped)).to(home)
                     batch[level][rows] = self.preloaded[twin][torch.as_tensor(indices, device=home)[rows]]
         else:
-            shared = get_worker_info() is not None
-            batch = {level: host_empty((len(indices), *self._shapes[level]), shared=shared) for level in self.levels}
-            self._read_rows(indices, flipped, {level: tensor.numpy() for level, tensor in batch.items()})
+            worker = get_worker_info() is not None
+            widened = self._row_dtype != self.dtype  # bf16 or fp16 files, normalised in float32
+            batch = {level: host_empty((len(indices), *self._shapes[level]), self._row_dtype, worker and not widened)
+                     for level in self.levels}
+            self._read_rows(indices, flipped, {level: as_numpy(tensor) for level, tensor in batch.items()})
             if self.preloaded is None:
-                self._normalize(batch, flipped)
+                batch = self._as_items(batch, flipped)
+                if worker and widened:  # the float32 batch is the one that travels to the main process
+                    batch = {level: tensor.share_memory_() for level, tensor in batch.items()}
         rows = {level: tensor.unbind(0) for level, tensor in batch.items()}  # B views (s*s, D) per level
         items = [{"name": name, **{level: rows[level][row] for level in self.levels}}
                  for row, name in enumerate(names)]
@@ -396,16 +439,17 @@ class PyramidDataset(Dataset):
         if not count:
             self.preloaded, self.source = {}, "preload"
             return
-        row_bytes = sum(int(np.prod(self._shapes[source])) * 4 for source in self.sources)
+        row_bytes = sum(int(np.prod(self._shapes[source])) * self.dtype.itemsize for source in self.sources)
         needed, free = count * row_bytes, free_memory(device)
         if free is not None and needed > free:
             twins = " and their flip/ twins" if self.flip else ""
             raise MemoryError(f"preload={preload!r} needs {_size_text(needed)} ({count} items, levels "
                               f"{self.levels}{twins}) but {device} has {_size_text(free)} free; preload fewer "
                               f"levels, or preload=None to read the {self.source} each step")
-        preloaded = {source: host_empty((count, *self._shapes[source])) if device.type == "cpu" else
-                     torch.empty((count, *self._shapes[source]), dtype=torch.float32, device=device)
+        preloaded = {source: host_empty((count, *self._shapes[source]), self.dtype) if device.type == "cpu" else
+                     torch.empty((count, *self._shapes[source]), dtype=self.dtype, device=device)
                      for source in self.sources}
+        straight = device.type == "cpu" and self.dtype == self.stored_dtype  # read into the preload itself
         step = max(1, PRELOAD_CHUNK_BYTES // max(row_bytes, 1))  # items per chunk read
         chunks = [(start, min(start + step, count), twin) for twin in ((False, True) if self.flip else (False,))
                   for start in range(0, count, step)]
@@ -413,14 +457,14 @@ class PyramidDataset(Dataset):
         def read(chunk):
             start, end, twin = chunk
             sources = self._twins if twin else self.levels
-            if device.type == "cpu":  # straight into the preload
+            if straight:
                 rows = {level: preloaded[source][start:end] for level, source in zip(self.levels, sources)}
-            else:  # a host chunk, copied to the device below
-                rows = {level: torch.empty((end - start, *self._shapes[level])) for level in self.levels}
+            else:  # a host chunk, copied (normalised, or to the device) below
+                rows = {level: torch.empty((end - start, *self._shapes[level]), dtype=self.stored_dtype)
+                        for level in self.levels}
             flipped = np.full(end - start, twin) if self.flip else None
-            self._read_rows(range(start, end), flipped, {level: tensor.numpy() for level, tensor in rows.items()})
-            self._normalize(rows, flipped)
-            return chunk, rows
+            self._read_rows(range(start, end), flipped, {level: as_numpy(tensor) for level, tensor in rows.items()})
+            return chunk, self._as_items(rows, flipped)
 
         def describe(chunk):
             start, end, twin = chunk
@@ -428,7 +472,7 @@ class PyramidDataset(Dataset):
 
         workers = min(4, usable_cpus())
         for (start, end, twin), rows in read_ahead(read, chunks, workers, 2 * workers, describe=describe):
-            if device.type != "cpu":
+            if not straight:
                 for level, source in zip(self.levels, self._twins if twin else self.levels):
                     preloaded[source][start:end].copy_(rows[level])
         self.preloaded, self.source = preloaded, "preload"

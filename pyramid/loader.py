@@ -3,7 +3,9 @@
     loader = PyramidDataset(root, levels=["4x4", "8x8"]).loader(64, shuffle=True, device="cuda")
     for epoch in range(epochs):
         for batch in loader:                  # one pass = one epoch, a new order each pass
-            batch["8x8"]                      # (64, 64, D) float32, on the GPU
+            batch["8x8"]                      # (64, 64, D) in the stored dtype, on the GPU
+
+    loader = dataset.loader(64, dtype=torch.float32)  # float32 batches from a bf16 or fp16 tree
 
 A thread reads whole batches ahead of use (a gather per level from the pack's memory-mapped arrays or
 from a CPU preload, or one preadv per file straight into the batch; all of them release the GIL) into a
@@ -26,11 +28,11 @@ import time
 import numpy as np
 import torch
 
-from pyramid.reader import READ_TIMEOUT, ReadThreads
+from pyramid.reader import READ_TIMEOUT, ReadThreads, as_numpy, from_numpy, numpy_dtype
 from pyramid.team import cpus_per_process
 
 PREFETCH = 2  # batches read ahead of the one in use
-BATCH_DTYPE = torch.float32  # what batches hold, whatever the files store
+HANDED_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what a loader's dtype= may ask for
 MAX_WORKERS = 4  # threads reading one batch by default: enough to keep a server's memory busy
 # A part of a gathered batch smaller than this is not worth a thread's hand-over: the pack's and a
 # preload's batches are split in parts of at least this many bytes.
@@ -43,9 +45,14 @@ _END = object()  # what the reading thread puts after the last batch
 
 
 class PyramidLoader:
-    """Batches of a PyramidDataset: `{"name": [B names], level: (B, s*s, D) float32, ...}`, the same
-    values as its items (normalised and flipped the same way). Iterating over it is one epoch; len() is
-    the number of batches in an epoch.
+    """Batches of a PyramidDataset: `{"name": [B names], level: (B, s*s, D), ...}`, the same values as its
+    items (normalised and flipped the same way). Iterating over it is one epoch; len() is the number of
+    batches in an epoch.
+
+    `dtype`: the batches' dtype. None: the items' (`dataset.dtype`: the stored dtype, float32 when
+    normalised). torch.float32 widens bf16 or fp16 files exactly; torch.bfloat16 or torch.float16 rounds
+    to nearest even. Read in the stored dtype, converted after reading (for a device, after the copy
+    there: a bf16 tree moves half the bytes of an fp32 one).
 
     `shuffle`: every epoch in its own order, a pure function of (`seed`, epoch): the same on every run
     and every rank. Epochs count from 0 and go up by one per pass; `set_epoch(k)` makes the next pass
@@ -79,13 +86,18 @@ class PyramidLoader:
     then applies to each rank's part.
     """
 
-    def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0, device=None, prefetch=PREFETCH):
+    def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0, device=None, prefetch=PREFETCH,
+                 dtype=None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, not {seed!r}.")
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be a positive integer, not {prefetch!r}.")
+        if dtype is not None and dtype not in HANDED_OUT_DTYPES:
+            raise ValueError(f"dtype must be None (the items' dtype), torch.float32, torch.bfloat16 or "
+                             f"torch.float16, not {dtype!r}.")
+        self.dtype = dataset.dtype if dtype is None else dtype
         self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, batch_size, shuffle, drop_last
         self.seed, self.prefetch = seed, prefetch
         self.device = None if device is None else torch.device(device)
@@ -185,11 +197,12 @@ class PyramidLoader:
             plain = len(indices) if flipped is None else int((~flipped).sum())  # the twins' rows come last
             batch = {"name": [dataset.names[index] for index in indices.tolist()]}
             for level, twin in zip(dataset.levels, dataset._twins):
-                batch[level] = torch.empty((len(indices), *dataset._shapes[level]), dtype=torch.float32,
-                                           device=home)  # (B, s*s, D)
+                batch[level] = torch.empty((len(indices), *dataset._shapes[level]),
+                                           dtype=dataset.preloaded[level].dtype, device=home)  # (B, s*s, D)
                 torch.index_select(dataset.preloaded[level], 0, rows[:plain], out=batch[level][:plain])
                 if plain < len(indices):
                     torch.index_select(dataset.preloaded[twin], 0, rows[plain:], out=batch[level][plain:])
+                batch[level] = batch[level].to(self.dtype)
                 if self.device is not None and self.device != home:
                     batch[level] = batch[level].to(self.device, non_blocking=True)
             yield batch
@@ -198,19 +211,27 @@ class PyramidLoader:
         dataset = self.dataset
         shapes = {level: dataset._shapes[level] for level in dataset.levels}
         pinned = self.device is not None and self.device.type == "cuda"
-        if self._buffers is None:  # kept from epoch to epoch: new memory costs page faults
-            self._buffers = _Buffers(lambda: _Buffer(shapes, self.batch_size, pinned), self.prefetch + 3)
-        ready = queue.Queue(self.prefetch)
-        stop = threading.Event()
         # A preload holds normalised values; otherwise, with a device, normalising happens there, after
         # the copy (on a GPU: no CPU time).
-        normalize_here = self.device is None and dataset.preloaded is None
+        normalize_here = self.device is None and dataset.preloaded is None and dataset._scales is not None
+        read_dtype = dataset._row_dtype
+        # Without a device, batches are read in the stored dtype and staged into buffers of the batches' dtype
+        # where they differ (or normalising needs float32); with one, the copier converts on the device.
+        staged = self.device is None and (self.dtype != read_dtype or normalize_here and read_dtype != torch.float32)
+        out_dtype = self.dtype if staged else read_dtype
+        if self._buffers is None or self._buffers.dtypes != (read_dtype, out_dtype):  # kept from epoch to epoch
+            self._buffers = _Buffers(lambda: _Buffer(shapes, self.batch_size, pinned, read_dtype, out_dtype),
+                                     self.prefetch + 3)
+            self._buffers.dtypes = (read_dtype, out_dtype)
+        ready = queue.Queue(self.prefetch)
+        stop = threading.Event()
         reading = [[None] for _ in range(self.workers)]  # per reading thread: the file it is reading
         reader = threading.Thread(target=_read_batches, name="pyramid-loader", daemon=True,
-                                  args=(_BatchReader(dataset, self._parts(shapes), normalize_here, reading),
-                                        batches, self._buffers, ready, stop, self.timeout))
+                                  args=(_BatchReader(dataset, self._parts(shapes, read_dtype), normalize_here,
+                                                     reading), batches, self._buffers, ready, stop, self.timeout))
         reader.start()
-        copier = None if self.device is None else _Copier(dataset, self.device, normalize=dataset.preloaded is None)
+        copier = None if self.device is None else _Copier(dataset, self.device, normalize=dataset.preloaded is None,
+                                                          dtype=self.dtype)
         stuck = False
         try:
             ahead = None  # with a device: the batch to hand over next, while the copy of the one after is under way
@@ -227,7 +248,7 @@ class PyramidLoader:
                 buffer, indices, flipped = item
                 names = [dataset.names[index] for index in indices.tolist()]
                 if copier is None:
-                    batch = {"name": names, **{level: torch.from_numpy(array[:len(indices)])  # (B, s*s, D), a view
+                    batch = {"name": names, **{level: from_numpy(array[:len(indices)], out_dtype)  # (B, s*s, D), a view
                                                for level, array in buffer.arrays.items()}}
                     buffer.busy = False  # from here on the views say whether it is still in use
                     yield batch
@@ -245,13 +266,13 @@ class PyramidLoader:
             # when its read returns, by itself.
             reader.join(0 if stuck else min(self.timeout, JOIN_SECONDS))
 
-    def _parts(self, shapes):
+    def _parts(self, shapes, dtype):
         """Into how many parts (one per reading thread) each batch's rows are split: every thread for
-        files (each file costs system calls and a copy), fewer for a gather from memory, whose parts
-        are each worth a hand-over."""
+        files (each file costs system calls and a copy), fewer for a gather from memory (of `dtype`), whose
+        parts are each worth a hand-over."""
         if self.dataset.source == "files":
             return self.workers
-        batch_bytes = self.batch_size * sum(math.prod(shape) for shape in shapes.values()) * BATCH_DTYPE.itemsize
+        batch_bytes = self.batch_size * sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
         return max(1, min(self.workers, batch_bytes // MIN_GATHER_PART_BYTES))
 
 
@@ -285,14 +306,20 @@ def _next_batch(ready, reader, timeout, reading):
 
 class _Buffer:
     """One batch's worth of host memory, a numpy array (batch_size, s*s, D) per level (views of pinned
-    tensors when batches go to a CUDA device)."""
+    tensors when batches go to a CUDA device): `read` in the dtype the dataset reads, and `arrays`, what
+    batches are views of, in `out_dtype` (the same arrays where the dtypes are the same). bfloat16 is held
+    as uint16, its raw bits."""
 
-    def __init__(self, shapes, batch_size, pinned):
-        self.tensors = {level: torch.empty((batch_size, *shape), dtype=torch.float32, pin_memory=True)
+    def __init__(self, shapes, batch_size, pinned, dtype=torch.float32, out_dtype=torch.float32):
+        self.tensors = {level: torch.empty((batch_size, *shape), dtype=dtype, pin_memory=True)
                         for level, shape in shapes.items()} if pinned else None
         # numpy allocates large arrays with huge pages: filling them costs fewer page faults.
-        self.arrays = {level: (self.tensors[level].numpy() if pinned else np.empty((batch_size, *shape), np.float32))
-                       for level, shape in shapes.items()}
+        self.read = {level: as_numpy(self.tensors[level]) if pinned else np.empty((batch_size, *shape),
+                                                                                   numpy_dtype(dtype))
+                     for level, shape in shapes.items()}
+        self.arrays = self.read if out_dtype == dtype else {
+            level: np.empty((batch_size, *shape), numpy_dtype(out_dtype)) for level, shape in shapes.items()}
+        self.dtype, self.out_dtype = dtype, out_dtype
         self.busy = True  # taken: being filled, waiting in the queue, or being handed out
         self.copied = None  # the CUDA event after the last copy out of it
         self._unheld = self._references()
@@ -315,6 +342,7 @@ class _Buffers:
 
     def __init__(self, make, size):
         self.make, self.size, self.buffers = make, size, []
+        self.dtypes = None  # (read, handed out): the buffers' dtypes
         self.lock = threading.Lock()  # two passes at once each have a reading thread
 
     def take(self):
@@ -360,8 +388,8 @@ class _BatchReader:
         self.dataset, self.parts, self.normalize, self.reading = dataset, parts, normalize, reading
         # Torch's elementwise ops run on its own intra-op threads when it has more than one: called from
         # several threads at once, each call would start a team of its own. Then the whole batch is
-        # normalised once, on the reading thread.
-        self.normalize_parts = normalize and torch.get_num_threads() == 1
+        # normalised (and converted into the batches' dtype) once, on the reading thread.
+        self.finish_parts = torch.get_num_threads() == 1
 
     def read(self, buffer, indices, flipped, threads, stop):
         """Fill `buffer`'s first len(indices) rows; False if `stop` was set before every part was read."""
@@ -376,21 +404,33 @@ class _BatchReader:
                 if stop.is_set():
                     return False
             call.outcome()
-        if self.normalize and not self.normalize_parts:
-            self.dataset._normalize({level: torch.from_numpy(array[:count]) for level, array in buffer.arrays.items()},
-                                    flipped)
+        if not self.finish_parts:
+            self.finish(buffer, 0, count, flipped)
         return True
 
+    def finish(self, buffer, start, end, flipped):
+        """Rows [start, end) as batches hold them: normalised (in float32) where the batch is used on the CPU,
+        in the batches' dtype (`buffer.arrays`); rows are finished on their own, so a part gives the values
+        the whole batch would."""
+        if not self.normalize and buffer.arrays is buffer.read:
+            return
+        rows = {level: from_numpy(array[start:end], buffer.dtype) for level, array in buffer.read.items()}
+        if self.normalize:
+            rows = self.dataset._as_items(rows, flipped)  # float32, normalised (in place when read in float32)
+        for level, tensor in rows.items():  # into the arrays handed out, in their dtype, unless it is there
+            handed_out = from_numpy(buffer.arrays[level][start:end], buffer.out_dtype)
+            if handed_out.data_ptr() != tensor.data_ptr():
+                handed_out.copy_(tensor)
+
     def read_part(self, buffer, indices, flipped, start, end, part):
-        """Rows [start, end) of the batch: read, then normalised where the batch is used on the CPU and
-        torch runs on one thread (rows are normalised on their own, so a part gives the values the whole
-        batch would)."""
-        rows = {level: array[start:end] for level, array in buffer.arrays.items()}
+        """Rows [start, end) of the batch: read, then finished (see `finish`) here where torch runs on one
+        thread."""
+        rows = {level: array[start:end] for level, array in buffer.read.items()}
         flipped = None if flipped is None else flipped[start:end]
         reading = self.reading[part]
         self.dataset._read_rows(indices[start:end], flipped, rows, reading)
-        if self.normalize_parts:
-            self.dataset._normalize({level: torch.from_numpy(array) for level, array in rows.items()}, flipped)
+        if self.finish_parts:
+            self.finish(buffer, start, end, flipped)
         reading[0] = None
 
 
@@ -418,8 +458,8 @@ class _Copier:
     """Copies host buffers to the loader's device: into new tensors there, on a side stream for CUDA
     (pinned source, non_blocking), then normalised there."""
 
-    def __init__(self, dataset, device, normalize):
-        self.dataset, self.device, self.normalize = dataset, device, normalize
+    def __init__(self, dataset, device, normalize, dtype=torch.float32):
+        self.dataset, self.device, self.normalize, self.dtype = dataset, device, normalize, dtype
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def copy(self, buffer, names, flipped):
@@ -427,15 +467,18 @@ class _Copier:
         batch = {"name": names}
         context = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with context:
-            for level, array in buffer.arrays.items():
-                source = buffer.tensors[level] if buffer.tensors is not None else torch.from_numpy(array)
+            levels = {}
+            for level, array in buffer.arrays.items():  # in the dtype read: a 2-byte dtype moves half the bytes
+                source = buffer.tensors[level] if buffer.tensors is not None else from_numpy(array, buffer.dtype)
                 shape = (count, *array.shape[1:])  # (B, s*s, D)
-                batch[level] = (torch.from_numpy(np.empty(shape, np.float32)) if self.device.type == "cpu"  # huge pages
-                                else torch.empty(shape, dtype=torch.float32, device=self.device))
-                batch[level].copy_(source[:count], non_blocking=self.stream is not None)
+                levels[level] = (from_numpy(np.empty(shape, array.dtype), buffer.dtype)  # huge pages
+                                 if self.device.type == "cpu"
+                                 else torch.empty(shape, dtype=buffer.dtype, device=self.device))
+                levels[level].copy_(source[:count], non_blocking=self.stream is not None)
                 del source
             if self.normalize:
-                self.dataset._normalize({level: tensor for level, tensor in batch.items() if level != "name"}, flipped)
+                levels = self.dataset._as_items(levels, flipped)  # float32, normalised there
+            batch.update({level: tensor.to(self.dtype) for level, tensor in levels.items()})
             done = None
             if self.stream is not None:
                 done = torch.cuda.Event()
