@@ -14,18 +14,22 @@ from pyramid.writer import estimated_file_bytes, save_atomic
 DISK_BYTES = 2 * 1024 * 1024
 
 
-@pytest.mark.parametrize("hidden, flip", [(TINY_HIDDEN, False), (384, True), (768, False), (768, True)])
-def test_the_estimate_is_the_space_a_written_file_takes(tmp_path, hidden, flip):
+@pytest.mark.parametrize("hidden, flip, store_dtype", [(TINY_HIDDEN, False, "fp32"), (384, True, "fp32"),
+                                                      (768, False, "fp32"), (768, True, "fp32"),
+                                                      (768, False, "bf16"), (384, True, "fp16")])
+def test_the_estimate_is_the_space_a_written_file_takes(tmp_path, hidden, flip, store_dtype):
     levels = build_pyramid(torch.randn(2 if flip else 1, 256, hidden), 16)  # {"16x16": (B, 256, D), ...}
     if flip:
         levels = split_twins(levels)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[store_dtype]
     path = tmp_path / "file.pt"
-    save_atomic(split_pyramids(levels)[0], path)
+    save_atomic(split_pyramids({key: value.to(dtype) for key, value in levels.items()})[0], path)
     taken = os.stat(path).st_blocks * 512  # what the file takes on the disk, in whole blocks
-    estimate = estimated_file_bytes(pyramid_sizes(16), hidden, flip)
+    estimate = estimated_file_bytes(pyramid_sizes(16), hidden, flip, store_dtype)
     assert taken <= estimate <= taken + 4096, (taken, estimate)
     if hidden == 768:  # the figures the docs give for dinov2-base
-        assert round(estimate / 1e6, 2) == (2.1 if flip else 1.05)
+        assert round(estimate / 1e6, 2) == {("fp32", False): 1.05, ("fp32", True): 2.1,
+                                            ("bf16", False): 0.53}[store_dtype, flip]
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """pyramid/levels.py against hand-written references."""
 
+import numpy as np
 import torch
 
 from pyramid.levels import average_2x2, build_pyramid, level_side, pyramid_sizes, split_pyramids, strip_special_tokens
@@ -90,3 +91,28 @@ def test_finite_images_flags_each_image_by_its_coarsest_level():
                              for i in range(5)])
     assert torch.equal(finite_images(levels), reference)
     assert finite_images(build_pyramid(patches[:, :9], 3)).tolist() == [True, False, False, False, True]
+
+
+def test_stored_levels_round_once_to_nearest_even_and_flag_what_overflows():
+    from pyramid.levels import finite_images, representable_images, stored_levels
+
+    patches = torch.randn(3, 16, 8) * torch.logspace(-6, 4, 8)  # (B, G*G, D): tiny to large values
+    patches[1, 5, 7] = 70000.0  # beyond fp16's 65504 (finite in fp32 and bf16)
+    patches[2, 0, 0] = 65519.0  # rounds to 65504 in fp16: still finite
+    levels = build_pyramid(patches, 4)
+    bits = {key: value.numpy().view(np.uint32).astype(np.uint64) for key, value in levels.items()}
+    for dtype in (torch.bfloat16, torch.float16):
+        stored = stored_levels(levels, dtype)
+        for key, value in stored.items():
+            assert value.dtype == dtype and value.shape == levels[key].shape
+            if dtype == torch.float16:  # numpy's float32 -> float16 rounds to nearest even
+                with np.errstate(over="ignore"):  # 70000 becomes inf, as it should
+                    expected = levels[key].numpy().astype(np.float16)
+                assert np.array_equal(value.numpy(), expected, equal_nan=True), key
+            else:  # bf16 by hand: the upper 16 bits of the float32, rounded to nearest, ties to even
+                upper = (bits[key] + 0x7FFF + ((bits[key] >> 16) & 1)) >> 16
+                assert np.array_equal(value.view(torch.int16).numpy().view(np.uint16), upper.astype(np.uint16))
+        fits = representable_images(stored)
+        assert finite_images(levels).tolist() == [True, True, True]
+        assert fits.tolist() == ([True, False, True] if dtype == torch.float16 else [True, True, True])
+    assert stored_levels(levels, torch.float32)["4x4"] is levels["4x4"]  # fp32 files: no copy

@@ -121,3 +121,24 @@ def test_read_ahead_raises_a_failed_or_stuck_read_within_its_timeout():
     while threading.active_count() > threads and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() == threads
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_size_files_are_parsed_by_their_bytes_into_tensors_and_numpy_rows(tmp_path, monkeypatch, dtype):
+    from pyramid.reader import from_numpy, numpy_dtype
+
+    pyramid = {key: value.to(dtype) for key, value in make_pyramid(4).items()}
+    save_atomic(pyramid, tmp_path / "a.pt")
+    assert_same_as_torch_load(tmp_path / "a.pt")
+
+    def no_torch_load(*args, **kwargs):
+        raise AssertionError("read by torch.load: the parser did not take this file")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    got, _ = read_pyramid(tmp_path / "a.pt", ["1x1", "4x4"])
+    assert all(got[key].dtype == dtype and torch.equal(got[key], pyramid[key]) for key in got)
+    rows = {key: np.empty(pyramid[key].shape[1:], numpy_dtype(dtype)) for key in ("8x8", "2x2")}  # the loader's
+    read_pyramid(tmp_path / "a.pt", list(rows), out=rows)
+    for key, row in rows.items():
+        assert row.dtype == (np.uint16 if dtype == torch.bfloat16 else np.float16)  # bf16 as its raw bits
+        assert torch.equal(from_numpy(row, dtype), pyramid[key][0])

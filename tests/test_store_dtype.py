@@ -210,14 +210,16 @@ def test_pack_reader_and_loader_serve_the_files_values_in_their_dtype_or_float32
                 assert item[level].dtype == dtype and torch.equal(item[level], stored[relative][level][0])
         batches = list(dataset.loader(3, shuffle=True, seed=1))
         widened = list(dataset.loader(3, shuffle=True, seed=1, dtype=torch.float32))
+        copied = list(dataset.loader(3, shuffle=True, seed=1, device="cpu", dtype=torch.float32))  # the copier's
         order = dataset.loader(3, shuffle=True, seed=1).plan(0)[0]
-        for number, (batch, wide) in enumerate(zip(batches, widened, strict=True)):
+        for number, (batch, wide, copy) in enumerate(zip(batches, widened, copied, strict=True)):
             expected = stacked_items(from_files, order[3 * number:3 * number + 3].tolist())
             for level in levels:
                 assert batch[level].dtype == dtype and torch.equal(batch[level], expected[level]), dataset.source
                 assert wide[level].dtype == torch.float32 and torch.equal(wide[level], expected[level].float())
-            del batch, wide
-        del batches, widened
+                assert copy[level].dtype == torch.float32 and torch.equal(copy[level], expected[level].float())
+            del batch, wide, copy
+        del batches, widened, copied
         collated = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=PyramidDataset.collate)
         first = next(iter(collated))["16x16"]
         assert first.dtype == dtype and torch.equal(first, stacked_items(from_files, range(4))["16x16"])

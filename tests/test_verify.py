@@ -414,3 +414,33 @@ def test_sample_images_is_sorted_seeded_and_whole_when_asked_for_more():
     assert sample == sorted(sample) and len(set(sample)) == 5 and set(sample) <= set(images)
     assert sample_images(images, 5, seed=0) == sample != sample_images(images, 5, seed=1)
     assert sample_images(images, 50, seed=0) == sample_images(images, 51, seed=7) == images
+
+
+@pytest.mark.parametrize("name, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_a_pyramid_rounded_once_into_its_store_dtype_passes_and_a_wrong_level_does_not(name, dtype):
+    from pyramid.levels import build_pyramid, stored_levels
+
+    torch.manual_seed(0)
+    finest = torch.randn(1, 256, 64) * torch.logspace(-3, 3, 64)  # channels from 1e-3 to 1e3, like outliers
+    pyramid = stored_levels(build_pyramid(finest, 16), dtype)
+    assert check_pyramid(pyramid, LEVELS, 64, name) == []
+    assert check_pyramid(pyramid, LEVELS, 64) == [f"{level} is {dtype}, expected torch.float32 (store_dtype fp32)"
+                                                  for level in LEVELS]
+    pyramid["4x4"] = pyramid["4x4"].clone()
+    pyramid["4x4"][0, 3, 60] *= 1.05  # a wrong value, 5 % off: well beyond two roundings of either dtype
+    problems = check_pyramid(pyramid, LEVELS, 64, name)
+    assert [problem.split(" (")[0] for problem in problems] == [
+        "4x4 is not the 2x2 mean of 8x8", "2x2 is not the 2x2 mean of 4x4"], problems
+
+
+def test_relative_error_leaves_out_the_store_rounding_and_nothing_more():
+    torch.manual_seed(0)
+    recomputed = torch.randn(1, 64, 32) * 10
+    recomputed[0, 0, 0] = 1e-6  # a subnormal in fp16
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        stored = recomputed.to(dtype)
+        assert relative_error(stored, recomputed) > 0  # the rounding, seen as an error of an fp32 file
+        assert relative_error(stored, recomputed, name) == 0.0
+        off = stored.clone()
+        off[0, 5, 3] += 0.5  # one value off by 0.5 of an RMS of about 10: a wrong value, not rounding
+        assert relative_error(off, recomputed, name) > 0.02
