@@ -208,14 +208,17 @@ def check_pack(output_dir):
     record = read_pack_record(output_dir)
     if record is None:
         return None, [(directory, f"has no readable {PACK_RECORD_NAME}; {rerun}")]
-    reasons = pack_staleness(record, *tree_state(output_dir))
+    manifest, records = tree_state(output_dir)
+    reasons = pack_staleness(record, manifest, records)
     if reasons:
         return None, [(directory, f"is stale, so never read ({'; '.join(reasons)}); {rerun}")]
     arrays, problems = {}, []
-    dtype, manifest_dtype = pack_stored_dtype(record), stored_dtype(read_manifest(output_dir)) or "fp32"
-    if dtype != manifest_dtype:
-        return None, [(directory, f"holds {dtype} arrays ({PACK_RECORD_NAME}), the files are {manifest_dtype} "
-                                  f"({MANIFEST_NAME}); {rerun}")]
+    dtype = pack_stored_dtype(record)
+    if manifest is not None and dtype != stored_dtype(manifest):
+        return None, [(directory, f"holds {dtype} arrays ({PACK_RECORD_NAME}), the files are "
+                                  f"{stored_dtype(manifest)} ({MANIFEST_NAME}); {rerun}")]
+    if dtype not in STORED_DTYPES:
+        return None, [(directory, f"says its arrays are {dtype!r} ({PACK_RECORD_NAME}); {rerun}")]
     expected = numpy_dtype(STORED_DTYPES[dtype])  # bf16: uint16, the raw bits
     for level in record["levels"]:
         path = pack_level_path(directory, level)

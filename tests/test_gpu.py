@@ -88,13 +88,15 @@ def faces(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dtype_runs(tmp_path_factory, base_model, faces):
-    """The CLI on the base-size model: fp32 on CPU, then on CUDA with --dtype auto, fp32 and bf16."""
+    """The CLI on the base-size model: fp32 on CPU, then on CUDA with --dtype auto, fp32 and bf16, and fp32
+    stored as bf16 (rounded on the device, copied to the host in bf16)."""
     root = tmp_path_factory.mktemp("dtype_runs")
     runs = {}
-    for name, dtype, env in (("cpu-fp32", "fp32", ON_CPU), ("cuda-auto", "auto", None),
-                             ("cuda-fp32", "fp32", None), ("cuda-bf16", "bf16", None)):
+    for name, dtype, env, store in (("cpu-fp32", "fp32", ON_CPU, "fp32"), ("cuda-auto", "auto", None, "fp32"),
+                                    ("cuda-fp32", "fp32", None, "fp32"), ("cuda-bf16", "bf16", None, "fp32"),
+                                    ("cuda-fp32-store-bf16", "fp32", None, "bf16")):
         result = run_cli("--input_dir", faces, "--output_dir", root / name, "--model", base_model,
-                         "--dtype", dtype, "--batch_size", 5, "--num_workers", 2, env=env)
+                         "--dtype", dtype, "--batch_size", 5, "--num_workers", 2, "--store_dtype", store, env=env)
         runs[name] = (result, root / name)
     return runs
 
@@ -119,6 +121,23 @@ def test_cli_on_cuda_writes_fp32_files_in_every_dtype(dtype_runs, name, manifest
             assert value.shape == (1, side * side, 768) and value.is_contiguous()
             assert value.untyped_storage().nbytes() == value.numel() * 4
     checked = verify(directory)  # pooling, finiteness, storage, manifest: the same checks as users run
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@needs_cuda
+@not_quick
+def test_store_dtype_on_cuda_is_the_fp32_files_rounded_once(dtype_runs):
+    # Rounded on the device before the copy, into pinned bf16 buffers, written from them: the same bits as the
+    # fp32 run's files rounded on the host (the same batches, kernels and GPU compute the same fp32 values).
+    result, directory = dtype_runs["cuda-fp32-store-bf16"]
+    assert result.returncode == 0 and dtype_runs["cuda-fp32"][0].returncode == 0, result.stderr
+    stored, reference = load_tree(directory), load_tree(dtype_runs["cuda-fp32"][1])
+    assert sorted(stored) == sorted(reference) and len(stored) == 12
+    for name, pyramid in stored.items():
+        for level, value in pyramid.items():
+            assert value.dtype == torch.bfloat16 and value.untyped_storage().nbytes() == value.numel() * 2
+            assert torch.equal(value, reference[name][level].to(torch.bfloat16)), (name, level)
+    checked = verify(directory)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 

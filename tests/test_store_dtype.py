@@ -225,6 +225,9 @@ def test_pack_reader_and_loader_serve_the_files_values_in_their_dtype_or_float32
         assert first.dtype == dtype and torch.equal(first, stacked_items(from_files, range(4))["16x16"])
     with pytest.raises(ValueError, match="dtype must be"):
         from_files.loader(3, dtype=torch.float64)
+    record["dtype"] = "fp32"  # a pack.json that disagrees with the manifest: named, never compared as float32
+    (tree / "pack" / "pack.json").write_text(json.dumps(record))
+    assert run_verify(tree) == verify.PROBLEMS_FOUND
 
 
 def test_normalised_items_and_batches_are_float32_from_a_bf16_tree(trees, tmp_path):
