@@ -227,7 +227,7 @@ class PyramidLoader:
         stop = threading.Event()
         reading = [[None] for _ in range(self.workers)]  # per reading thread: the file it is reading
         reader = threading.Thread(target=_read_batches, name="pyramid-loader", daemon=True,
-                                  args=(_BatchReader(dataset, self._parts(shapes, read_dtype), normalize_here,
+                                  args=(_BatchReader(dataset, self._parts(shapes), normalize_here,
                                                      reading), batches, self._buffers, ready, stop, self.timeout))
         reader.start()
         copier = None if self.device is None else _Copier(dataset, self.device, normalize=dataset.preloaded is None,
@@ -266,13 +266,14 @@ class PyramidLoader:
             # when its read returns, by itself.
             reader.join(0 if stuck else min(self.timeout, JOIN_SECONDS))
 
-    def _parts(self, shapes, dtype):
+    def _parts(self, shapes):
         """Into how many parts (one per reading thread) each batch's rows are split: every thread for
-        files (each file costs system calls and a copy), fewer for a gather from memory (of `dtype`), whose
-        parts are each worth a hand-over."""
+        files (each file costs system calls and a copy), fewer for a gather from memory, whose parts
+        are each worth a hand-over."""
         if self.dataset.source == "files":
             return self.workers
-        batch_bytes = self.batch_size * sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
+        row_bytes = sum(math.prod(shape) for shape in shapes.values()) * self.dataset._row_dtype.itemsize
+        batch_bytes = self.batch_size * row_bytes
         return max(1, min(self.workers, batch_bytes // MIN_GATHER_PART_BYTES))
 
 
