@@ -290,9 +290,10 @@ def test_a_damaged_file_is_raised_naming_it_and_the_threads_end(tree, tmp_path):
     path.write_bytes(path.read_bytes()[:500])  # torch.load's error for it does not name the file
     threads = threading.active_count()
     loader = data.loader(8, shuffle=True).set_reading(workers=3)
-    with pytest.raises(RuntimeError, match=f"reading {path}: "):
+    with pytest.raises(Exception) as raised:  # whichever error the reader finds, it names the file
         for _ in loader:
             pass
+    assert str(path) in str(raised.value)
     assert threading.active_count() == threads  # the reading thread and its helpers are gone
 
 
