@@ -4,13 +4,15 @@
     python -m pyramid.bench --reader --tree data/feature_pyramids
 
 Rows, each over the same number of items, in one process unless it says DataLoader: the raw read()
-bound of the files, torch.load, the plain dataset (torch.load with mmap, then a clone per level),
-PyramidDataset items from the files, the raw pread() bound of the pack rows an item is made of,
-PyramidDataset items from the pack; the DataLoader loops (collate_fn=PyramidDataset.collate, timed on
-their second epoch with persistent workers; the plain dataset's with the default collate); the plain
-loop (DataLoader(dataset, batch_size, shuffle=True, num_workers), default collate, workers started
-each epoch); and dataset.loader(batch_size, shuffle=True)
-from the files, the pack and a CPU preload, each pass a new epoch, timed until it has served the items.
+bound of the files, the same read() into the rows of batch-sized buffers (the cost of one copy into
+memory larger than the caches, which every batch is), torch.load, the plain dataset (torch.load with
+mmap, then a clone per level), PyramidDataset items from the files, the raw pread() bound of the pack
+rows an item is made of, PyramidDataset items from the pack; the DataLoader loops
+(collate_fn=PyramidDataset.collate, timed on their second epoch with persistent workers; the plain
+dataset's with the default collate); the plain loop (DataLoader(dataset, batch_size, shuffle=True,
+num_workers), default collate, workers started each epoch); and dataset.loader(batch_size,
+shuffle=True) from the files, the pack and a CPU preload, each pass a new epoch, timed until it has
+served the items.
 Rounds are interleaved (each round runs every row once, in a rotated order) and the median is
 reported, so a machine that is busy in bursts slows every row alike.
 """
@@ -31,7 +33,7 @@ from pyramid.dataset import PyramidDataset
 from pyramid.encoder import ModelInfo
 from pyramid.exits import UsageError
 from pyramid.levels import build_pyramid, split_pyramids, split_twins
-from pyramid.loader import default_workers
+from pyramid.loader import PREFETCH, default_workers
 from pyramid.manifest import build_manifest, write_manifest
 from pyramid.pack import build_pack
 from pyramid.tree import available_levels, current_pack, item_name, pack_dir, pack_level_path, tree_state
@@ -137,6 +139,20 @@ def reader_rows(root, items, rounds, batch_size, num_workers):
         with open(paths[index], "rb", buffering=0) as file:
             file.read()
 
+    # The same read() into the rows of batch-sized buffers, used in turn as the loader uses its own: what one
+    # copy of the bytes into memory far larger than the caches costs, where read() above reuses one hot buffer.
+    batch_rows = [np.empty((batch_size, max(os.path.getsize(paths[i]) for i in order)), np.uint8)
+                  for _ in range(PREFETCH + 3)]
+    for rows_of_a_batch in batch_rows:
+        rows_of_a_batch.fill(0)  # its pages in place before it is timed, as the loader's are after its first batch
+
+    def read_into_batch_rows():
+        started = time.perf_counter()
+        for position, index in enumerate(order):
+            with open(paths[index], "rb", buffering=0) as file:
+                file.readinto(batch_rows[position // batch_size % len(batch_rows)][position % batch_size])
+        return len(order) / (time.perf_counter() - started)
+
     def read_pack_rows(index):
         for level in levels:
             _, offset, size, _ = layout[level]
@@ -144,6 +160,7 @@ def reader_rows(root, items, rounds, batch_size, num_workers):
 
     rows = {
         "raw read(), files": (lambda: _per_item(read_file, order), file_bytes),
+        "raw read() into batch rows, files": (read_into_batch_rows, file_bytes),
         "torch.load, files": (lambda: _per_item(lambda i: torch.load(paths[i], weights_only=True), order), file_bytes),
         "torch.load mmap + clone, files": (lambda: _per_item(plain.__getitem__, order), file_bytes),
         "PyramidDataset, files": (lambda: _per_item(files_dataset.__getitem__, order), file_bytes),
@@ -200,6 +217,8 @@ def format_reader_table(figures):
     plain = {name.rsplit(", ", 1)[1]: rate for name, (rate, _) in rows.items() if name.startswith("plain loop")}
     lines.append("  dataset.loader / raw read of the files: "
                  + ", ".join(f"{name} {rate / raw:.2f}" for name, rate in loader.items())
+                 + f"; files / raw read into batch rows: "
+                   f"{loader['files'] / rows['raw read() into batch rows, files'][0]:.2f}"
                  + f"; pack / raw pread of its rows: {loader['pack'] / rows['raw pread(), pack rows'][0]:.2f}"
                  + "; plain loop: " + ", ".join(f"{name} {rate / raw:.2f}" for name, rate in plain.items()))
     return "\n".join(lines)

@@ -163,7 +163,8 @@ def test_reader_figures_side_by_side_on_a_synthetic_tree():
     assert figures["files"] == 12 and figures["levels"] == 5 and 1.0 < figures["file_mb"] < 1.1
     assert 1.0 < figures["pack_gb"] * 1000 / 12 < 1.1  # the pack takes what the files take
     rows = figures["rows"]
-    assert {"raw read(), files", "torch.load, files", "torch.load mmap + clone, files", "PyramidDataset, files",
+    assert {"raw read(), files", "raw read() into batch rows, files", "torch.load, files",
+            "torch.load mmap + clone, files", "PyramidDataset, files",
             "raw pread(), pack rows", "PyramidDataset, pack",
             "plain loop: DataLoader(batch 4, shuffle, 0 workers), files",
             "dataset.loader(4, shuffle=True), files", "dataset.loader(4, shuffle=True), pack",
