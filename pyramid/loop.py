@@ -97,9 +97,12 @@ class Tally:
 
     @property
     def failed(self):
-        """Recorded failures: unreadable images, images too large for the device's memory, and images whose
-        features came out non-finite."""
-        return self.unreadable + self.too_large + (self.writer.non_finite if self.writer is not None else 0)
+        """Recorded failures: unreadable images, images too large for the device's memory, images whose features
+        came out non-finite, and images whose file could not be written for a reason of its own (a name the file
+        system or the tree refuses)."""
+        if self.writer is None:
+            return self.unreadable + self.too_large
+        return self.unreadable + self.too_large + self.writer.non_finite + self.writer.unwritable
 
     @property
     def done(self):
@@ -297,10 +300,12 @@ class Extraction:
         them for the writer, which waits for the copy, not us."""
         host, ready, release = self.copies.start({**levels, FINITE_KEY: finite})
         finite = host.pop(FINITE_KEY)
+        outputs = [output_path_for(image) for image in images]
         with self.signals.deferred():  # a queue hand-over: no StopNow inside it (stopping.py)
-            self.tally.writer.submit_batch([output_path_for(image) for image in images], host, ready=ready,
-                                           release=release, finite=finite,
-                                           on_non_finite=functools.partial(self.report_non_finite, images))
+            self.tally.writer.submit_batch(outputs, host, ready=ready, release=release, finite=finite,
+                                           on_non_finite=functools.partial(self.report_non_finite, images),
+                                           on_unwritable=functools.partial(self.report_unwritable,
+                                                                           dict(zip(outputs, images))))
 
     def memory_name(self):
         return "GPU memory" if self.device.type == "cuda" else "memory"
@@ -490,6 +495,11 @@ class Extraction:
         """The writer's call for an image of `images` whose features came out non-finite (on its thread)."""
         self.record_failure(images[position], non_finite_message(DTYPE_NAMES[self.encoder.dtype], flags,
                                                                  self.settings.store_dtype))
+
+    def report_unwritable(self, images, relative_output, why):
+        """The writer's call for a file it could not write for a reason of its own (on its thread);
+        `images`: {relative output: image} of the batch."""
+        self.record_failure(images[relative_output], why)
 
     def close_writer(self, status):
         """Wait for the writer's last files; a write error turns a clean status into exits.WRITE_ERROR."""

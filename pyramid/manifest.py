@@ -1,7 +1,6 @@
 """What made the files: manifest.json, the refusal to mix settings in one output tree, and --overwrite."""
 
 import json
-import os
 import platform
 import shutil
 from pathlib import Path
@@ -14,8 +13,8 @@ from pyramid.tree import (
     REPLACING_KEY,
     manifest_differences,
     read_manifest,
-    temporary_name,
 )
+from pyramid.writer import write_atomic
 
 FORMAT_VERSION = 1
 
@@ -56,11 +55,9 @@ def version_changes(existing, wanted):
 
 
 def write_manifest(output_dir, manifest):
-    """Write manifest.json atomically (temporary file, then rename)."""
-    path = Path(output_dir) / MANIFEST_NAME
-    temporary = temporary_name(path, os.getpid())
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(temporary, path)
+    """Write manifest.json atomically (writer.write_atomic: a temporary file never followed through a link,
+    then a rename)."""
+    write_atomic([(json.dumps(manifest, indent=2) + "\n").encode()], Path(output_dir) / MANIFEST_NAME)
 
 
 def adopt_output_tree(output_dir, wanted, finished, overwrite):

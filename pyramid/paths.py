@@ -2,6 +2,7 @@
 
 import heapq
 import os
+import stat
 import struct
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +97,7 @@ def images_to_do(relative_image_paths, finished_outputs):
 
 
 def is_complete_archive(path):
-    """True when the file at `path` ends with a consistent zip footer, as every file torch.save wrote does.
+    """True when the regular file at `path` ends with a consistent zip footer, as every file torch.save wrote does.
 
     A file that a crash cut short (size 0, or data missing at its end) or whose last blocks never
     reached the disk (zeros) fails: the end record must sit in the last bytes, and the central
@@ -104,9 +105,11 @@ def is_complete_archive(path):
     how long the file must be. Reads at most TAIL_BYTES, never the whole file.
     """
     try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            if size < ZIP_END.size:
+        # Not blocking, not through a link: a FIFO swapped in since the scan is no archive, not a wait.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW), "rb") as file:
+            status = os.fstat(file.fileno())
+            size = status.st_size
+            if not stat.S_ISREG(status.st_mode) or size < ZIP_END.size:
                 return False
             start = max(0, size - TAIL_BYTES)
             file.seek(start)

@@ -7,6 +7,7 @@ need checked; the sizes: batch size, decode workers, the shared memory they take
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +17,8 @@ from pyramid.manifest import adopt_output_tree, build_manifest, version_changes
 from pyramid.paths import IMAGE_SUFFIXES, find_clashes, find_damaged_outputs, find_images, images_to_do, output_path_for
 from pyramid.progress import format_bytes, log
 from pyramid.team import cpus_per_process, usable_cpus
-from pyramid.tree import FAILURES_NAME, read_manifest, remove_abandoned_temporaries, scan_outputs
-from pyramid.writer import estimated_file_bytes
+from pyramid.tree import FAILURES_NAME, failed_image, read_manifest, remove_abandoned_temporaries, scan_outputs
+from pyramid.writer import estimated_file_bytes, write_atomic
 
 
 @dataclass
@@ -99,23 +100,28 @@ def _round_up_gb(size):
 
 
 def _recorded_path(line):
-    """The image path of a failures.jsonl line, or None for a blank or torn line."""
+    """The image path of a failures.jsonl line (tree.failed_image), or None for a blank or torn line."""
     try:
-        return json.loads(line).get("path")
-    except (ValueError, AttributeError):
+        return failed_image(json.loads(line))
+    except ValueError:
         return None
 
 
 def prune_failures(output_dir, retried):
     """Drop the failures.jsonl lines of images this run tries again (they are recorded again if still
-    broken), and any torn line a killed writer left."""
+    broken), and any torn line a killed writer left. The lines kept are kept byte for byte; the file is
+    replaced atomically, and one that is not a regular file is refused."""
     path = Path(output_dir) / FAILURES_NAME
-    if not path.exists():
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{path} is not a regular file (a link, a FIFO or a folder); remove it and rerun")
+    kept = [line for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
             if (recorded := _recorded_path(line)) is not None and recorded not in retried]
     if kept:
-        path.write_text("\n".join(kept) + "\n", encoding="utf-8")
+        write_atomic([("\n".join(kept) + "\n").encode("utf-8", "surrogateescape")], path)
     else:
         path.unlink()
 

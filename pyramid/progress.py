@@ -3,6 +3,8 @@
 import sys
 import time
 
+from pyramid.tree import readable_text
+
 
 def format_duration(seconds):
     """Seconds as H:MM:SS: 3725 -> '1:02:05'."""
@@ -77,7 +79,9 @@ class Progress:
 
 
 def log(message, progress=None):
-    """One line to stderr, above the progress bar where there is one."""
+    """One line to stderr, above the progress bar where there is one; a file name's bytes that are not UTF-8
+    are written \\xNN, as failures.jsonl has them (a stream that takes only UTF-8 would raise on them)."""
+    message = readable_text(message)
     if progress is not None and progress.interactive:
         from tqdm import tqdm
 

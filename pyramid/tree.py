@@ -3,7 +3,7 @@
     OUTPUT_DIR/
         a/b/c.pt                one pyramid per image: levels "16x16" ... "1x1" (with --flip also "flip/16x16" ...)
         manifest.json           what made the files (pyramid.manifest writes it)
-        failures.jsonl          one {"path", "error"} line per image that failed
+        failures.jsonl          one {"path", "error"} line per image that failed (and "path_bytes": see failure_line)
         runs.jsonl              one line per run (pyramid.runs)
         stats.pt                statistics for normalising (pyramid.stats)
         pack/                   the packed copy (pyramid.pack): <level>.npy, flip/<level>.npy, pack.json
@@ -15,11 +15,14 @@ size and mtime, and the compared settings of manifest.json), and is current whil
 Every module that reads or writes these names takes them from here.
 """
 
+import base64
+import errno
 import hashlib
 import json
 import os
 import shlex
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -32,13 +35,19 @@ STATS_NAME = "stats.pt"
 PACK_DIR = "pack"
 PACK_RECORD_NAME = "pack.json"
 LOCK_NAME = ".pyramid.lock"
-FLIP_PREFIX = "flip/"  # the levels of the mirrored image (--flip): "flip/16x16", ...
+FLIP_PREFIX = "flip/"  # the levels of the mirrored image (--flip): "flip/16x16", ..., in files and under pack/
 TEMPORARY_MARK = ".tmp."
 # The pack is built beside pack/ and swapped in: temporary directories named as temporary files are.
 PACK_TEMPORARY_PREFIX = f".{PACK_DIR}{TEMPORARY_MARK}"
 PACK_OLD_PREFIX = f".{PACK_DIR}-old{TEMPORARY_MARK}"
-# Files at the top of a tree that end in OUTPUT_SUFFIX but are no pyramids.
-NOT_PYRAMIDS = frozenset({STATS_NAME})
+# Names at the top of a tree that the tree keeps for itself: no image's file is ever one of them or under one
+# (an image `stats.png` or `pack/x.png` is a recorded failure instead, see reserved_output), and no reader
+# takes them for pyramids. The lock's own files start with LOCK_NAME.
+TOP_NAMES = {MANIFEST_NAME: "the settings that made the files", FAILURES_NAME: "the record of failed images",
+             RUNS_NAME: "the record of runs", STATS_NAME: "the statistics (pyramid.stats)",
+             PACK_DIR: "the packed copy (pyramid.pack)"}
+# The bytes of a file name on Linux's file systems (ext4, xfs, btrfs, tmpfs, NFS): a temporary must fit too.
+NAME_MAX = 255
 # What is made from the files: a replacement of the files (--overwrite) removes it too.
 DERIVED_NAMES = (FAILURES_NAME, STATS_NAME, PACK_DIR)
 # A temporary from another machine is taken as abandoned once it is this old.
@@ -57,15 +66,80 @@ def with_twins(levels, flip):
     return list(levels) + [flip_twin(level) for level in levels] if flip else list(levels)
 
 
+def readable_text(text):
+    r"""`text` as valid UTF-8 for people and JSON: the bytes of a file name that are not UTF-8 (which Python
+    holds as lone surrogates, and no UTF-8 encoder takes) written as \xNN, 'bad\udcfe.png' -> r'bad\xfe.png'.
+    Any other text is returned as it is."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name gives: its code point, escaped
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _readable(value):
+    """`value` (JSON-like) with every string, keys included, made readable_text."""
+    if isinstance(value, str):
+        return readable_text(value)
+    if isinstance(value, dict):
+        return {_readable(key): _readable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_readable(item) for item in value]
+    return value
+
+
 def append_json_line(path, record):
     """Append `record` to the JSON-lines file at `path` as one line: a single write with O_APPEND, so lines
-    of several processes or runs never interleave and a line is never torn by another."""
-    line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    of several processes or runs never interleave and a line is never torn by another.
+
+    The line is valid UTF-8 whatever the strings hold (readable_text); a link or a FIFO at `path` is refused
+    (OSError), never followed outside the tree or waited on."""
+    line = json.dumps(_readable(record), ensure_ascii=False, default=lambda value: readable_text(str(value))) + "\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENXIO, errno.EINVAL):  # a link, a FIFO, a socket or a device
+            raise OSError(error.errno, f"{readable_text(os.fspath(path))} is not a regular file; remove it") \
+                from error
+        raise
     try:
         os.write(fd, line.encode("utf-8"))
     finally:
         os.close(fd)
+
+
+def failure_line(relative_path, message):
+    """The failures.jsonl record of an image: {"path": its relative path, "error": message}. A path whose
+    bytes are not UTF-8 is written readable (readable_text), and "path_bytes" then holds its exact bytes in
+    base64, so a script can still find the file."""
+    record = {"path": readable_text(relative_path), "error": message}
+    if record["path"] != relative_path:
+        try:
+            record["path_bytes"] = base64.b64encode(os.fsencode(relative_path)).decode("ascii")
+        except UnicodeEncodeError:  # not a name from a file system: there are no exact bytes to give
+            pass
+    return record
+
+
+def failed_image(record):
+    """The relative image path (as find_images gives it) of a failures.jsonl record; None for a line
+    that is not one."""
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        return None
+    exact = record.get("path_bytes")
+    if exact is None:
+        return record["path"]
+    try:
+        return os.fsdecode(base64.b64decode(exact, validate=True))
+    except (ValueError, TypeError):
+        return None
 
 
 # ----------------------------------------------------------------------------- temporaries
@@ -74,10 +148,17 @@ def append_json_line(path, record):
 def temporary_name(final_path, tag):
     """The hidden temporary beside `final_path` that a writer renames into place: 'd/a.pt' -> 'd/.a.pt.tmp.<tag>'.
 
-    Hidden and without the .pt suffix, so no reader that globs '*.pt' ever sees a half file.
+    Hidden and without the .pt suffix, so no reader that globs '*.pt' ever sees a half file. Where the final
+    name is too long for that (a 250-byte image name), its end is cut, at a character, so the temporary fits
+    NAME_MAX bytes: the tag alone tells one writer's temporary from another's, each writing one file at a time.
     """
     final_path = Path(final_path)
-    return final_path.with_name(f".{final_path.name}{TEMPORARY_MARK}{tag}")
+    ending = f"{TEMPORARY_MARK}{tag}"
+    room = NAME_MAX - 1 - len(os.fsencode(ending))
+    name = final_path.name
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return final_path.with_name(f".{name}{ending}")
 
 
 def is_temporary_name(name):
@@ -119,20 +200,59 @@ def remove_abandoned_temporaries(temporaries):
             Path(temporary).unlink(missing_ok=True)
 
 
+def reserved_output(relative_output):
+    """Why no image's file may be `relative_output` (a relative POSIX path), or None when it may: a name the tree
+    keeps for itself at its top (stats.pt, under pack/, ...), the lock's, or one named like a temporary, which a
+    later run would take for a writer's leftover and delete."""
+    parts = relative_output.split("/")
+    top = parts[0]
+    if top in TOP_NAMES:
+        where = top if len(parts) == 1 else f"under {top}/"
+        return (f"its file {relative_output} would be {where}, which the output tree keeps for {TOP_NAMES[top]}; "
+                f"rename the image or move it into a folder")
+    if top.startswith(LOCK_NAME):
+        return (f"its file {relative_output} would be under {top}, named like the output tree's lock "
+                f"({LOCK_NAME}); rename the image's folder")
+    if any(is_temporary_name(part) for part in parts):
+        return (f"its file {relative_output} would be named like a writer's temporary (a name that starts with "
+                f"'.' and holds '{TEMPORARY_MARK}'), which a later run deletes; rename the image or its folder")
+    return None
+
+
 def scan_outputs(output_dir):
-    """(finished, temporaries): relative POSIX paths of the .pt files under `output_dir`, and the
-    paths of leftover temporaries from interrupted writers."""
+    """(finished, temporaries): relative POSIX paths of the pyramids under `output_dir`, and the paths of
+    leftover temporaries from interrupted writers.
+
+    A pyramid is a regular file ending in .pt in a real folder of the tree (links are not followed: the
+    extractor writes through none, see writer.make_folders), whose name is not one the tree keeps for itself
+    (reserved_output: stats.pt, pack/, ...). Anything else named *.pt (a FIFO, a socket, a folder, a link)
+    is not one; a run writes the image's file over it where it can.
+    """
     root = os.fspath(output_dir)
     finished, temporaries = set(), []
     if not os.path.isdir(root):
         return finished, temporaries
-    for directory, _, files in os.walk(root):
-        relative_dir = os.path.relpath(directory, root)
-        for name in files:
-            if is_temporary_name(name):
-                temporaries.append(os.path.join(directory, name))
-            elif name.endswith(OUTPUT_SUFFIX) and not (relative_dir == "." and name in NOT_PYRAMIDS):
-                finished.add(name if relative_dir == "." else f"{relative_dir}/{name}".replace(os.sep, "/"))
+    waiting = [("", root)]
+    while waiting:
+        relative_dir, directory = waiting.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:  # unreadable: its files are not seen, so a run tries to write them again
+            continue
+        for entry in entries:
+            relative = f"{relative_dir}/{entry.name}" if relative_dir else entry.name
+            try:
+                is_folder = entry.is_dir(follow_symlinks=False)
+                is_file = entry.is_file(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_folder:
+                if reserved_output(f"{relative}/x{OUTPUT_SUFFIX}") is None:  # pack/ and the like hold no pyramids
+                    waiting.append((relative, entry.path))
+            elif is_temporary_name(entry.name):
+                temporaries.append(entry.path)
+            elif is_file and entry.name.endswith(OUTPUT_SUFFIX) and reserved_output(relative) is None:
+                finished.add(relative)
     return finished, temporaries
 
 

@@ -1,16 +1,38 @@
 """Atomic .pt writes on background threads, and the failures.jsonl record."""
 
+import errno
 import io
 import math
 import os
 import queue
+import stat
 import struct
 import threading
 import zlib
 from pathlib import Path
 
 from pyramid.team import cpus_per_process
-from pyramid.tree import FAILURES_NAME, append_json_line, temporary_name, writer_tag
+from pyramid.tree import (
+    FAILURES_NAME,
+    append_json_line,
+    failure_line,
+    readable_text,
+    reserved_output,
+    temporary_name,
+    writer_tag,
+)
+
+# Write errors that concern one file, not the disk: a name the file system refuses (too long, bytes it does
+# not take), something in the way (a folder where the file goes, a file where a folder goes), a folder this
+# process may not write. Such a file is that image's recorded failure, and the run goes on. Any other error
+# (ENOSPC, EDQUOT, EROFS, EIO, ...) would fail every file after it: it stops the run as a write error.
+ONE_FILE_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL, errno.EISDIR, errno.ENOTDIR,
+                             errno.EEXIST, errno.ENOTEMPTY, errno.ELOOP, errno.EACCES, errno.EPERM, errno.EBUSY,
+                             errno.ETXTBSY})
+
+
+class LinkedFolder(Exception):
+    """A folder of the output tree that an image's file would go into is a symbolic link."""
 
 
 def save_atomic(obj, path, fsync=False):
@@ -40,7 +62,7 @@ def write_atomic(pieces, path, fsync=False):
     path = Path(path)
     temporary = temporary_name(path, writer_tag())
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        fd = _create(temporary)
         try:
             _write_all(fd, pieces)
             if fsync:
@@ -53,6 +75,39 @@ def write_atomic(pieces, path, fsync=False):
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _create(temporary):
+    """Open a new file at `temporary` for writing. Never through a link (one planted at the name would send
+    the bytes outside the tree): a leftover of the same name is this writer's (its tag names this host,
+    process and thread), from a dead process whose pid came back, and is replaced."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        return os.open(temporary, flags, 0o666)
+    except FileExistsError:
+        os.unlink(temporary)
+        return os.open(temporary, flags, 0o666)
+
+
+def make_folders(root, relative):
+    """Create the folders `relative` (a relative path) under `root` where missing, and check that each is a
+    real folder: a symbolic link among them raises LinkedFolder, so no file of the extractor lands outside
+    `root` (or in another folder of the tree, under a second name); a file among them, NotADirectoryError."""
+    folder = Path(root)
+    folder.mkdir(parents=True, exist_ok=True)  # the output directory itself may be a link: the user's choice
+    for part in Path(relative).parts:
+        folder = folder / part
+        try:
+            os.mkdir(folder)
+            continue
+        except FileExistsError:  # already there (another thread may have made it a moment ago)
+            pass
+        mode = os.lstat(folder).st_mode
+        if stat.S_ISLNK(mode):
+            raise LinkedFolder(f"{folder} is a symbolic link, and the extractor writes only into real folders of "
+                               f"the output directory, so that nothing lands outside it; make it a folder")
+        if not stat.S_ISDIR(mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fspath(folder))
 
 
 def _write_all(fd, pieces):
@@ -212,9 +267,9 @@ def _fsync_directory(directory):
 
 
 def record_failure(output_dir, relative_path, message):
-    """Append one {"path", "error"} line to failures.jsonl (tree.append_json_line: one write with O_APPEND,
-    so lines from several processes never interleave)."""
-    append_json_line(Path(output_dir) / FAILURES_NAME, {"path": relative_path, "error": message})
+    """Append the failures.jsonl line of an image (tree.failure_line; tree.append_json_line: one write with
+    O_APPEND, so lines from several processes never interleave)."""
+    append_json_line(Path(output_dir) / FAILURES_NAME, failure_line(relative_path, message))
 
 
 def default_writer_threads():
@@ -283,8 +338,9 @@ class Writer:
     back through the batch's `release`. The files are torch.save's bytes: made by ArchiveLayout
     (`serialise="layout"`, the GIL mostly free) or by torch.save itself (`"torch.save"`, and for any
     layout ArchiveLayout does not reproduce; `layouts` says which). `submit_batch` blocks only when
-    `max_pending` batches wait, so the memory held stays a few batches whatever the run's size. The
-    first write error stops the writer; `check` raises it in the caller's thread. `close` waits for
+    `max_pending` batches wait, so the memory held stays a few batches whatever the run's size. A
+    file that cannot be written for a reason of its own is its image's failure (`on_unwritable`); any other
+    write error (a full disk) stops the writer, and `check` raises it in the caller's thread. `close` waits for
     every submitted file. Neither waits on threads that are gone: WriterGone once none is left.
     """
 
@@ -301,6 +357,7 @@ class Writer:
         self._error_lock = threading.Lock()
         self._written = [0] * threads  # one counter per thread: no lock on the hot path
         self._non_finite = [0] * threads
+        self._unwritable = [0] * threads
         self._made_dirs = set()
         self._ended = [False] * threads  # per thread: took its end marker (not ended by an error)
         self._threads = [threading.Thread(target=self._loop, args=(slot,), name=f"pyramid-writer-{slot}",
@@ -317,7 +374,13 @@ class Writer:
         """Images given no file because their `finite` flags said so."""
         return sum(self._non_finite)
 
-    def submit_batch(self, relative_outputs, levels, ready=None, release=None, finite=None, on_non_finite=None):
+    @property
+    def unwritable(self):
+        """Images whose file could not be written for a reason of its own, each handed to `on_unwritable`."""
+        return sum(self._unwritable)
+
+    def submit_batch(self, relative_outputs, levels, ready=None, release=None, finite=None, on_non_finite=None,
+                     on_unwritable=None):
         """Queue one batch: output paths (B,) and {"16x16": (B, 256, D), ...} CPU tensors in the files' dtype.
 
         `ready` (a CUDA event, or None) completes once `levels` hold their values: the writer waits
@@ -325,10 +388,11 @@ class Writer:
         after an error), so the caller may reuse that memory. `finite`, (B, k) bool arriving with the
         levels, flags each image's parts (the image, its mirror); an image with a False flag gets no
         file, and `on_non_finite(position in the batch, its flags as a list)` is called instead, on a
-        writer thread.
+        writer thread. A file that cannot be written for a reason of its own (write_batch) is
+        `on_unwritable(relative output, why)`'s, on a writer thread; without it, a write error of the run.
         """
         self.check()
-        self._put((relative_outputs, levels, ready, release, finite, on_non_finite))
+        self._put((relative_outputs, levels, ready, release, finite, on_non_finite, on_unwritable))
 
     def check(self):
         if self.error is not None:
@@ -375,7 +439,7 @@ class Writer:
 
     def _serve(self, slot):
         while (item := self.queue.get()) is not None:
-            relative_outputs, levels, ready, release, finite, on_non_finite = item
+            relative_outputs, levels, ready, release, finite, on_non_finite, on_unwritable = item
             try:
                 if self.error is None:  # after an error, drain so submit_batch never blocks forever
                     if ready is not None:
@@ -383,7 +447,8 @@ class Writer:
                     if finite is not None:
                         relative_outputs, levels = self._drop_non_finite(slot, relative_outputs, levels, finite,
                                                                          on_non_finite)
-                    self.write_batch(slot, relative_outputs, levels)
+                    unwritable = self.write_batch(slot, relative_outputs, levels)
+                    self._report_unwritable(slot, unwritable or [], on_unwritable)
             except Exception as error:  # a failed device copy: raised in the run loop by check()
                 self._fail(error)
             finally:
@@ -408,11 +473,26 @@ class Writer:
                 self._non_finite[slot] += 1
         return [relative_outputs[position] for position in kept], {key: value[kept] for key, value in levels.items()}
 
+    def _report_unwritable(self, slot, unwritable, on_unwritable):
+        """Hand each file write_batch could not write to `on_unwritable`; without it (or where it cannot
+        record one: failures.jsonl unwritable), the first is the run's write error."""
+        for relative_output, why in unwritable:
+            try:
+                if on_unwritable is None:
+                    raise OSError(why)
+                on_unwritable(relative_output, why)
+            except OSError as error:
+                self._fail(error)
+                return
+            self._unwritable[slot] += 1
+
     def write_batch(self, slot, relative_outputs, levels):
-        """Write the file of each image of `levels` on writer thread `slot`; the first error is kept for
-        `check` and ends the batch. A subclass may wrap it (tests slow it down)."""
+        """Write the file of each image of `levels` on writer thread `slot`. Returns [(relative output, why)]
+        of the files not written for a reason of their own: a name the tree keeps for itself
+        (tree.reserved_output), a folder on the way that is a link (make_folders), an error of ONE_FILE_ERRNOS.
+        Any other error is kept for `check` and ends the batch. A subclass may wrap it (tests slow it down)."""
         if not relative_outputs:
-            return
+            return []
         levels = {key: value.contiguous() for key, value in levels.items()}  # the run's: as they are
         layout = self._layout(levels)
         if layout is None:  # each image copied out: torch.save of a view would store the whole batch
@@ -421,22 +501,34 @@ class Writer:
             flat = [(memoryview(raw_array(value)).cast("B"), value[0].numel() * value.element_size())
                     for value in levels.values()]
             files = ([view[i * size:(i + 1) * size] for view, size in flat] for i in range(len(relative_outputs)))
+        unwritable = []
         for relative_output, content in zip(relative_outputs, files):
             if self.error is not None:
-                return
+                break
             path = self.output_dir / relative_output
-            try:
-                if path.parent not in self._made_dirs:
-                    path.parent.mkdir(parents=True, exist_ok=True)  # exist_ok: another thread may race us
-                    self._made_dirs.add(path.parent)
-                if layout is None:
-                    save_atomic(content, path, fsync=self.fsync)
-                else:
-                    write_atomic(layout.pieces(content), path, fsync=self.fsync)
-            except Exception as error:
-                self._fail(OSError(f"cannot write {path}: {error}"))
-                return
-            self._written[slot] += 1
+            why = reserved_output(relative_output)
+            if why is None:
+                try:
+                    if path.parent not in self._made_dirs:
+                        make_folders(self.output_dir, Path(relative_output).parent)
+                        self._made_dirs.add(path.parent)
+                    if layout is None:
+                        save_atomic(content, path, fsync=self.fsync)
+                    else:
+                        write_atomic(layout.pieces(content), path, fsync=self.fsync)
+                except LinkedFolder as error:
+                    why = f"cannot write {readable_text(str(path))}: {error}"
+                except Exception as error:
+                    message = readable_text(f"cannot write {path}: {error}")
+                    if not (isinstance(error, OSError) and error.errno in ONE_FILE_ERRNOS):
+                        self._fail(OSError(message))
+                        break
+                    why = message
+            if why is None:
+                self._written[slot] += 1
+            else:
+                unwritable.append((relative_output, why))
+        return unwritable
 
     def _layout(self, levels):
         """The checked ArchiveLayout of these levels' shapes, made once per shape; None: torch.save."""

@@ -4,16 +4,21 @@ a plain RGB PNG, each broken one is a named failure (exit 3), other files are ig
 One CLI run covers the whole corpus: the plain RGB PNG references sit in `ref/` beside the odd images.
 """
 
+import base64
 import io
 import json
+import os
+import stat
 import struct
 import zlib
 
+import hostile_names
 import numpy as np
 import torch
 from PIL import Image
 
 from conftest import run_cli
+from pyramid.tree import scan_outputs
 
 EXIF_ORIENTATION = 0x0112
 # What each broken file must be: a failure named by its relative path, with no output file.
@@ -183,3 +188,47 @@ def test_corpus_references_are_not_all_alike(tmp_path):
     truncated = (np.asarray(Image.open(io.BytesIO((tmp_path / "grey_16bit.png").read_bytes()))) >> 8)
     assert (truncated != pixels(references["grey_16bit.png"])[..., 0]).mean() > 0.2
     assert np.abs(np.asarray(Image.open(tmp_path / "cmyk.jpg"))[..., :3] - pixels(references["cmyk.jpg"])).mean() > 50
+
+
+def test_odd_names_are_files_or_recorded_failures_never_a_crash_a_hang_or_a_write_outside(tmp_path, tiny_model):
+    """One run over hostile names (tests/hostile_names.py): bytes that are not UTF-8, a 250-byte name, images
+    named like the tree's own files, a FIFO, a socket and a folder where files go, a folder linked outside."""
+    inputs, out, outside = tmp_path / "in", tmp_path / "out", tmp_path / "outside"
+    written = ["00000.png", hostile_names.NOT_UTF8_IMAGE, hostile_names.long_name(250), "fifo.png", "sock.png",
+               *hostile_names.ORDINARY_IMAGES]
+    unwritable = [*hostile_names.TREE_NAMED_IMAGES, "blocked.png", "linked/y.png"]
+    for seed, name in enumerate(written + unwritable):
+        hostile_names.image(inputs / name, seed=seed)
+    hostile_names.broken_image(inputs / hostile_names.NOT_UTF8_BROKEN)
+    out.mkdir()
+    outside.mkdir()
+    (out / "stats.pt").write_bytes(b"the statistics")
+    hostile_names.fifo(out / "fifo.pt")
+    hostile_names.unix_socket(out / "sock.pt")
+    hostile_names.folder(out / "blocked.pt")
+    hostile_names.link(out / "linked", outside)
+    args = ("--input_dir", inputs, "--output_dir", out, "--model", tiny_model, "--batch_size", 4,
+            "--num_workers", 0)
+
+    for attempt in range(2):  # the rerun: the same failures, once each, and only the FIFO's image written again
+        if attempt == 1:
+            (out / "fifo.pt").unlink()
+            hostile_names.fifo(out / "fifo.pt")  # a rerun used to open it to check it, and wait for ever
+        result = run_cli(*args, timeout=180)
+        assert result.returncode == 3, result.stderr
+        assert "Traceback" not in result.stderr
+        lines = (out / "failures.jsonl").read_bytes().decode("utf-8").splitlines()  # strict: valid UTF-8
+        records = {record["path"]: record for record in map(json.loads, lines)}
+        assert sorted(records) == sorted(["bad\\xfe.png", *unwritable])
+        assert base64.b64decode(records["bad\\xfe.png"]["path_bytes"]) == b"bad\xfe.png"
+        assert "statistics" in records["stats.png"]["error"] and "Is a directory" in records["blocked.png"]["error"]
+        assert "symbolic link" in records["linked/y.png"]["error"]
+        assert "failed: bad\\xfe.png: " in result.stderr
+        run = json.loads((out / "runs.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+        assert (run["written"], run["skipped"], run["failed"]) == ((len(written), 0, 8) if attempt == 0
+                                                                     else (1, len(written) - 1, 8))
+    assert scan_outputs(out)[0] == {output_for(name) for name in written}
+    assert all(stat.S_ISREG(os.lstat(out / output_for(name)).st_mode) for name in written)
+    assert list(outside.iterdir()) == [] and (out / "stats.pt").read_bytes() == b"the statistics"
+    assert not (out / "pack").exists() and (out / "blocked.pt").is_dir()
+    assert scan_outputs(out)[1] == []  # no temporary left

@@ -300,18 +300,25 @@ def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+def failure_records(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "failures.jsonl").read_text().splitlines()]
+
+
 def test_a_file_where_an_output_directory_should_be(tmp_path, tiny_model):
     write_images(tmp_path / "in", 4, names=["a/b.png", "c.png", "d.png", "e/f.png"])
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "a").write_text("a file, where the images of in/a/ need a directory\n")
     result = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
                      "--num_workers", 0)
-    assert result.returncode == 1, result.stderr
-    assert error_lines(result.stderr) == [f"error: cannot write {tmp_path / 'out' / 'a' / 'b.pt'}: "
-                                          f"[Errno 17] File exists: '{tmp_path / 'out' / 'a'}'"]
-    assert "Traceback" not in result.stderr
+    # An error of that one file: its image's recorded failure, every other file written.
+    assert result.returncode == 3, result.stderr
+    assert failure_records(tmp_path / "out") == [
+        {"path": "a/b.png", "error": f"cannot write {tmp_path / 'out' / 'a' / 'b.pt'}: "
+                                     f"[Errno 20] Not a directory: '{tmp_path / 'out' / 'a'}'"}]
+    assert error_lines(result.stderr) == [] and "Traceback" not in result.stderr
     assert (tmp_path / "out" / "a").read_text().startswith("a file")
     assert temporaries(tmp_path / "out") == []
+    assert outputs(tmp_path / "out") == ["c.pt", "d.pt", "e/f.pt"]
     for name in outputs(tmp_path / "out"):
         assert set(torch.load(tmp_path / "out" / name, weights_only=True)) == {"16x16", "8x8", "4x4", "2x2", "1x1"}
 
@@ -339,10 +346,13 @@ def test_unwritable_output_directories(tmp_path, tiny_model):
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.strip().splitlines() == [f"error: --output_dir {top} is not writable"]
     assert list(top.iterdir()) == []
-    # A directory inside it: one error naming the file, a non-zero exit, nothing half written.
-    assert midway.returncode == 1, midway.stderr
-    assert len(error_lines(midway.stderr)) == 1 and "sub/b.pt" in error_lines(midway.stderr)[0]
-    assert "Traceback" not in midway.stderr
+    # A directory inside it: the failures of its images, each naming its file; the others written, nothing
+    # half written, exit 3.
+    assert midway.returncode == 3, midway.stderr
+    records = failure_records(inner)
+    assert [record["path"] for record in records] == ["sub/b.png", "sub/c.png"]
+    assert "sub/b.pt" in records[0]["error"] and "Operation not permitted" in records[0]["error"]
+    assert error_lines(midway.stderr) == [] and "Traceback" not in midway.stderr
     assert list((inner / "sub").iterdir()) == [] and temporaries(inner) == []
     assert outputs(inner) == ["a.pt"]
 

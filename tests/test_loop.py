@@ -2,6 +2,7 @@
 non-finite (the real CLI on a real model that overflows on some images only)."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -26,6 +27,19 @@ def test_prune_failures_keeps_others_and_drops_retried_and_torn_lines(tmp_path):
     lines = (tmp_path / FAILURES_NAME).read_text().splitlines()
     assert [json.loads(line)["path"] for line in lines] == ["b.png"]
     prune_failures(tmp_path, {"b.png"})
+    assert not (tmp_path / FAILURES_NAME).exists()
+
+
+def test_prune_failures_knows_a_name_that_is_not_utf8_and_keeps_other_lines_byte_for_byte(tmp_path):
+    odd, other = os.fsdecode(b"bad\xfe.png"), os.fsdecode(b"other\xff.png")
+    record_failure(tmp_path, odd, "broken")
+    record_failure(tmp_path, other, "broken too")
+    with open(tmp_path / FAILURES_NAME, "ab") as file:
+        file.write(b'{"path": "hand\xe9.png", "error": "a line in Latin-1, by hand"}\n')
+    kept = (tmp_path / FAILURES_NAME).read_bytes().splitlines(keepends=True)[1:]
+    prune_failures(tmp_path, {odd})
+    assert (tmp_path / FAILURES_NAME).read_bytes() == b"".join(kept)
+    prune_failures(tmp_path, {other, os.fsdecode(b"hand\xe9.png")})
     assert not (tmp_path / FAILURES_NAME).exists()
 
 

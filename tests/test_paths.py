@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import hostile_names
 import pytest
 import torch
 
@@ -197,6 +198,18 @@ def test_find_damaged_outputs_names_exactly_the_broken_files(tmp_path):
     (tmp_path / "s" / "b.pt").write_bytes(b"")
     (tmp_path / "d.pt").write_bytes((tmp_path / "d.pt").read_bytes()[:100])
     assert find_damaged_outputs(tmp_path, {"a.pt", "s/b.pt", "s/c.pt", "d.pt"}) == {"s/b.pt", "d.pt"}
+
+
+def test_an_entry_that_is_no_regular_file_is_no_complete_archive_and_never_waited_on(tmp_path):
+    real = tmp_path / "real.pt"
+    pyramid_file(real)
+    hostile_names.fifo(tmp_path / "fifo.pt")  # opened to read without O_NONBLOCK, it would wait for ever
+    hostile_names.link(tmp_path / "to_fifo.pt", tmp_path / "fifo.pt")
+    hostile_names.link(tmp_path / "to_real.pt", real)
+    hostile_names.folder(tmp_path / "folder.pt")
+    hostile_names.unix_socket(tmp_path / "socket.pt")
+    names = {"real.pt", "fifo.pt", "to_fifo.pt", "to_real.pt", "folder.pt", "socket.pt"}
+    assert hostile_names.finishes_within(10, find_damaged_outputs, tmp_path, names) == names - {"real.pt"}
 
 
 def test_rerun_redoes_exactly_the_files_a_crash_cut_short(tmp_path, tiny_model):

@@ -1,8 +1,10 @@
 """pyramid/progress.py: plain lines for logs, a bar on terminals."""
 
 import io
+import os
+import sys
 
-from pyramid.progress import Progress, format_duration
+from pyramid.progress import Progress, format_duration, log
 
 
 def test_format_duration():
@@ -64,3 +66,11 @@ def test_format_bytes():
     assert format_bytes(2_500_000) == "2.5 MB"
     assert format_bytes(49_152) == "49.2 KB"
     assert format_bytes(0) == "0.0 KB"
+
+
+def test_a_name_that_is_not_utf8_is_logged_as_failures_jsonl_has_it_even_on_a_strict_stream(monkeypatch):
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(raw, encoding="utf-8", errors="strict"))
+    log("failed: " + os.fsdecode(b"bad\xfe.png") + ": broken")
+    sys.stderr.flush()
+    assert raw.getvalue() == b"failed: bad\\xfe.png: broken\n"

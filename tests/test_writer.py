@@ -1,5 +1,6 @@
 """pyramid/writer.py: atomic files, the failures record, write errors."""
 
+import errno
 import io
 import json
 import os
@@ -9,12 +10,13 @@ import sys
 import threading
 import time
 
+import hostile_names
 import pytest
 import torch
 
 from pyramid.levels import build_pyramid, split_pyramids, split_twins
 from pyramid.paths import is_complete_archive
-from pyramid.tree import scan_outputs
+from pyramid.tree import scan_outputs, temporary_name, writer_tag
 from pyramid.writer import Writer, WriterGone, record_failure, save_atomic, write_atomic
 
 
@@ -312,3 +314,51 @@ def test_write_atomic_finishes_files_the_kernel_takes_in_parts(tmp_path, monkeyp
     write_atomic(pieces, tmp_path / "a.pt")
     assert (tmp_path / "a.pt").read_bytes() == b"".join(bytes(piece) for piece in pieces)
     assert len(calls) == 6 and sorted(os.listdir(tmp_path)) == ["a.pt"]
+
+
+def test_a_file_that_cannot_be_written_for_a_reason_of_its_own_is_its_images_failure(tmp_path):
+    root, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    hostile_names.folder(root / "in_the_way.pt")
+    hostile_names.link(root / "linked", outside)
+    (root / "stats.pt").write_bytes(b"the statistics")
+    outputs = ["a.pt", "x" * 300 + ".pt", "in_the_way.pt", "linked/b.pt", "linked/deeper/c.pt", "stats.pt",
+               "pack/d.pt", ".e.pt.tmp.f.pt", os.fsdecode(b"odd\xff.pt"), hostile_names.long_name(250, ".pt")]
+    reported = []
+    writer = Writer(root, threads=2)
+    writer.submit_batch(outputs, build_pyramid(torch.randn(len(outputs), 4, 2), 2),
+                        on_unwritable=lambda relative, why: reported.append((relative, why)))
+    writer.close()
+    why = dict(reported)
+    assert sorted(why) == sorted(outputs[1:8])
+    assert "File name too long" in why[outputs[1]] and "Is a directory" in why["in_the_way.pt"]
+    assert "symbolic link" in why["linked/b.pt"] and "symbolic link" in why["linked/deeper/c.pt"]
+    assert "statistics" in why["stats.pt"] and "pack/" in why["pack/d.pt"] and "temporary" in why[".e.pt.tmp.f.pt"]
+    assert writer.written == 3 and writer.unwritable == 7
+    assert scan_outputs(root) == ({"a.pt", outputs[8], outputs[9]}, [])
+    assert list(outside.iterdir()) == [] and (root / "stats.pt").read_bytes() == b"the statistics"
+    assert not (root / "pack").exists() and (root / "in_the_way.pt").is_dir()
+
+
+def test_a_write_error_of_the_disk_still_stops_the_run(tmp_path, monkeypatch):
+    def disk_full(fd, views):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", disk_full)
+    reported = []
+    writer = Writer(tmp_path)
+    writer.submit_batch(["a.pt", "b.pt"], build_pyramid(torch.randn(2, 4, 2), 2),
+                        on_unwritable=lambda *args: reported.append(args))
+    with pytest.raises(OSError, match="No space left on device"):
+        writer.close()
+    assert reported == [] and writer.written == 0 and os.listdir(tmp_path) == []
+
+
+def test_a_link_planted_at_a_temporary_name_is_never_written_through(tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep me")
+    (tmp_path / "out").mkdir()
+    hostile_names.link(temporary_name(tmp_path / "out" / "a.pt", writer_tag()), outside)
+    write_atomic([b"pyramid"], tmp_path / "out" / "a.pt")
+    assert outside.read_bytes() == b"keep me" and (tmp_path / "out" / "a.pt").read_bytes() == b"pyramid"
+    assert os.listdir(tmp_path / "out") == ["a.pt"]
