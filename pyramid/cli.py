@@ -10,6 +10,7 @@ from pathlib import Path
 from pyramid import exits
 from pyramid.exits import UsageError
 from pyramid.lock import live_run
+from pyramid.tree import readable_text
 
 # Console command -> the module it runs; pyproject.toml's [project.scripts] points each at a function below.
 COMMANDS = {
@@ -89,7 +90,7 @@ def refusals_exit_2(main=None, *, after=None):
             return main(args)
         except UsageError as error:
             if is_main_process():  # under a launcher every process finds it: one says it
-                print(f"error: {error}", file=sys.stderr)
+                print(readable_text(f"error: {error}"), file=sys.stderr)  # a name's odd bytes as \xNN
                 if after is not None:
                     after(args, error)
             return exits.USAGE

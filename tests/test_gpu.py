@@ -262,7 +262,7 @@ class SlowWriter(Writer):
 
     def write_batch(self, slot, relative_outputs, levels):
         time.sleep(self.seconds)
-        super().write_batch(slot, relative_outputs, levels)
+        return super().write_batch(slot, relative_outputs, levels)
 
 
 class Watched:
