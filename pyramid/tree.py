@@ -202,10 +202,12 @@ def remove_abandoned_temporaries(temporaries):
 
 def reserved_output(relative_output):
     """Why no image's file may be `relative_output` (a relative POSIX path), or None when it may: a name the tree
-    keeps for itself at its top (stats.pt, under pack/, ...), the lock's, or one named like a temporary, which a
-    later run would take for a writer's leftover and delete."""
+    keeps for itself at its top (stats.pt, under pack/, ...), the lock's, one named like a temporary, which a
+    later run would take for a writer's leftover and delete, or a path that leaves the tree ('..', absolute)."""
     parts = relative_output.split("/")
     top = parts[0]
+    if relative_output.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        return f"its file {relative_output} would not be a path inside the output directory"  # never from find_images
     if top in TOP_NAMES:
         where = top if len(parts) == 1 else f"under {top}/"
         return (f"its file {relative_output} would be {where}, which the output tree keeps for {TOP_NAMES[top]}; "

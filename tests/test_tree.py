@@ -153,6 +153,9 @@ def test_the_trees_own_names_are_never_an_images_file():
     assert "stats.pt" in tree.reserved_output("stats.pt") and "pyramid.stats" in tree.reserved_output("stats.pt")
     assert "pack/" in tree.reserved_output("pack/x.pt")
     assert tree.reserved_output("a/.b.tmp.c/d.pt")  # a folder named like a temporary too
+    for outside in ("../x.pt", "a/../../x.pt", "/tmp/x.pt", "a//x.pt", "./x.pt"):
+        assert "not be a path inside" in tree.reserved_output(outside), outside
+    assert tree.reserved_output("..pt") is None and tree.reserved_output("a/...pt") is None  # odd, but inside
     for name in hostile_names.ORDINARY_IMAGES:
         assert tree.reserved_output(output_path_for(name)) is None, name
 

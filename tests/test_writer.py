@@ -323,18 +323,19 @@ def test_a_file_that_cannot_be_written_for_a_reason_of_its_own_is_its_images_fai
     hostile_names.link(root / "linked", outside)
     (root / "stats.pt").write_bytes(b"the statistics")
     outputs = ["a.pt", "x" * 300 + ".pt", "in_the_way.pt", "linked/b.pt", "linked/deeper/c.pt", "stats.pt",
-               "pack/d.pt", ".e.pt.tmp.f.pt", os.fsdecode(b"odd\xff.pt"), hostile_names.long_name(250, ".pt")]
+               "pack/d.pt", ".e.pt.tmp.f.pt", os.fsdecode(b"odd\xff.pt"), hostile_names.long_name(250, ".pt"),
+               "../escape.pt"]
     reported = []
     writer = Writer(root, threads=2)
     writer.submit_batch(outputs, build_pyramid(torch.randn(len(outputs), 4, 2), 2),
                         on_unwritable=lambda relative, why: reported.append((relative, why)))
     writer.close()
     why = dict(reported)
-    assert sorted(why) == sorted(outputs[1:8])
+    assert sorted(why) == sorted(outputs[1:8] + outputs[10:])
     assert "File name too long" in why[outputs[1]] and "Is a directory" in why["in_the_way.pt"]
     assert "symbolic link" in why["linked/b.pt"] and "symbolic link" in why["linked/deeper/c.pt"]
     assert "statistics" in why["stats.pt"] and "pack/" in why["pack/d.pt"] and "temporary" in why[".e.pt.tmp.f.pt"]
-    assert writer.written == 3 and writer.unwritable == 7
+    assert writer.written == 3 and writer.unwritable == 8 and not (tmp_path / "escape.pt").exists()
     assert scan_outputs(root) == ({"a.pt", outputs[8], outputs[9]}, [])
     assert list(outside.iterdir()) == [] and (root / "stats.pt").read_bytes() == b"the statistics"
     assert not (root / "pack").exists() and (root / "in_the_way.pt").is_dir()
