@@ -32,6 +32,7 @@ from pyramid.levels import build_pyramid, pyramid_sizes, split_pyramids, strip_s
 from pyramid.paths import find_images
 from pyramid.plan import default_batch_size, default_num_workers, shared_memory_needed, shared_memory_warning
 from pyramid.prepare import to_png
+from pyramid.random_models import RANDOM_SIZES, save_random_dinov2
 from pyramid.team import usable_cpus, usable_memory
 from pyramid.writer import SERIALISERS, Writer, checked_layout, default_writer_threads
 
@@ -46,46 +47,6 @@ PIPE_DRAIN_SECONDS = 10.0
 
 # Shipped in the package (pyproject's package-data), so the bench runs from an installed wheel too.
 PHOTO = Path(__file__).resolve().parent / "data" / "astronaut.png"
-
-# The preprocessor_config.json that facebook/dinov2-base ships, verbatim.
-DINOV2_PREPROCESSOR = {
-    "crop_size": {"height": 224, "width": 224},
-    "do_center_crop": True,
-    "do_convert_rgb": True,
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_processor_type": "BitImageProcessor",
-    "image_std": [0.229, 0.224, 0.225],
-    "resample": 3,
-    "rescale_factor": 0.00392156862745098,
-    "size": {"shortest_edge": 256},
-}
-# (hidden size, layers, heads) of the DINOv2 sizes, and a tiny one for tests.
-RANDOM_SIZES = {"tiny": (32, 2, 2), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
-
-
-def save_random_dinov2(directory, size="base", registers=0, seed=0):
-    """Save a random-weight DINOv2 of a real size (patch 14, image_size 518) with the real
-    dinov2 preprocessor config, in save_pretrained layout. Returns the directory."""
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    hidden_size, layers, heads = RANDOM_SIZES[size]
-    torch.manual_seed(seed)
-    common = dict(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
-                  intermediate_size=hidden_size * 4, patch_size=14, image_size=518)
-    if registers:
-        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **common))
-    else:
-        model = Dinov2Model(Dinov2Config(**common))
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    (directory / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREPROCESSOR, indent=2))
-    return directory
-
 
 def write_synthetic_faces(directory, count, side=1024, seed=0):
     """`count` real-looking side x side PNGs: the bundled face photograph, resized, flipped, rotated
@@ -825,8 +786,8 @@ def run_preflight(args):
         model = args.model or save_random_dinov2(Path(scratch) / f"random-{random_size}", random_size)
         info, processor = load_model_info(model)
         preprocess = Preprocess(processor)
-        needed = shared_memory_needed(batch_size, num_workers, info.crop_size)
-        lines.append(shared_memory_warning(batch_size, num_workers, info.crop_size) or
+        needed = shared_memory_needed(batch_size, num_workers, info.crop_size, pixel_bytes=info.pixel_bytes)
+        lines.append(shared_memory_warning(batch_size, num_workers, info.crop_size, pixel_bytes=info.pixel_bytes) or
                      f"/dev/shm: room for the {needed / 2**20:.0f} MB the decode workers hold at batch {batch_size}")
         lines.append(f"image processor: {type(processor).__module__}.{type(processor).__name__}; resize and crop "
                      f"{'made directly (checked against it)' if preprocess.direct is not None else 'by it'}")

@@ -223,6 +223,12 @@ def is_pillow_processor(processor):
     return isinstance(processor, PilBackend)
 
 
+def rescales_before_resizing(processor):
+    """True for DINOv3's image processor (DINOv3ViTImageProcessor, torchvision alone): it rescales to [0, 1]
+    first and resizes the floats (bilinear, antialiased), so its pixels before normalising are floats."""
+    return any(cls.__name__ == "DINOv3ViTImageProcessor" for cls in type(processor).__mro__)
+
+
 def pixel_pipeline(processor):
     """What decides the pixels, for the manifest: the image processor (class, backend) and the decoders
     with their versions."""
@@ -231,18 +237,22 @@ def pixel_pipeline(processor):
 
 
 class Preprocess:
-    """The model's own image processor, its Pillow backend, up to (not including) rescale and normalise.
+    """The model's own image processor, up to (not including) normalising.
 
-    Returns the resized, centre-cropped pixels as uint8 (3, H, W): four times less to move from the
-    workers to the model than float32. `normaliser` applies the processor's rescale and mean/std on
-    the model's device, so the pixels reaching the model are the processor's own.
-
-    Only a Pillow-backed processor is taken (encoder.load_model_info loads one whatever is installed):
-    the torchvision backend's pixels differ from it on non-square images. For processors that resize
-    the shortest edge and centre-crop (every DINOv2's), the same two Pillow calls are made directly,
-    skipping the processor's three array conversions (about a tenth of a worker's time per 1024x1024
-    image). That path is used only after it has given the processor's exact pixels on PROBE_SIZES;
+    DINOv2: the processor's Pillow backend, up to rescale and normalise. Returns the resized, centre-cropped
+    pixels as uint8 (3, H, W): four times less to move from the workers to the model than float32.
+    `normaliser` applies the processor's rescale and mean/std on the model's device, so the pixels reaching
+    the model are the processor's own. Only a Pillow-backed processor is taken there (encoder.load_model_info
+    loads one whatever is installed): the torchvision backend's pixels differ from it on non-square images.
+    For processors that resize the shortest edge and centre-crop (every DINOv2's), the same two Pillow calls
+    are made directly, skipping the processor's three array conversions (about a tenth of a worker's time per
+    1024x1024 image). That path is used only after it has given the processor's exact pixels on PROBE_SIZES;
     otherwise it is the processor.
+
+    DINOv3: its processor (torchvision) rescales, then resizes the floats, so no uint8 stage exists: the
+    processor itself runs in the workers, without its normalising, and returns float32 (3, H, W) in [0, 1];
+    `normaliser` applies the mean/std on the device with the processor's own arithmetic ((x - mean) / std in
+    float32), so the pixels reaching the model are the processor's bit for bit.
 
     With `flip`, a call returns (2, 3, H, W): the image and the image mirrored left-right, each through
     the whole processor. The mirror is taken of the decoded image, before the resize and crop: a centre
@@ -252,12 +262,13 @@ class Preprocess:
     """
 
     def __init__(self, processor, flip=False):
-        if not is_pillow_processor(processor):
+        self.floats = rescales_before_resizing(processor)
+        if not self.floats and not is_pillow_processor(processor):
             raise ValueError(f"{type(processor).__name__} is not a Pillow-backed image processor; load it with "
                              f"AutoImageProcessor.from_pretrained(..., backend=\"pil\")")
         self.processor = processor
         self.flip = flip
-        self.direct = self._direct_plan(processor)
+        self.direct = None if self.floats else self._direct_plan(processor)
         if self.direct is not None and not self._direct_agrees():
             self.direct = None
 
@@ -270,6 +281,8 @@ class Preprocess:
     def _one(self, image):
         if self.direct is not None:
             return self._resize_and_crop(image)
+        if self.floats:  # rescaled and resized by the processor: (3, H, W) float32 in [0, 1]
+            return self.processor(images=image, do_normalize=False, return_tensors="pt")["pixel_values"][0]
         pixels = self.processor(images=image, do_rescale=False, do_normalize=False,
                                 return_tensors="pt")["pixel_values"][0]  # (3, H, W)
         return pixels if pixels.dtype == torch.uint8 else pixels.to(torch.float32)
@@ -299,8 +312,9 @@ class Preprocess:
         return True
 
     def normaliser(self, device):
-        """A function (B, 3, H, W) uint8 on `device` -> float32, rescaled and normalised as the processor does."""
-        scale = float(self.processor.rescale_factor) if self.processor.do_rescale else 1.0
+        """A function (B, 3, H, W) pixels on `device` -> float32, rescaled (uint8 pixels; DINOv3's floats are
+        rescaled already) and normalised as the processor does."""
+        scale = float(self.processor.rescale_factor) if self.processor.do_rescale and not self.floats else 1.0
         mean = torch.tensor(self.processor.image_mean if self.processor.do_normalize else [0.0] * 3,
                             dtype=torch.float32, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.processor.image_std if self.processor.do_normalize else [1.0] * 3,

@@ -1,4 +1,4 @@
-"""The DINOv2 model and its image processor: uint8 pixels in, the patch grid out."""
+"""The DINOv2 or DINOv3 model and its image processor: pixels in, the patch grid out."""
 
 import hashlib
 import os
@@ -8,11 +8,18 @@ from pathlib import Path
 
 import torch
 
-from pyramid.decode import is_pillow_processor
+from pyramid.decode import is_pillow_processor, rescales_before_resizing
+from pyramid.families import (
+    PROCESSOR_BACKEND,
+    family_of,
+    processor_overrides,
+    resolution_error,
+    torchvision_installed,
+    torchvision_missing,
+)
 from pyramid.levels import strip_special_tokens
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SUPPORTED_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
 
 class ModelError(Exception):
@@ -36,10 +43,22 @@ class ModelInfo:
     patch_size: int
     hidden_size: int
     num_register_tokens: int
+    family: str = "dinov2"  # "dinov2" (with or without registers) or "dinov3"
 
     @property
     def grid_size(self):
         return self.crop_size // self.patch_size
+
+    @property
+    def resolution(self):
+        """The side of the square the model sees (--resolution): the processor's crop, or its fixed resize."""
+        return self.crop_size
+
+    @property
+    def pixel_bytes(self):
+        """Bytes per value of the pixels the decode workers hand over: DINOv2's uint8 crops; DINOv3's processor
+        resizes floats, so its pixels cross as float32."""
+        return 4 if self.family == "dinov3" else 1
 
 
 def _crop_size(processor):
@@ -116,22 +135,17 @@ def _hub_model_error(name):
     return None
 
 
-def _load_config_and_processor(name):
-    """AutoConfig and AutoImageProcessor (its Pillow backend) of `name`: a directory; or a hub id, from the HF
-    cache when it is there, else from the hub once it answers."""
+def _load_from_directory_or_hub(name, load):
+    """`load(source, **kwargs)` (a from_pretrained) of `name`: a directory; or a hub id, from the HF cache when it
+    is there, else from the hub once it answers."""
     directory = os.path.expanduser(str(name))
     if not os.path.isdir(directory) and looks_local(name):  # before transformers loads: fail in a moment
         raise ModelError(f"--model {name}: no such directory (a local model is a directory saved with "
                          f"save_pretrained: config.json, preprocessor_config.json and the weights)")
-    from transformers import AutoConfig, AutoImageProcessor
-
-    # The Pillow backend whatever is installed: AutoImageProcessor's default is the torchvision backend
-    # wherever torchvision is, and its pixels differ from Pillow's on non-square images.
     if os.path.isdir(directory):
-        return AutoConfig.from_pretrained(directory), AutoImageProcessor.from_pretrained(directory, backend="pil")
+        return load(directory)
     try:
-        return (AutoConfig.from_pretrained(name, local_files_only=True),
-                AutoImageProcessor.from_pretrained(name, local_files_only=True, backend="pil"))
+        return load(name, local_files_only=True)
     except Exception:  # not (wholly) in the cache: ask the hub
         pass
     error = _hub_model_error(name)
@@ -139,7 +153,31 @@ def _load_config_and_processor(name):
         if "/" in str(name):  # 'models/x' reads as a hub id, but was perhaps meant as a directory
             raise ModelError(f"{error}; nor is there a directory {name} in {os.getcwd()}")
         raise error
-    return AutoConfig.from_pretrained(name), AutoImageProcessor.from_pretrained(name, backend="pil")
+    return load(name)
+
+
+def _load_processor(name, family, resolution):
+    """The model's own image processor, of its family's backend (PROCESSOR_BACKEND), set to make `resolution` x
+    `resolution` pixels (its own size where None). The Pillow backend for DINOv2 whatever is installed:
+    AutoImageProcessor's default is the torchvision backend wherever torchvision is, and its pixels differ from
+    Pillow's on non-square images."""
+    from transformers import AutoImageProcessor
+
+    backend = PROCESSOR_BACKEND[family]
+
+    def load(source, **kwargs):
+        return AutoImageProcessor.from_pretrained(source, backend=backend, **kwargs)
+
+    processor = _load_from_directory_or_hub(name, load)
+    size = processor.size
+    shortest_edge = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    overrides = processor_overrides(family, _crop_size(processor), shortest_edge, resolution)
+    if not overrides:
+        return processor
+    if family == "dinov2" and not (shortest_edge and getattr(processor, "do_center_crop", False)):
+        raise ModelError(f"--resolution: the image processor of {name!r} does not resize the shortest edge and "
+                         f"centre-crop, as DINOv2's does; run without --resolution")
+    return _load_from_directory_or_hub(name, lambda source, **kwargs: load(source, **overrides, **kwargs))
 
 
 def check_local_model(name):
@@ -157,25 +195,47 @@ def check_local_model(name):
                          f"directory saved with save_pretrained: config.json, preprocessor_config.json and the weights")
 
 
-def load_model_info(name):
-    """Config and image processor (its Pillow backend) of `name` (hub id or save_pretrained dir), checked,
-    without weights.
+def load_model_info(name, resolution=None):
+    """Config and image processor of `name` (hub id or save_pretrained dir), checked, without weights. The
+    processor makes `resolution` x `resolution` pixels (--resolution; None: its own size): DINOv2's Pillow
+    backend, DINOv3's torchvision one (refused in one line where torchvision is missing).
 
     Returns (ModelInfo, processor). Raises ModelError with one clear line.
     """
+    from transformers import AutoConfig
+
     check_local_model(name)
     try:
-        config, processor = _load_config_and_processor(name)
+        config = _load_from_directory_or_hub(name, AutoConfig.from_pretrained)
     except ModelError:
         raise
     except Exception as error:  # hub, network, missing file and JSON errors all mean "cannot load"
         raise ModelError(f"cannot load model {name!r}: {first_line(error)}") from error
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(f"model {name!r} is a {config.model_type!r}; this tool extracts DINOv2 "
-                         f"(with or without registers)")
-    if not is_pillow_processor(processor):
+    family = family_of(config.model_type)
+    if family is None:
+        raise ModelError(f"model {name!r} is a {config.model_type!r}; this tool extracts DINOv2 (with or without "
+                         f"registers) and DINOv3 ViT")
+    if resolution is not None and resolution % config.patch_size:
+        raise ModelError(resolution_error(resolution, config.patch_size, name))
+    if family == "dinov3":
+        try:
+            import torchvision  # noqa: F401 - DINOv3's processor: installed, and importable with this torch
+        except ImportError as error:
+            raise ModelError(torchvision_missing(name) if not torchvision_installed() else
+                             f"{name} is a DINOv3, whose image processor needs torchvision, which cannot be "
+                             f"imported here ({first_line(error)}): install the build for your torch") from error
+    try:
+        processor = _load_processor(name, family, resolution)
+    except ModelError:
+        raise
+    except Exception as error:
+        raise ModelError(f"cannot load the image processor of {name!r}: {first_line(error)}") from error
+    if family == "dinov2" and not is_pillow_processor(processor):
         raise ModelError(f"the image processor of {name!r} ({type(processor).__name__}) has no Pillow backend, "
                          f"whose pixels the files are made of")
+    if family == "dinov3" and not rescales_before_resizing(processor):
+        raise ModelError(f"the image processor of {name!r} is a {type(processor).__name__}, not DINOv3's "
+                         f"DINOv3ViTImageProcessor")
     crop_size = _crop_size(processor)
     if crop_size % config.patch_size:
         raise ModelError(f"crop size {crop_size} is not a multiple of patch size {config.patch_size}")
@@ -183,7 +243,7 @@ def load_model_info(name):
     revision = local_weights_digest(directory) if directory.is_dir() else getattr(config, "_commit_hash", None)
     info = ModelInfo(name=str(name), revision=revision, crop_size=crop_size,
                      patch_size=config.patch_size, hidden_size=config.hidden_size,
-                     num_register_tokens=getattr(config, "num_register_tokens", 0))
+                     num_register_tokens=getattr(config, "num_register_tokens", 0) or 0, family=family)
     return info, processor
 
 

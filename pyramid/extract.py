@@ -1,4 +1,4 @@
-"""The extractor's command line: DINOv2 feature pyramids for every image of a folder, on 1..N processes, resumable.
+"""The extractor's command line: DINOv2 or DINOv3 feature pyramids of a folder of images, on 1..N processes, resumable.
 
     python extract_distributed.py [options]                  # one process
     accelerate launch extract_distributed.py [options]       # one process per GPU
@@ -17,6 +17,7 @@ from PIL import Image
 from pyramid import exits
 from pyramid.cli import argument_parser, command_name, refusals_exit_2
 from pyramid.exits import UsageError
+from pyramid.families import check_model_up_front
 from pyramid.runs import record_refusal
 from pyramid.settings import DEFAULTS, Settings
 from pyramid.tree import STORE_DTYPES
@@ -33,7 +34,12 @@ def get_args_parser():
     parser.add_argument("--output_dir", default=DEFAULTS.output_dir,
                         help="one .pt per image, at the image's relative path with the suffix .pt")
     parser.add_argument("--model", default=DEFAULTS.model,
-                        help="hub id or save_pretrained directory of a DINOv2 (with or without registers)")
+                        help="hub id or save_pretrained directory of a DINOv2 (with or without registers) or a "
+                             "DINOv3 ViT (its processor needs torchvision: pip install '.[dinov3]')")
+    parser.add_argument("--resolution", type=int, default=DEFAULTS.resolution,
+                        help="the side of the square the model sees, a multiple of its patch size (default: its "
+                             "processor's own, 224): DINOv2 resizes the shortest edge to round(R x 256 / 224) and "
+                             "crops R; DINOv3 resizes to R x R")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="images per forward pass, per process (default: 64 on GPU, 16 on CPU)")
     parser.add_argument("--num_workers", type=int, default=None,
@@ -85,13 +91,14 @@ def check_args(args):
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {output_dir} is a file, not a directory")
-    for name in ("batch_size", "limit", "max_pixels"):
+    for name in ("batch_size", "limit", "max_pixels", "resolution"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, not {getattr(args, name)}")
     if not args.stall_timeout > 0:
         raise UsageError(f"--stall_timeout must be more than 0 seconds, not {args.stall_timeout:g}")
     if args.num_workers is not None and args.num_workers < 0:
         raise UsageError(f"--num_workers must be 0 or more, not {args.num_workers}")
+    check_model_up_front(args.model, args.resolution)  # a local model's config.json: DINOv3's torchvision, the patch
     if args.max_pixels is None:  # Pillow's own limit (decode.pillow_pixel_limit, which loads torch)
         args.max_pixels = 2 * Image.MAX_IMAGE_PIXELS
 

@@ -175,7 +175,7 @@ class Extraction:
                 decoders()  # refuses at once where pyspng is missing
                 if Path(settings.output_dir).is_dir():
                     self.lock.acquire()  # before the model loads: a second launch is refused at once
-                info, processor = load_model_info(settings.model)
+                info, processor = load_model_info(settings.model, settings.resolution)
                 plan = plan_run(settings, info, self.dtype, self.lock, pixels=pixel_pipeline(processor))
                 plan.processor = processor
             except (UsageError, ModelError, DecoderMissing) as error:
@@ -205,8 +205,8 @@ class Extraction:
             f"chunks of {chunk_size_for(len(plan.todo), team.world_size)}")
         if device.type == "cpu" and team.world_size > 1:
             log(cpu_processes_warning(int(os.environ.get("LOCAL_WORLD_SIZE", team.world_size))))
-        if plan.todo and (warning := shared_memory_warning(self.batch_size, self.num_workers,
-                                                           plan.model_info.crop_size, settings.flip)):
+        if plan.todo and (warning := shared_memory_warning(self.batch_size, self.num_workers, plan.model_info.crop_size,
+                                                           settings.flip, plan.model_info.pixel_bytes)):
             log(warning)
 
     def load_stages(self):

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from pyramid.exits import UsageError
+from pyramid.families import DEFAULT_FAMILY
 from pyramid.levels import level_key, pyramid_sizes
 from pyramid.tree import (
     DERIVED_NAMES,
@@ -19,28 +20,33 @@ from pyramid.writer import write_atomic
 FORMAT_VERSION = 1
 
 
-def package_versions():
-    """Versions of the packages that decide the numbers in the files."""
+def package_versions(family=DEFAULT_FAMILY):
+    """Versions of the packages that decide the numbers in the files: DINOv3's pixels are torchvision's too."""
     import accelerate
     import PIL
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-            "pillow": PIL.__version__}
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+                "pillow": PIL.__version__}
+    if family == "dinov3":
+        import torchvision
+
+        versions["torchvision"] = torchvision.__version__
+    return versions
 
 
 def build_manifest(info, dtype, flip=False, pixels=None, store_dtype="fp32"):
     """The manifest of a run: the settings that decide every value in its files. `info`: the model's
     encoder.ModelInfo; `dtype`: the one the model computes in; `store_dtype`: the files' ("fp32", "bf16",
     "fp16"); `pixels`: the pixel pipeline, {"image_processor": {"class", "backend"}, "decoders": {name: version}}."""
-    return {"format": FORMAT_VERSION, "model": info.name, "revision": info.revision, "dtype": dtype,
-            "store_dtype": store_dtype,
-            "crop_size": info.crop_size, "patch_size": info.patch_size, "grid_size": info.grid_size,
+    return {"format": FORMAT_VERSION, "model": info.name, "model_family": info.family, "revision": info.revision,
+            "dtype": dtype, "store_dtype": store_dtype, "resolution": info.resolution, "crop_size": info.crop_size,
+            "patch_size": info.patch_size, "grid_size": info.grid_size,
             "levels": [level_key(size) for size in pyramid_sizes(info.grid_size)], "hidden_size": info.hidden_size,
             "num_register_tokens": info.num_register_tokens, "flip": flip, **(pixels or {}),
-            "versions": package_versions()}
+            "versions": package_versions(info.family)}
 
 
 def version_changes(existing, wanted):

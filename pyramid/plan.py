@@ -71,18 +71,19 @@ PREFETCHED_PER_WORKER = 2
 HELD_BY_MAIN = 2
 
 
-def shared_memory_needed(batch_size, num_workers, crop_size, flip=False):
-    """Bytes of /dev/shm the decode workers fill at most: each batch of uint8 crops (B, 3, crop, crop),
-    doubled with --flip, crosses from a worker to the main process through shared memory."""
+def shared_memory_needed(batch_size, num_workers, crop_size, flip=False, pixel_bytes=1):
+    """Bytes of /dev/shm the decode workers fill at most: each batch of crops (B, 3, crop, crop), uint8 (DINOv2)
+    or float32 (DINOv3: `pixel_bytes` 4), doubled with --flip, crosses from a worker to the main process
+    through shared memory."""
     if num_workers == 0:
         return 0
-    batch_bytes = batch_size * 3 * crop_size * crop_size * (2 if flip else 1)
+    batch_bytes = batch_size * 3 * crop_size * crop_size * pixel_bytes * (2 if flip else 1)
     return (num_workers * PREFETCHED_PER_WORKER + HELD_BY_MAIN) * batch_bytes
 
 
-def shared_memory_warning(batch_size, num_workers, crop_size, flip=False, shm="/dev/shm"):
+def shared_memory_warning(batch_size, num_workers, crop_size, flip=False, pixel_bytes=1, shm="/dev/shm"):
     """One line when `shm` has less room than the decode workers need (a container's 64 MB default), else None."""
-    needed = shared_memory_needed(batch_size, num_workers, crop_size, flip)
+    needed = shared_memory_needed(batch_size, num_workers, crop_size, flip, pixel_bytes)
     try:
         stats = os.statvfs(shm)
     except OSError:  # no /dev/shm (not Linux): torch shares memory another way

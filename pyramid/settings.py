@@ -26,6 +26,7 @@ class Settings:
     compile: bool = False
     fsync: bool = False
     stall_timeout: float = 900.0  # seconds without a finished batch before a process is taken for stuck
+    resolution: int | None = None  # the side of the square the model sees; None: its processor's own size
 
     @classmethod
     def from_args(cls, args):

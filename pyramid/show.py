@@ -24,14 +24,16 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pyramid.cli import LazyModule, argument_parser, command_name, refusals_exit_2
 from pyramid.exits import UsageError
+from pyramid.families import DEFAULT_FAMILY
 from pyramid.levels import level_side
 from pyramid.paths import IMAGE_SUFFIXES
-from pyramid.tree import FLIP_PREFIX, scan_outputs
+from pyramid.tree import FLIP_PREFIX, MANIFEST_NAME, manifest_resolution, model_family, read_manifest, scan_outputs
 
 torch = LazyModule("torch")  # loaded with the first pyramid, so --help and bad arguments answer at once
 
 # The dinov2 image processor's defaults (every DINOv2 on the hub ships them): resize the shortest
-# edge to 256 bicubic, centre crop 224. The image column shows exactly that crop.
+# edge to 256 bicubic, centre crop 224; at --resolution R the shortest edge is round(R x 256 / 224). The image
+# column shows exactly that crop (the tree's manifest says the family and resolution; without one, these).
 RESIZE_SHORTEST_EDGE = 256
 CROP_SIZE = 224
 
@@ -186,17 +188,37 @@ def level_picture(tokens, pca, cell):
 # ----------------------------------------------------------------------------- the image
 
 
-def model_view(path, resize=RESIZE_SHORTEST_EDGE, crop=CROP_SIZE, mirrored=False):
+def model_view(path, family=DEFAULT_FAMILY, resolution=CROP_SIZE, mirrored=False):
     """The image as the model saw it: EXIF orientation applied, RGB, (`mirrored`: flipped left-right, as
-    --flip does before the processor,) shortest edge resized to `resize` (bicubic), centre crop `crop` x
-    `crop`; the same arithmetic as the dinov2 processor."""
+    --flip does before the processor,) then DINOv2's shortest edge resized to round(R x 256 / 224) (bicubic) and
+    centre crop R x R, the same arithmetic as the dinov2 processor; or DINOv3's resize to R x R (bilinear,
+    antialiased; Pillow's on 8 bits, so within a level of the processor's floats)."""
     from pyramid.decode import load_rgb, resize_and_crop  # loads torch: imported for the work, not for --help
 
     try:
         image = load_rgb(path)  # the extractor's own input rules
     except Exception as error:
         raise UsageError(f"{path}: not a readable image ({first_line(error)})") from None
-    return resize_and_crop(ImageOps.mirror(image) if mirrored else image, resize, crop, crop)
+    image = ImageOps.mirror(image) if mirrored else image
+    if family == "dinov3":
+        return image.resize((resolution, resolution), Image.Resampling.BILINEAR)
+    return resize_and_crop(image, round(resolution * RESIZE_SHORTEST_EDGE / CROP_SIZE), resolution, resolution)
+
+
+def tree_view_settings(pyramid_path):
+    """(model family, resolution) of the tree holding `pyramid_path` (a file or a directory): from the manifest of
+    the nearest folder that has one, at or above it; DINOv2 at 224 where none does."""
+    start = Path(pyramid_path).resolve()
+    for folder in ([start] if start.is_dir() else []) + list(start.parents):
+        if (folder / MANIFEST_NAME).is_file():
+            try:
+                manifest = read_manifest(folder)
+            except (OSError, ValueError):  # a damaged manifest: the picture still shows, at the defaults
+                break
+            if isinstance(manifest, dict) and isinstance(manifest_resolution(manifest), int):
+                return model_family(manifest), manifest_resolution(manifest)
+            break
+    return DEFAULT_FAMILY, CROP_SIZE
 
 
 def matching_image(image_root, relative):
@@ -357,12 +379,14 @@ def main(args):
         raise UsageError(f"the files have different hidden sizes {sorted(hidden_sizes)}: "
                          f"they come from different models and cannot share one PCA")
     pca = fit_pca(torch.cat(features))  # (N, D) from every fitting file's finest level
+    family, resolution = tree_view_settings(args.pyramid)
     rows = []
     for name, path, image in planned:
         levels, twins = pyramids[path]
-        rows.append((name, levels, model_view(image) if image else None))
+        rows.append((name, levels, model_view(image, family, resolution) if image else None))
         if args.flip:
-            rows.append((f"{name} mirrored", twins, model_view(image, mirrored=True) if image else None))
+            rows.append((f"{name} mirrored", twins,
+                         model_view(image, family, resolution, mirrored=True) if image else None))
     picture = draw_rows(rows, pca, args.cell)
     output.parent.mkdir(parents=True, exist_ok=True)
     picture.save(output, format="PNG", optimize=True)

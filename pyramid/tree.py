@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from pyramid.families import DEFAULT_FAMILY
+
 OUTPUT_SUFFIX = ".pt"
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.jsonl"
@@ -275,7 +277,8 @@ UNCOMPARED_KEYS = frozenset({"versions", REPLACING_KEY})
 PIXEL_KEYS = ("image_processor", "decoders")
 # Settings a manifest written before they existed lacks, and what its silence means: such a tree is
 # compared, and its stats.pt and pack stay current, as if the manifest said so.
-IMPLIED_SETTINGS = {"store_dtype": "fp32"}
+IMPLIED_SETTINGS = {"store_dtype": "fp32", "model_family": DEFAULT_FAMILY}
+IMPLIED_KEYS = (*IMPLIED_SETTINGS, "resolution")  # a manifest's resolution is implied by its crop size
 
 
 def read_manifest(output_dir):
@@ -297,6 +300,29 @@ def stored_dtype(manifest):
     return manifest.get("store_dtype", IMPLIED_SETTINGS["store_dtype"])
 
 
+def implied_setting(manifest, key):
+    """What a manifest's silence on `key` means: IMPLIED_SETTINGS, and the resolution of a manifest from before
+    --resolution is its crop size. None where silence implies nothing."""
+    if key == "resolution":
+        return manifest.get("crop_size")
+    return IMPLIED_SETTINGS.get(key)
+
+
+def with_defaults(manifest):
+    """A copy of `manifest` with the settings of the keys it was written without (implied_setting)."""
+    return {**{key: implied_setting(manifest, key) for key in IMPLIED_KEYS}, **manifest}
+
+
+def model_family(manifest):
+    """The model family that made a tree: 'dinov2' or 'dinov3'; 'dinov2' for a manifest from before DINOv3."""
+    return manifest.get("model_family", implied_setting(manifest, "model_family"))
+
+
+def manifest_resolution(manifest):
+    """The side of the square the model saw (--resolution); the crop size for a manifest from before it."""
+    return manifest.get("resolution", implied_setting(manifest, "resolution"))
+
+
 def _compared(key, value):
     """The part of a manifest value that a run must match: the decoders by name, not version."""
     return sorted(value) if key == "decoders" and isinstance(value, dict) else value
@@ -310,8 +336,8 @@ def manifest_differences(existing, wanted):
     """
     differences = []
     for key in sorted((set(existing) | set(wanted)) - UNCOMPARED_KEYS):
-        old = _compared(key, existing.get(key, IMPLIED_SETTINGS.get(key)))
-        new = _compared(key, wanted.get(key, IMPLIED_SETTINGS.get(key)))
+        old = _compared(key, existing.get(key, implied_setting(existing, key)))
+        new = _compared(key, wanted.get(key, implied_setting(wanted, key)))
         if old == new:
             continue
         if old is None and key in PIXEL_KEYS:
@@ -359,7 +385,8 @@ def tree_digest(manifest, records):
     setting equal to what its absence implies is left out, so stats.pt of a tree from before it stays current."""
     settings = None if manifest is None else {key: value for key, value in sorted(manifest.items())
                                               if key not in UNCOMPARED_KEYS
-                                              and not (key in IMPLIED_SETTINGS and value == IMPLIED_SETTINGS[key])}
+                                              and not (key in IMPLIED_KEYS
+                                                       and value == implied_setting(manifest, key))}
     return hashlib.sha256(json.dumps([settings, records], sort_keys=True).encode()).hexdigest()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from pyramid import exits
 from pyramid.cli import LazyModule, check_output_tree_args, output_tree_parser, refusals_exit_2
 from pyramid.exits import UsageError
+from pyramid.families import FAMILIES
 from pyramid.levels import build_pyramid, level_key, level_side, pyramid_sizes, split_twins
 from pyramid.manifest import FORMAT_VERSION
 from pyramid.paths import find_images, output_path_for
@@ -23,6 +24,8 @@ from pyramid.tree import (
     PACK_RECORD_NAME,
     REPLACING_KEY,
     STORE_DTYPES,
+    manifest_resolution,
+    model_family,
     pack_command,
     pack_dir,
     pack_level_path,
@@ -33,6 +36,7 @@ from pyramid.tree import (
     scan_outputs,
     stored_dtype,
     tree_state,
+    with_defaults,
     with_twins,
 )
 
@@ -149,6 +153,12 @@ def check_manifest(manifest):
         problems.append(f"flip is {manifest.get('flip')!r}, not true or false")
     if stored_dtype(manifest) not in STORE_DTYPES:
         problems.append(f"store_dtype is {manifest.get('store_dtype')!r}, not one of {', '.join(STORE_DTYPES)}")
+    if model_family(manifest) not in FAMILIES:
+        problems.append(f"model_family is {model_family(manifest)!r}, not one of {', '.join(FAMILIES)}")
+    resolution, patch_size = manifest_resolution(manifest), manifest.get("patch_size")
+    if isinstance(grid_size, int) and isinstance(patch_size, int) and resolution != grid_size * patch_size:
+        problems.append(f"resolution is {resolution!r}, but grid_size {grid_size} x patch_size {patch_size} is "
+                        f"{grid_size * patch_size}")
     return problems
 
 
@@ -313,16 +323,18 @@ class Recompute:
                              f"{', '.join(RECOMPUTE_TOLERANCE)}")
         name = model if model is not None else manifest.get("model")
         try:
-            info, processor = load_model_info(name)
+            info, processor = load_model_info(name, manifest_resolution(manifest))
         except ModelError as error:
             raise UsageError(f"--recompute cannot load the model that made the files: {error}") from error
         if info.revision != manifest.get("revision"):
             raise UsageError(f"--recompute: the weights of {name} are {info.revision}, the files were made with "
                              f"{manifest.get('revision')}; give --model the weights that made them")
-        wanted = {"crop_size": info.crop_size, "patch_size": info.patch_size, "hidden_size": info.hidden_size,
+        wanted = {"model_family": info.family, "resolution": info.resolution, "crop_size": info.crop_size,
+                  "patch_size": info.patch_size, "hidden_size": info.hidden_size,
                   "num_register_tokens": info.num_register_tokens}
-        differences = [f"{key} {manifest.get(key)!r} -> {value!r}" for key, value in wanted.items()
-                       if manifest.get(key) != value]
+        recorded = with_defaults(manifest)
+        differences = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in wanted.items()
+                       if recorded.get(key) != value]
         if differences:
             raise UsageError(f"--recompute: model {name} does not make the manifest's files "
                              f"({'; '.join(differences)})")

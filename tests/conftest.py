@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Tests import the package from the checkout, with no install step.
 sys.path.insert(0, str(REPO))
 
-from pyramid.bench import RANDOM_SIZES, save_random_dinov2  # noqa: E402
+from pyramid.random_models import RANDOM_SIZES, save_random_dinov2  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 KNOWN_IMAGE = REPO / "pyramid" / "data" / "astronaut.png"  # shipped in the package: pyramid.bench draws on it

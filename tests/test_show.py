@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import REPO, write_images
 from pyramid import show
-from pyramid.bench import DINOV2_PREPROCESSOR
+from pyramid.random_models import DINOV2_PREPROCESSOR
 
 D = 48
 
