@@ -7,6 +7,7 @@ that the peers ship; with --table the whole GPU table (docs/gpu.md).
     python -m pyramid.bench --random base --synthetic 64 --baseline     # no weights, no data needed
     python -m pyramid.bench --reader --synthetic_tree 2000              # the training-side readers
     python -m pyramid.bench --table                                      # the GPU table (docs/gpu.md)
+    python -m pyramid.bench --models                                     # the model bound of each encoder
     python -m pyramid.bench --save_random_model models/random-base       # a --model for offline trials
 """
 
@@ -25,7 +26,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pyramid import exits
+from pyramid import exits, random_models
 from pyramid.cli import LazyModule, argument_parser, command_name, refusals_exit_2
 from pyramid.exits import UsageError
 from pyramid.levels import build_pyramid, pyramid_sizes, split_pyramids, strip_special_tokens
@@ -80,7 +81,9 @@ def measure_model(encoder, batch_size, count):
     """Images/s of the forward pass and pooling alone, on ready uint8 batches already on the device."""
 
     side = encoder.info.crop_size
-    pixels = torch.randint(0, 256, (batch_size, 3, side, side), dtype=torch.uint8, device=encoder.device)
+    shape = (batch_size, 3, side, side)
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8, device=encoder.device) if encoder.info.pixel_bytes == 1 \
+        else torch.rand(shape, device=encoder.device)  # DINOv3's pixels: floats in [0, 1]
 
     def step():
         return build_pyramid(encoder(pixels), encoder.info.grid_size)
@@ -403,6 +406,10 @@ def get_args_parser():
     table.add_argument("--preflight", action="store_true",
                        help="only say what a run here would use (device, driver, libraries, processor, PNG decoder, "
                             "attention kernel, how files are made, compiler, /dev/shm, disk), in a few lines")
+    table.add_argument("--models", action="store_true",
+                       help="only the model bound of each encoder and resolution (random weights at real sizes: "
+                            "dinov2-small, -base, -large and dinov3-base at 224, dinov2-base at 448), as a markdown "
+                            "table [batch 64 on GPU, 4 on CPU]")
     table.add_argument("--compile", action="store_true",
                        help="also measure the model bound with --compile (torch.compile; a minute of compiling)")
     parser.add_argument("--save_random_model", type=Path, default=None, metavar="DIR",
@@ -416,7 +423,10 @@ def check_args(args):
     """The checks that need nothing heavy; raises UsageError in one sentence."""
     if args.output_dir is not None and not Path(args.output_dir).is_dir():
         raise UsageError(f"--output_dir {args.output_dir} does not exist")
-    if args.table or args.preflight:
+    if args.models and (args.model or args.random or args.input_dir or args.synthetic is not None):
+        raise UsageError("--models measures random models of each real size on ready batches; drop --model, "
+                         "--random, --input_dir and --synthetic")
+    if args.table or args.preflight or args.models:
         if args.input_dir is not None or args.synthetic is not None:
             raise UsageError("--table makes its own 1024x1024 and 256x256 inputs; drop --input_dir / --synthetic")
         return
@@ -463,6 +473,8 @@ def main(args):
     check_args(args)
     if args.preflight:
         return run_preflight(args)
+    if args.models:
+        return run_models(args)
     if args.table:
         return run_table(args)
     from pyramid.decode import Preprocess
@@ -676,6 +688,69 @@ def run_table(args):
     if args.json:
         print(json.dumps(figures, indent=2))
     return exits.OK
+
+
+# The model-bound rows (--models): (family, size, resolution), random weights at the real sizes.
+MODEL_ROWS = (("dinov2", "small", 224), ("dinov2", "base", 224), ("dinov2", "large", 224), ("dinov3", "base", 224),
+              ("dinov2", "base", 448))
+
+
+def measure_model_rows(device, dtype, batch_size, count, scratch, rows=MODEL_ROWS):
+    """Images/s of the forward pass and pooling on ready batches, for each (family, size, resolution) of `rows`:
+    [{"model": "dinov2-base", "resolution": 224, "grid": 16, "model_bound": ...}, ...]. A row whose model
+    cannot load here (DINOv3 without torchvision) says why instead."""
+    from pyramid.decode import Preprocess
+    from pyramid.encoder import Encoder, ModelError, load_model_info
+
+    figures = []
+    for family, size, resolution in rows:
+        row = {"model": f"{family}-{size}", "resolution": resolution}
+        directory = Path(scratch) / row["model"]
+        if not directory.exists():
+            random_models.save_random_model(directory, family, size)
+        try:
+            info, processor = load_model_info(directory, resolution)
+        except ModelError as error:
+            figures.append({**row, "skipped": str(error)})
+            continue
+        encoder = Encoder(info, Preprocess(processor).normaliser(device), device, dtype)
+        row.update(grid=info.grid_size, levels=len(pyramid_sizes(info.grid_size)),
+                   model_bound=measure_model(encoder, batch_size, count))
+        figures.append(row)
+        encoder = None
+        print(f"measured: {row['model']} at {resolution}: {row['model_bound']:.1f} images/s", file=sys.stderr,
+              flush=True)
+    return figures
+
+
+def run_models(args):
+    """--models: the model bound of each encoder and resolution here, as a markdown table (and --save/--json)."""
+    device, dtype, batch_size, _ = run_settings(args)
+    batch_size = args.batch_size or (64 if device.type == "cuda" else 4)  # per image, a CPU is as fast at 4
+    batches = 2 if args.quick or device.type != "cuda" else 8
+    with tempfile.TemporaryDirectory(prefix="pyramid-models-") as scratch:
+        figures = {"device": str(device), "device_name": device_name(device), "dtype": dtype,
+                   "batch_size": batch_size, "images": batches * batch_size,
+                   "rows": measure_model_rows(device, dtype, batch_size, batches * batch_size, scratch)}
+    if args.save:
+        Path(args.save).write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures, indent=2) if args.json else format_models_table(figures))
+    return exits.OK
+
+
+def format_models_table(figures):
+    """--models' figures as markdown: one row per encoder and resolution."""
+    lines = [f"Model bound: random weights at real sizes in {figures['dtype']} on {figures['device_name']}, batch "
+             f"{figures['batch_size']}, {figures['images']} images a row; images/s of the forward pass and pooling "
+             f"on ready batches", "", "| model | resolution | levels | model bound |", "|---|---|---|---|"]
+    for row in figures["rows"]:
+        if "skipped" in row:
+            lines.append(f"| {row['model']} | {row['resolution']} | | not measured: {row['skipped']} |")
+            continue
+        sizes = pyramid_sizes(row["grid"])
+        lines.append(f"| {row['model']} | {row['resolution']} | {sizes[0]}x{sizes[0]} .. {sizes[-1]}x{sizes[-1]} "
+                     f"({row['levels']}) | {row['model_bound']:.1f} |")
+    return "\n".join(lines)
 
 
 def compiled_line(compiled):

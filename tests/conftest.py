@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random-weight DINOv2 saved with save_pretrained, and real image files."""
+"""Shared fixtures: tiny random-weight DINOv2 and DINOv3 models saved with save_pretrained, and real image files."""
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -14,12 +15,17 @@ REPO = Path(__file__).resolve().parent.parent
 # Tests import the package from the checkout, with no install step.
 sys.path.insert(0, str(REPO))
 
-from pyramid.random_models import RANDOM_SIZES, save_random_dinov2  # noqa: E402
+from pyramid.random_models import RANDOM_SIZES, save_random_dinov2, save_random_dinov3  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 KNOWN_IMAGE = REPO / "pyramid" / "data" / "astronaut.png"  # shipped in the package: pyramid.bench draws on it
 
 TINY_HIDDEN = RANDOM_SIZES["tiny"][0]
+# DINOv3's image processor exists in transformers only with torchvision, which requirements.txt leaves out (the
+# dinov3 extra): the tests that run a DINOv3 skip without it; .ci/run's second pass runs them with it.
+TORCHVISION = importlib.util.find_spec("torchvision") is not None
+needs_torchvision = pytest.mark.skipif(not TORCHVISION, reason="torchvision is not installed: DINOv3's image "
+                                                               "processor needs it (.ci/run's second pass has it)")
 
 
 def save_tiny_dinov2(directory, registers=0, seed=0):
@@ -38,6 +44,13 @@ def tiny_model(tmp_path_factory):
 def tiny_model_registers(tmp_path_factory):
     """Path of a tiny random-weight DINOv2-with-registers (4 registers)."""
     return save_tiny_dinov2(tmp_path_factory.mktemp("tiny_dinov2_reg"), registers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov3(tmp_path_factory):
+    """Path of a tiny random-weight DINOv3 ViT (patch 16, 4 registers, RoPE) with the real dinov3 processor
+    config, in save_pretrained layout (saving needs no torchvision; loading its processor does)."""
+    return save_random_dinov3(tmp_path_factory.mktemp("tiny_dinov3"), "tiny")
 
 
 def write_images(directory, count, size=(64, 48), suffix=".png", seed=0, names=None):

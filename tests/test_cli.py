@@ -231,8 +231,10 @@ def test_the_dependencies_are_what_the_package_imports():
     import ast
     import importlib.metadata
 
-    # torchvision: never needed (docs/extract.md); triton: reported by the GPU preflight
+    # torchvision: DINOv3's processor alone (the dinov3 extra); triton: reported by the GPU preflight
     optional = {"torchvision", "triton"}
+    assert [requirement_name(line) for line in pyproject()["project"]["optional-dependencies"]["dinov3"]] \
+        == ["torchvision"]
     imported = set()
     for path in (REPO / "pyramid").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from conftest import KNOWN_IMAGE, REPO, run_cli, write_images
+from conftest import KNOWN_IMAGE, REPO, needs_torchvision, run_cli, write_images
 from pyramid import decode
 from pyramid.decode import (
     EXIF_ORIENTATION,
@@ -522,6 +522,53 @@ def test_with_torchvision_installed_the_pixels_are_still_pillows(tiny_model):
                                      return_tensors="pt")["pixel_values"][0]
         differing += not torch.equal(torchvision_pixels.round().to(torch.uint8), expected.to(torch.uint8))
     assert differing == len(NON_SQUARE)  # each shape is one where the backends disagree
+
+
+# --- Other resolutions and DINOv3: the model's own processor, called with the sizes -------------------------
+SHAPES = [(300, 257), (257, 300), (1023, 769), (333, 1001), (1000, 200), (8, 8), (224, 224)]
+
+
+def test_dinov2_at_448_is_its_processor_called_with_512_and_448(tiny_model):
+    """--resolution 448: the processor's own resize and crop called with shortest edge 512 and crop 448, uint8
+    equal (the direct Pillow path is taken, checked against it), normalised on the device as before."""
+    from transformers import AutoImageProcessor
+
+    from pyramid.encoder import load_model_info
+
+    own = AutoImageProcessor.from_pretrained(tiny_model, backend="pil")
+    preprocess = Preprocess(load_model_info(tiny_model, 448)[1])
+    assert preprocess.direct is not None
+    sizes = {"size": {"shortest_edge": 512}, "crop_size": {"height": 448, "width": 448}}
+    for width, height in SHAPES:
+        image = Image.fromarray(RNG.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+        expected = own(images=image, return_tensors="pt", **sizes)["pixel_values"]  # (1, 3, 448, 448)
+        pixels = preprocess(image)
+        crop = own(images=image, do_rescale=False, do_normalize=False, return_tensors="pt", **sizes)["pixel_values"]
+        assert pixels.shape == (3, 448, 448) and torch.equal(pixels, crop[0].to(torch.uint8)), (width, height)
+        assert torch.allclose(preprocess.normaliser("cpu")(pixels[None]), expected, atol=1e-6), (width, height)
+
+
+@needs_torchvision
+@pytest.mark.parametrize("resolution", [None, 256, 96])
+def test_dinov3_pixels_are_its_processors_bit_for_bit(tiny_dinov3, resolution):
+    """DINOv3's processor rescales, then resizes the floats (antialiased bilinear): the workers run it whole but
+    its normalising, and the device normalises with its arithmetic, (x - mean) / std in float32, so the pixels
+    the model sees are equal bit for bit to the processor's own output, on every shape, mirrored too."""
+    from transformers import AutoImageProcessor
+
+    from pyramid.encoder import load_model_info
+
+    side = resolution or 224
+    own = AutoImageProcessor.from_pretrained(tiny_dinov3)  # transformers' default: its torchvision backend
+    sizes = {} if resolution is None else {"size": {"height": side, "width": side}}
+    preprocess = Preprocess(load_model_info(tiny_dinov3, resolution)[1], flip=True)
+    normalise = preprocess.normaliser("cpu")
+    for width, height in SHAPES:
+        image = Image.fromarray(RNG.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+        pixels = preprocess(image)  # (2, 3, side, side): the image and its mirror
+        assert pixels.shape == (2, 3, side, side) and pixels.dtype == torch.float32
+        expected = own(images=[image, ImageOps.mirror(image)], return_tensors="pt", **sizes)["pixel_values"]
+        assert torch.equal(normalise(pixels), expected), (width, height)
 
 
 # --- Decoders: pyspng for PNG or a refusal, never a silent other decoder ---------------------------------

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_HIDDEN, save_tiny_dinov2
+from conftest import REPO, TINY_HIDDEN, needs_torchvision, save_tiny_dinov2
 from pyramid.decode import Preprocess, is_pillow_processor
 from pyramid.encoder import Encoder, ModelError, load_model_info, local_weights_digest, looks_local, resolve_dtype
 
@@ -67,6 +67,43 @@ def test_a_processor_without_a_pillow_backend_is_refused(tmp_path):
     if TORCHVISION:
         assert "(DINOv3ViTImageProcessor) has no Pillow backend" in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_dinov3_without_torchvision_is_refused_in_one_line(tiny_dinov3, monkeypatch):
+    """Where config.json cannot be read up front (a hub id), the model's loading refuses, before its processor."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # not installed, as importlib and import see it
+    with pytest.raises(ModelError) as error:
+        load_model_info(tiny_dinov3)
+    assert "is a DINOv3, whose image processor (DINOv3ViTImageProcessor) exists only with torchvision" in \
+        str(error.value) and "pip install 'dinov2-feature-pyramids[dinov3]'" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_resolution_sets_the_processor_and_the_grid(tiny_model):
+    info, processor = load_model_info(tiny_model, 448)
+    assert (info.crop_size, info.resolution, info.grid_size, info.family) == (448, 448, 32, "dinov2")
+    assert (processor.size.shortest_edge, processor.crop_size.height, processor.crop_size.width) == (512, 448, 448)
+    assert Preprocess(processor).direct == (512, 448, 448, processor.resample)  # the fast path still agrees
+    with pytest.raises(ModelError, match="--resolution 230 is not a multiple of the patch size 14 of .*: use 224 or "
+                                         "238"):
+        load_model_info(tiny_model, 230)
+
+
+@needs_torchvision
+def test_dinov3_model_info_and_encoder_drop_cls_and_four_registers(tiny_dinov3):
+    info, processor = load_model_info(tiny_dinov3)
+    assert (info.family, info.crop_size, info.patch_size, info.grid_size) == ("dinov3", 224, 16, 14)
+    assert (info.num_register_tokens, info.pixel_bytes, processor.backend) == (4, 4, "torchvision")
+    info_256, processor_256 = load_model_info(tiny_dinov3, 256)
+    assert (info_256.grid_size, processor_256.size.height, processor_256.size.width) == (16, 256, 256)
+    preprocess = Preprocess(processor_256)
+    pixels = torch.rand(2, 3, 256, 256)  # what DINOv3's workers hand over: rescaled floats
+    encoder = Encoder(info_256, preprocess.normaliser("cpu"), "cpu", "fp32")
+    patches = encoder(pixels)
+    with torch.no_grad():
+        full = encoder.model(pixel_values=preprocess.normaliser("cpu")(pixels)).last_hidden_state
+    assert full.shape == (2, 1 + 4 + 256, TINY_HIDDEN)
+    assert torch.equal(patches, full[:, 5:])  # CLS and 4 registers dropped
 
 
 def test_weights_digest_changes_with_the_weights(tmp_path):

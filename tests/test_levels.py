@@ -30,6 +30,15 @@ def test_pyramid_sizes():
     assert pyramid_sizes(14) == [14, 7]
     assert pyramid_sizes(37) == [37]
     assert pyramid_sizes(24) == [24, 12, 6, 3]
+    assert pyramid_sizes(32) == [32, 16, 8, 4, 2, 1]  # dinov2 at --resolution 448
+
+
+def test_build_pyramid_of_an_odd_grid_stops_at_the_first_odd_side():
+    """DINOv3 at 224: a 14x14 grid gives 14x14 and its 2x2 means, 7x7, and nothing coarser."""
+    patches = torch.randn(2, 14 * 14, 3)
+    levels = build_pyramid(patches, 14)
+    assert list(levels) == ["14x14", "7x7"]
+    assert torch.allclose(levels["7x7"], reference_average_2x2(patches, 14), atol=1e-6)
 
 
 def test_average_2x2_matches_loop_reference():
