@@ -11,13 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, TORCHVISION
 from pyramid.bench import (
     bound_name,
     dirty_limit_bytes,
+    format_models_table,
     get_args_parser,
     ideal_rate,
     main,
+    measure_model_rows,
     measure_write,
     run_child,
     write_levers,
@@ -203,6 +205,27 @@ def test_gpu_table_runs_on_cpu_with_quick_counts(tmp_path, capsys, monkeypatch):
         cosines = figures["fidelity"][dtype]
         assert list(cosines) == ["16x16", "8x8", "4x4", "2x2", "1x1"]
         assert all(0.99 < value <= 1.0 + 1e-6 for value in cosines.values()), (dtype, cosines)
+
+
+def test_model_rows_measure_each_encoder_and_resolution(tmp_path, capsys):
+    """--models' rows, at the tiny size: each family and resolution loads and runs with its own grid; a DINOv3
+    where torchvision is missing says so instead of a figure."""
+    rows = (("dinov2", "tiny", 224), ("dinov2", "tiny", 448), ("dinov3", "tiny", 224), ("dinov3", "tiny", 256))
+    figures = measure_model_rows(torch.device("cpu"), "fp32", 2, 4, tmp_path, rows)
+    assert [(row["model"], row["resolution"]) for row in figures] == [(f"{f}-{s}", r) for f, s, r in rows]
+    assert [row.get("grid") for row in figures[:2]] == [16, 32] and figures[1]["levels"] == 6
+    if TORCHVISION:
+        assert [(row["grid"], row["levels"]) for row in figures[2:]] == [(14, 2), (16, 5)]
+    else:
+        assert all("torchvision" in row["skipped"] for row in figures[2:])
+    assert all(row["model_bound"] > 0 for row in figures if "skipped" not in row)
+    table = format_models_table({"dtype": "fp32", "device_name": "cpu", "batch_size": 2, "images": 4,
+                                 "rows": figures})
+    assert "| dinov2-tiny | 448 | 32x32 .. 1x1 (6) | " in table
+    assert ("| dinov3-tiny | 224 | 14x14 .. 7x7 (2) | " if TORCHVISION else "| dinov3-tiny | 224 | | not measured") \
+        in table
+    assert main(get_args_parser().parse_args(["--models", "--random", "tiny"])) == 2  # random sizes of its own
+    assert "drop --model, --random" in capsys.readouterr().err
 
 
 def test_save_random_model_gives_a_model_the_tools_load(tmp_path):

@@ -231,6 +231,9 @@ def test_shared_memory_the_decode_workers_need():
     assert shared_memory_needed(64, 15, 224) == 32 * 64 * 3 * 224 * 224 == 308_281_344
     assert shared_memory_needed(64, 15, 224, flip=True) == 2 * 308_281_344
     assert shared_memory_needed(64, 0, 224) == 0  # no workers: nothing crosses processes
+    # DINOv3's pixels cross as float32 (its processor resizes floats); at --resolution 448 each crop is 4x larger.
+    assert shared_memory_needed(64, 15, 224, pixel_bytes=4) == 4 * 308_281_344
+    assert shared_memory_needed(64, 15, 448) == 4 * 308_281_344
     assert shared_memory_warning(16, 2, 224, shm="/") is None  # plenty of room
     line = shared_memory_warning(10**6, 15, 224, shm="/")  # far more than any disk
     assert line.startswith("warning: / has ") and "15 decode workers at batch 1000000 hold up to " in line

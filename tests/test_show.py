@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, write_images
+from conftest import REPO, needs_torchvision, write_images
 from pyramid import show
-from pyramid.random_models import DINOV2_PREPROCESSOR
+from pyramid.random_models import DINOV2_PREPROCESSOR, DINOV3_PREPROCESSOR
 
 D = 48
 
@@ -158,6 +158,46 @@ def test_model_view_matches_the_dinov2_processor(tmp_path):
     view = show.model_view(path)
     seen = torch.tensor(list(view.tobytes()), dtype=torch.float32).reshape(224, 224, 3).permute(2, 0, 1) / 255
     assert (seen - expected).abs().mean() < 1 / 255  # the same crop; only resampling rounding may differ
+
+
+def picture_values(view, side):
+    """The picture's 0..255 values as float (3, side, side)."""
+    return torch.tensor(list(view.tobytes()), dtype=torch.float32).reshape(side, side, 3).permute(2, 0, 1)
+
+
+def test_model_view_at_448_is_the_processor_called_with_512_and_448(tmp_path):
+    from transformers import AutoImageProcessor
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREPROCESSOR))
+    processor = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    path = write_images(tmp_path / "images", 1, size=(300, 200))[0]
+    with Image.open(path) as image:
+        expected = processor(images=image.convert("RGB"), do_rescale=False, do_normalize=False, return_tensors="pt",
+                             size={"shortest_edge": 512}, crop_size={"height": 448, "width": 448})["pixel_values"][0]
+    assert torch.equal(picture_values(show.model_view(path, "dinov2", 448), 448), expected)
+
+
+@needs_torchvision
+def test_model_view_of_a_dinov3_tree_is_its_resize(tmp_path):
+    from transformers import AutoImageProcessor
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(DINOV3_PREPROCESSOR))
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    path = write_images(tmp_path / "images", 1, size=(300, 200))[0]
+    with Image.open(path) as image:
+        expected = processor(images=image.convert("RGB"), do_normalize=False, size={"height": 256, "width": 256},
+                             return_tensors="pt")["pixel_values"][0]
+    seen = picture_values(show.model_view(path, "dinov3", 256), 256) / 255
+    assert (seen - expected).abs().max() < 2 / 255  # the whole image squeezed, not cropped; 8-bit rounding apart
+
+
+def test_the_picture_takes_the_family_and_resolution_from_the_tree(tmp_path):
+    (tmp_path / "a").mkdir()
+    assert show.tree_view_settings(tmp_path / "a") == ("dinov2", 224)  # no manifest: the defaults
+    (tmp_path / "manifest.json").write_text(json.dumps({"model_family": "dinov3", "resolution": 256}))
+    assert show.tree_view_settings(tmp_path / "a" / "x.pt") == ("dinov3", 256)
+    (tmp_path / "manifest.json").write_text(json.dumps({"crop_size": 224}))  # from before DINOv3
+    assert show.tree_view_settings(tmp_path) == ("dinov2", 224)
 
 
 # ----------------------------------------------------------------------------- the CLI

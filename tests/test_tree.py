@@ -178,3 +178,18 @@ def test_only_regular_files_outside_the_trees_own_names_are_pyramids(tmp_path):
     finished, temporaries = tree.scan_outputs(root)
     assert finished == {"a.pt", "flip/b.pt", "s/c.pt"}
     assert temporaries == []
+
+
+def test_a_manifest_from_before_dinov3_and_resolution_reads_as_a_dinov2_at_its_crop():
+    old = {"model": "m", "crop_size": 224, "grid_size": 16, "flip": False}
+    assert (tree.model_family(old), tree.manifest_resolution(old)) == ("dinov2", 224)
+    assert tree.manifest_differences(old, {**old, "model_family": "dinov2", "resolution": 224}) == []
+    assert tree.manifest_differences(old, {**old, "model_family": "dinov3", "resolution": 224}) == [
+        "model_family: 'dinov2' -> 'dinov3'"]
+    assert tree.manifest_differences({**old, "resolution": 224}, {**old, "crop_size": 448, "resolution": 448}) == [
+        "crop_size: 224 -> 448", "resolution: 224 -> 448"]
+    records = [["a.pt", 10, 1]]
+    # stats.pt and the pack of an old tree stay current once a run has recorded its family and resolution
+    assert tree.tree_digest(old, records) == tree.tree_digest({**old, "model_family": "dinov2", "resolution": 224},
+                                                              records)
+    assert tree.tree_digest(old, records) != tree.tree_digest({**old, "model_family": "dinov3"}, records)

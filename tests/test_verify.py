@@ -216,6 +216,17 @@ def test_a_manifest_with_inconsistent_levels(tmp_path, capsys):
         f"{output / 'manifest.json'}: levels are ['16x16', '8x8'], expected {LEVELS} for grid_size 16"]
 
 
+def test_a_manifest_whose_resolution_or_family_does_not_fit(tmp_path, capsys):
+    output = write_tree(tmp_path / "out", NAMES)
+    manifest = json.loads((output / "manifest.json").read_text())
+    (output / "manifest.json").write_text(json.dumps({**manifest, "resolution": 448, "model_family": "dinov9"}))
+    status, lines = verify(capsys, output)
+    assert status == 1
+    assert problem_lines(lines, output / "manifest.json") == [
+        f"{output / 'manifest.json'}: model_family is 'dinov9', not one of dinov2, dinov3",
+        f"{output / 'manifest.json'}: resolution is 448, but grid_size 16 x patch_size 14 is 224"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/nowhere"], "error: {tmp}/nowhere is not a directory; pass the extractor's --output_dir"),
     (["{tmp}", "--input_dir", "{tmp}/nowhere"], "error: --input_dir {tmp}/nowhere is not a directory"),
