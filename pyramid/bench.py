@@ -33,7 +33,7 @@ from pyramid.levels import build_pyramid, pyramid_sizes, split_pyramids, strip_s
 from pyramid.paths import find_images
 from pyramid.plan import default_batch_size, default_num_workers, shared_memory_needed, shared_memory_warning
 from pyramid.prepare import to_png
-from pyramid.random_models import RANDOM_SIZES, save_random_dinov2
+from pyramid.random_models import RANDOM_SIZES
 from pyramid.team import usable_cpus, usable_memory
 from pyramid.writer import SERIALISERS, Writer, checked_layout, default_writer_threads
 
@@ -330,7 +330,6 @@ def straightforward_extract(model_name, input_dir, names, output_dir, batch_size
     processor = AutoImageProcessor.from_pretrained(model_name)
     model = AutoModel.from_pretrained(model_name, dtype=DTYPES[dtype]).to(device).eval()
     registers = getattr(model.config, "num_register_tokens", 0)
-    grid_size = processor.crop_size["height"] // model.config.patch_size
     started = time.perf_counter()
     for start in range(0, len(names), batch_size):
         batch = names[start:start + batch_size]
@@ -339,6 +338,7 @@ def straightforward_extract(model_name, input_dir, names, output_dir, batch_size
         with torch.no_grad():
             hidden = model(pixel_values=pixels).last_hidden_state
         patches = strip_special_tokens(hidden, registers).float()
+        grid_size = pixels.shape[-1] // model.config.patch_size  # DINOv2's crop, DINOv3's resize
         for name, pyramid in zip(batch, split_pyramids({k: v.cpu() for k, v in
                                                         build_pyramid(patches, grid_size).items()})):
             torch.save(pyramid, Path(output_dir) / Path(name).with_suffix(".pt"))
@@ -371,7 +371,9 @@ def get_args_parser():
     source = parser.add_mutually_exclusive_group()  # one of them is required, unless --reader
     source.add_argument("--model", help="hub id or save_pretrained directory, as for extract_distributed.py")
     source.add_argument("--random", choices=sorted(RANDOM_SIZES),
-                        help="a random-weight DINOv2 of this size (no download): the speed is the same")
+                        help="a random-weight model of this size (no download): the speed is the same")
+    parser.add_argument("--family", choices=("dinov2", "dinov3"), default="dinov2",
+                        help="the family of --random and --save_random_model (dinov3 needs torchvision to run)")
     images = parser.add_mutually_exclusive_group()  # one of them is required, unless --reader
     images.add_argument("--input_dir", help="images to measure on")
     images.add_argument("--synthetic", type=int, metavar="N", help="make N real-looking 1024x1024 PNGs")
@@ -456,9 +458,10 @@ def save_random_model(args):
         raise UsageError(f"--save_random_model {directory} exists and is not an empty directory; name a new one")
     size = args.random or "base"
     hidden_size, layers, heads = RANDOM_SIZES[size]
-    save_random_dinov2(directory, size)
-    print(f"saved a random-weight DINOv2 ({size}: hidden size {hidden_size}, {layers} layers, {heads} heads) to "
-          f"{directory}; pass --model {directory} to the tools (its features are noise: for trials, not training)")
+    random_models.save_random_model(directory, args.family, size)
+    print(f"saved a random-weight {FAMILY_NAMES[args.family]} ({size}: hidden size {hidden_size}, {layers} layers, "
+          f"{heads} heads) to {directory}; pass --model {directory} to the tools (its features are noise: for "
+          f"trials, not training)")
     return exits.OK
 
 
@@ -481,7 +484,8 @@ def main(args):
     from pyramid.encoder import Encoder, load_model_info
 
     with tempfile.TemporaryDirectory(prefix="pyramid-bench-") as scratch:
-        model = args.model or save_random_dinov2(Path(scratch) / f"random-{args.random}", args.random)
+        model = args.model or random_models.save_random_model(Path(scratch) / f"random-{args.random}", args.family,
+                                                              args.random)
         input_dir = args.input_dir or write_synthetic_faces(Path(scratch) / "images", args.synthetic)
         names = find_images(input_dir)[:args.limit]
         if not names:
@@ -618,7 +622,8 @@ def run_table(args):
     with tempfile.TemporaryDirectory(prefix="pyramid-table-") as scratch:
         scratch = Path(scratch)
         random_size = args.random or ("base" if args.model is None else None)
-        model = args.model or save_random_dinov2(scratch / f"random-{random_size}", random_size)
+        model = args.model or random_models.save_random_model(scratch / f"random-{random_size}", args.family,
+                                                              random_size)
         info, processor = load_model_info(model)
         preprocess = Preprocess(processor)
         write_dir = args.output_dir or scratch
@@ -690,6 +695,7 @@ def run_table(args):
     return exits.OK
 
 
+FAMILY_NAMES = {"dinov2": "DINOv2", "dinov3": "DINOv3"}
 # The model-bound rows (--models): (family, size, resolution), random weights at the real sizes.
 MODEL_ROWS = (("dinov2", "small", 224), ("dinov2", "base", 224), ("dinov2", "large", 224), ("dinov3", "base", 224),
               ("dinov2", "base", 448))
@@ -749,7 +755,7 @@ def format_models_table(figures):
             continue
         sizes = pyramid_sizes(row["grid"])
         lines.append(f"| {row['model']} | {row['resolution']} | {sizes[0]}x{sizes[0]} .. {sizes[-1]}x{sizes[-1]} "
-                     f"({row['levels']}) | {row['model_bound']:.1f} |")
+                     f"({row['levels']}) | {row['model_bound']:.3g} |")
     return "\n".join(lines)
 
 
@@ -858,7 +864,8 @@ def run_preflight(args):
                  "(pip install pyspng; docs/gpu.md says how to carry its wheel to a machine without network)")
     with tempfile.TemporaryDirectory(prefix="pyramid-preflight-") as scratch:
         random_size = args.random or ("base" if args.model is None else None)
-        model = args.model or save_random_dinov2(Path(scratch) / f"random-{random_size}", random_size)
+        model = args.model or random_models.save_random_model(Path(scratch) / f"random-{random_size}", args.family,
+                                                              random_size)
         info, processor = load_model_info(model)
         preprocess = Preprocess(processor)
         needed = shared_memory_needed(batch_size, num_workers, info.crop_size, pixel_bytes=info.pixel_bytes)

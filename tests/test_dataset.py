@@ -84,3 +84,24 @@ def test_importing_the_package_does_not_load_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("grid, levels", [(14, ["14x14", "7x7"]), (32, ["32x32", "16x16", "8x8", "4x4", "2x2", "1x1"])])
+def test_other_grids_read_stat_and_pack_like_16(tmp_path, grid, levels):
+    """DINOv3's 14x14 and 7x7, DINOv2 at 448's 32x32 to 1x1: the stats, the pack and the reader follow the
+    manifest's levels, and the pack serves what the files hold."""
+    from pyramid import pack, stats
+    from pyramid.readbench import write_synthetic_tree
+
+    root = write_synthetic_tree(tmp_path / "tree", 5, grid=grid, hidden=8)
+    assert stats.main(stats.get_args_parser().parse_args([str(root)])) == 0
+    assert [key for key in torch.load(root / "stats.pt", weights_only=True) if key != "count"] == levels
+    from_files = [PyramidDataset(root, normalize=True)[i] for i in range(5)]
+    assert pack.main(pack.get_args_parser().parse_args([str(root)])) == 0
+    dataset = PyramidDataset(root, normalize=True)
+    assert [list(item) for item in from_files] == [list(dataset[0])] * 5
+    for i, item in enumerate(from_files):
+        assert all(torch.equal(item[level], dataset[i][level]) for level in levels)
+    batch = next(iter(dataset.loader(batch_size=5)))
+    assert [tuple(batch[level].shape) for level in levels] == [(5, int(level.split("x")[0]) ** 2, 8)
+                                                               for level in levels]
