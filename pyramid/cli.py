@@ -1,8 +1,10 @@
 """What the tools' command lines share: the help layout, the name a user types, refusals (exit 2), the commands."""
 
 import argparse
+import codecs
 import functools
 import importlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -77,15 +79,39 @@ def is_main_process():
     return os.environ.get("RANK", "0") == "0"
 
 
+def _odd_bytes_as_hex(error):
+    """Encoding error handler: a file name's byte that is not UTF-8 (held as a lone surrogate) printed \\xNN,
+    as tree.readable_text and failures.jsonl write it; any other character the stream cannot take escaped."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start:error.end]
+    return "".join(f"\\x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF
+                   else char.encode("ascii", "backslashreplace").decode("ascii") for char in text), error.end
+
+
+ODD_BYTES = "pyramid-odd-bytes"
+codecs.register_error(ODD_BYTES, _odd_bytes_as_hex)
+
+
+def print_names_safely():
+    """Make stdout and stderr print any file name: Python's stdout raises UnicodeEncodeError on a name that
+    is not UTF-8 (`bad\\xfe.pt` from the tree), which would end a tool in a traceback halfway through."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors=ODD_BYTES)
+
+
 def refusals_exit_2(main=None, *, after=None):
-    """A tool's main(args), wrapped: a UsageError it raises is said in one line on stderr, "error: <message>"
-    (by the main process of a launch alone), then `after(args, error)` runs where given, and main returns
-    exits.USAGE (2). `@refusals_exit_2` or `@refusals_exit_2(after=...)`."""
+    """A tool's main(args), wrapped: stdout and stderr print any name (print_names_safely); a UsageError it
+    raises is said in one line on stderr, "error: <message>" (by the main process of a launch alone), then
+    `after(args, error)` runs where given, and main returns exits.USAGE (2). `@refusals_exit_2` or
+    `@refusals_exit_2(after=...)`."""
     if main is None:
         return functools.partial(refusals_exit_2, after=after)
 
     @functools.wraps(main)
     def wrapped(args):
+        print_names_safely()
         try:
             return main(args)
         except UsageError as error:

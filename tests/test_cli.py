@@ -1,6 +1,7 @@
 """Every tool's command line: --help as the user types it, fast (no torch), and the installed package."""
 
 import argparse
+import io
 import json
 import os
 import re
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pyramid.cli import COMMANDS, HelpFormatter
+from pyramid.cli import COMMANDS, HelpFormatter, refusals_exit_2
+from pyramid.exits import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -246,3 +248,21 @@ def test_the_dependencies_are_what_the_package_imports():
     distributions = importlib.metadata.packages_distributions()
     needed = {requirement_name(distributions[module][0]) for module in third_party}
     assert needed == {requirement_name(line) for line in pyproject()["project"]["dependencies"]}
+
+
+def test_a_tool_prints_a_name_that_is_not_utf8_as_failures_jsonl_has_it(monkeypatch):
+    out, err = io.BytesIO(), io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="utf-8", errors="strict"))
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(err, encoding="ascii", errors="strict"))
+    name = os.fsdecode(b"bad\xfe.pt")
+
+    @refusals_exit_2
+    def main(args):
+        print(f"{name}: no image for this file")
+        raise UsageError(f"é {name} is odd")
+
+    assert main(None) == 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    assert out.getvalue() == b"bad\\xfe.pt: no image for this file\n"
+    assert err.getvalue() == b"error: \\xe9 bad\\xfe.pt is odd\n"
