@@ -94,6 +94,14 @@ def local_weights_digest(directory):
 HUB_PROBE_SECONDS = 10
 
 
+def is_out_of_memory(error):
+    """True for an error a smaller batch may avoid: torch's OutOfMemoryError, or what accelerate takes
+    for one (the allocators' messages, cuDNN's CUDNN_STATUS_NOT_SUPPORTED for too large an input)."""
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return isinstance(error, torch.OutOfMemoryError) or should_reduce_batch_size(error)
+
+
 def first_line(error):
     """The first line of an error's message, or its type's name when it has none."""
     text = str(error).strip()
@@ -314,6 +322,8 @@ class Encoder:
         try:
             return self.compiled(pixel_values=padded).last_hidden_state[:rows]
         except Exception as error:  # the compiler's own errors: no C++ compiler, no Triton, an unsupported op
+            if is_out_of_memory(error):  # the batch's, not the compiler's: the run halves it
+                raise
             self.compiled = None
             self.compile_failure = (f"warning: --compile: the model cannot be compiled here "
                                     f"({type(error).__name__}: {first_line(error)[:200]}); it runs uncompiled")

@@ -103,6 +103,14 @@ def split_twins(levels):
     return twins
 
 
+def twin_rows(pixels, parts, count, start, rows):
+    """Rows start..start+rows of a batch of `count` images, with their mirrors where `parts` is 2: the pixels
+    hold the images, then their mirrors in the same order."""
+    if parts == 1:
+        return pixels[start:start + rows]
+    return pixels.view(parts, count, *pixels.shape[1:])[:, start:start + rows].reshape(-1, *pixels.shape[1:])
+
+
 def split_pyramids(levels):
     """Split a batched pyramid into one dict per image, each value (1, S*S, D) in the levels' dtype, contiguous.
 

@@ -18,14 +18,29 @@ import torch
 import transformers.image_processing_utils  # noqa: F401 - the shared plan holds the image processor: unpickled by it
 from accelerate import PartialState
 from accelerate.utils import release_memory
-from accelerate.utils.memory import should_reduce_batch_size
 
 from pyramid import exits
 from pyramid.chunks import CLAIM_KEY, ChunkSampler, chunk_size_for
 from pyramid.decode import DecoderMissing, Preprocess, decoders, image_loader, pixel_pipeline
-from pyramid.encoder import DTYPES, Encoder, HostCopies, ModelError, first_line, load_model_info, resolve_dtype
+from pyramid.encoder import (
+    DTYPES,
+    Encoder,
+    HostCopies,
+    ModelError,
+    first_line,
+    is_out_of_memory,
+    load_model_info,
+    resolve_dtype,
+)
 from pyramid.exits import UsageError
-from pyramid.levels import build_pyramid, finite_images, representable_images, split_twins, stored_levels
+from pyramid.levels import (
+    build_pyramid,
+    finite_images,
+    representable_images,
+    split_twins,
+    stored_levels,
+    twin_rows,
+)
 from pyramid.lock import OutputLock
 from pyramid.paths import output_path_for
 from pyramid.plan import (
@@ -36,7 +51,7 @@ from pyramid.plan import (
     plan_run,
     shared_memory_warning,
 )
-from pyramid.progress import Progress, format_bytes, format_duration, log
+from pyramid.progress import Progress, format_bytes, log, print_summary
 from pyramid.runs import append_run, new_run_id, now_iso
 from pyramid.stopping import StopNow, StopSignals, stop_with_launcher
 from pyramid.team import Team, start_process_group
@@ -249,14 +264,17 @@ class Extraction:
     def encode_batch(self, images, pixels):
         """Encode and pool the batch of `images` in forward passes of at most `self.rows` images, handing
         each pass's pyramids to the writer. Out of memory, the pass is retried in halves and the run goes
-        on at the smaller size, said once; an image that does not fit alone is a recorded failure."""
+        on at the smaller size, said once; an image that does not fit alone is a recorded failure.
+        (accelerate's find_executable_batch_size reruns a whole function from its start at 0.9 times the
+        size: here that would drop the chunks this process has claimed and the batches in flight; its
+        release_memory and OOM test are used.)"""
         parts = 2 if self.settings.flip else 1
         count, start = len(images), 0
         while start < count:
             rows = min(self.rows, count - start)
             out_of_memory = None
             try:
-                levels, finite = self.compute(_rows_of(pixels, parts, count, start, rows))
+                levels, finite = self.compute(twin_rows(pixels, parts, count, start, rows))
             except Exception as error:
                 if not is_out_of_memory(error):
                     raise
@@ -369,7 +387,7 @@ class Extraction:
         finished = time.monotonic()
         encoding_seconds = finished - (tally.encoding_started or finished)
         undone = self.undone()
-        _print_summary(team.add("written", 0), self.plan.skipped, team.add("failed", 0), finished - self.started,
+        print_summary(team.add("written", 0), self.plan.skipped, team.add("failed", 0), finished - self.started,
                        encoding_seconds, Path(self.settings.output_dir) / FAILURES_NAME, undone,
                        self.record["per_process"])
         if undone or status in exits.BY_SIGNAL.values():
@@ -381,14 +399,14 @@ class Extraction:
         """Any error but a model's or a write's: said at once in one line naming this process, its traceback
         in the log; this process's counts go to the team and it leaves without waiting for the others, so
         the launcher can act. Returns exits.INCOMPLETE."""
-        self.watchdog.pause()
         line = f"{self.where}{type(error).__name__}: {first_line(error)}"
         log(f"error: {line}", self.progress)
         traceback.print_exception(error)
-        try:
+        try:  # the stall clock still runs: a writer that hangs here is a stuck process
             self.close_writer(exits.OK)  # the files handed over are finished; a write error is said there
         except Exception:
             pass
+        self.watchdog.pause()
         self.team.stop_heartbeat()
         self.leave(line)
         if self.progress is not None:
@@ -593,32 +611,3 @@ def non_finite_message(dtype, flags, store_dtype="fp32"):
         return what + "rerun with --dtype fp32"
     return what + ("a sound checkpoint does not do that in fp32, so the weights of --model are likely broken "
                    "(NaN or inf values, a damaged download): check them or download them again")
-
-
-def _rows_of(pixels, parts, count, start, rows):
-    """Rows start..start+rows of a batch of `count` images, with their mirrors where `parts` is 2: the pixels
-    hold the images, then their mirrors in the same order."""
-    if parts == 1:
-        return pixels[start:start + rows]
-    return pixels.view(parts, count, *pixels.shape[1:])[:, start:start + rows].reshape(-1, *pixels.shape[1:])
-
-
-def is_out_of_memory(error):
-    """True for an error a smaller batch may avoid: torch's OutOfMemoryError, or what accelerate takes
-    for one (the allocators' messages, cuDNN's CUDNN_STATUS_NOT_SUPPORTED for too large an input)."""
-    return isinstance(error, torch.OutOfMemoryError) or should_reduce_batch_size(error)
-
-
-def _print_summary(written, skipped, failed, seconds, encoding_seconds, failures_path, undone, per_process):
-    """The run's one summary line; images/s counts the time spent encoding, not loading the model.
-    With several processes it ends with the images each did, in rank order. `done:` only when no image
-    of the to-do list is left `undone`; else `not finished:` with their number."""
-    # A rate of nothing ("0.00 images/s") reads as a stalled run: a run with nothing to encode says so.
-    pace = f"{written / encoding_seconds:.2f} images/s while encoding" if written and encoding_seconds > 0 \
-        else "nothing encoded"
-    shares = f"; per process: {', '.join(map(str, per_process))}" if len(per_process) > 1 else ""
-    head, left = ("not finished", f", {undone} not done") if undone else ("done", "")
-    log(f"{head}: {written} written, {skipped} skipped (already there), {failed} failed{left} "
-        f"in {format_duration(seconds)} ({seconds:.1f} s; {pace}){shares}")
-    if failed:
-        log(f"the failed images are listed in {failures_path}, each with its reason; fix what it says and rerun")

@@ -1,4 +1,4 @@
-"""Progress for people: a tqdm bar on a terminal, plain lines where no terminal is attached (logs)."""
+"""Progress for people: a tqdm bar on a terminal, plain lines where no terminal is attached (logs), the summary."""
 
 import sys
 import time
@@ -88,3 +88,18 @@ def log(message, progress=None):
         tqdm.write(message, file=sys.stderr)
     else:
         print(message, file=sys.stderr, flush=True)
+
+
+def print_summary(written, skipped, failed, seconds, encoding_seconds, failures_path, undone, per_process):
+    """The run's one summary line; images/s counts the time spent encoding, not loading the model.
+    With several processes it ends with the images each did, in rank order. `done:` only when no image
+    of the to-do list is left `undone`; else `not finished:` with their number."""
+    # A rate of nothing ("0.00 images/s") reads as a stalled run: a run with nothing to encode says so.
+    pace = f"{written / encoding_seconds:.2f} images/s while encoding" if written and encoding_seconds > 0 \
+        else "nothing encoded"
+    shares = f"; per process: {', '.join(map(str, per_process))}" if len(per_process) > 1 else ""
+    head, left = ("not finished", f", {undone} not done") if undone else ("done", "")
+    log(f"{head}: {written} written, {skipped} skipped (already there), {failed} failed{left} "
+        f"in {format_duration(seconds)} ({seconds:.1f} s; {pace}){shares}")
+    if failed:
+        log(f"the failed images are listed in {failures_path}, each with its reason; fix what it says and rerun")

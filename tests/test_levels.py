@@ -3,7 +3,15 @@
 import numpy as np
 import torch
 
-from pyramid.levels import average_2x2, build_pyramid, level_side, pyramid_sizes, split_pyramids, strip_special_tokens
+from pyramid.levels import (
+    average_2x2,
+    build_pyramid,
+    level_side,
+    pyramid_sizes,
+    split_pyramids,
+    strip_special_tokens,
+    twin_rows,
+)
 
 
 def reference_average_2x2(patches, size):
@@ -125,3 +133,10 @@ def test_stored_levels_round_once_to_nearest_even_and_flag_what_overflows():
         assert finite_images(levels).tolist() == [True, True, True]
         assert fits.tolist() == ([True, False, True] if dtype == torch.float16 else [True, True, True])
     assert stored_levels(levels, torch.float32)["4x4"] is levels["4x4"]  # fp32 files: no copy
+
+
+def test_twin_rows_keep_each_image_with_its_mirror():
+    images, mirrors = torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)
+    batch = torch.cat([images, mirrors])  # (10, 3, 2, 2): the 5 images, then their 5 mirrors
+    assert torch.equal(twin_rows(batch, 2, 5, 1, 3), torch.cat([images[1:4], mirrors[1:4]]))
+    assert torch.equal(twin_rows(images, 1, 5, 3, 2), images[3:5])

@@ -210,20 +210,6 @@ def test_non_finite_message_names_the_part_and_the_dtype_to_try():
         "store this tree in fp32 (--store_dtype fp32 with another --output_dir, or with --overwrite)")
 
 
-def test_the_summary_of_a_run_with_nothing_to_encode_gives_no_rate(tmp_path, capsys):
-    from pyramid.loop import _print_summary
-
-    _print_summary(0, 64, 0, 3.2, 0.0, tmp_path / FAILURES_NAME, 0, [0])
-    assert capsys.readouterr().err == ("done: 0 written, 64 skipped (already there), 0 failed in 0:00:03 "
-                                       "(3.2 s; nothing encoded)\n")
-    _print_summary(10, 0, 0, 4.0, 2.0, tmp_path / FAILURES_NAME, 0, [6, 4])
-    assert capsys.readouterr().err == ("done: 10 written, 0 skipped (already there), 0 failed in 0:00:04 (4.0 s; "
-                                       "5.00 images/s while encoding); per process: 6, 4\n")
-    _print_summary(10, 0, 0, 4.0, 2.0, tmp_path / FAILURES_NAME, 8, [6, 4])  # never "done" with images left
-    assert capsys.readouterr().err == ("not finished: 10 written, 0 skipped (already there), 0 failed, 8 not done "
-                                       "in 0:00:04 (4.0 s; 5.00 images/s while encoding); per process: 6, 4\n")
-
-
 def test_shared_memory_the_decode_workers_need():
     from pyramid.plan import shared_memory_needed, shared_memory_warning
 

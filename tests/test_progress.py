@@ -4,7 +4,8 @@ import io
 import os
 import sys
 
-from pyramid.progress import Progress, format_duration, log
+from pyramid.progress import Progress, format_duration, log, print_summary
+from pyramid.tree import FAILURES_NAME
 
 
 def test_format_duration():
@@ -74,3 +75,15 @@ def test_a_name_that_is_not_utf8_is_logged_as_failures_jsonl_has_it_even_on_a_st
     log("failed: " + os.fsdecode(b"bad\xfe.png") + ": broken")
     sys.stderr.flush()
     assert raw.getvalue() == b"failed: bad\\xfe.png: broken\n"
+
+
+def test_the_summary_of_a_run_with_nothing_to_encode_gives_no_rate(tmp_path, capsys):
+    print_summary(0, 64, 0, 3.2, 0.0, tmp_path / FAILURES_NAME, 0, [0])
+    assert capsys.readouterr().err == ("done: 0 written, 64 skipped (already there), 0 failed in 0:00:03 "
+                                       "(3.2 s; nothing encoded)\n")
+    print_summary(10, 0, 0, 4.0, 2.0, tmp_path / FAILURES_NAME, 0, [6, 4])
+    assert capsys.readouterr().err == ("done: 10 written, 0 skipped (already there), 0 failed in 0:00:04 (4.0 s; "
+                                       "5.00 images/s while encoding); per process: 6, 4\n")
+    print_summary(10, 0, 0, 4.0, 2.0, tmp_path / FAILURES_NAME, 8, [6, 4])  # never "done" with images left
+    assert capsys.readouterr().err == ("not finished: 10 written, 0 skipped (already there), 0 failed, 8 not done "
+                                       "in 0:00:04 (4.0 s; 5.00 images/s while encoding); per process: 6, 4\n")
