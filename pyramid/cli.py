@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pyramid import exits
-from pyramid.exits import UsageError
+from pyramid.exits import DamagedFile, UsageError
 from pyramid.lock import live_run
 from pyramid.tree import readable_text
 
@@ -103,7 +103,8 @@ def print_names_safely():
 
 def refusals_exit_2(main=None, *, after=None):
     """A tool's main(args), wrapped: stdout and stderr print any name (print_names_safely); a UsageError it
-    raises is said in one line on stderr, "error: <message>" (by the main process of a launch alone), then
+    raises, or a DamagedFile (a file of the tree it cannot use, met before its work: manifest.json, pack.json,
+    the lock), is said in one line on stderr, "error: <message>" (by the main process of a launch alone), then
     `after(args, error)` runs where given, and main returns exits.USAGE (2). `@refusals_exit_2` or
     `@refusals_exit_2(after=...)`."""
     if main is None:
@@ -114,7 +115,7 @@ def refusals_exit_2(main=None, *, after=None):
         print_names_safely()
         try:
             return main(args)
-        except UsageError as error:
+        except (UsageError, DamagedFile) as error:
             if is_main_process():  # under a launcher every process finds it: one says it
                 print(readable_text(f"error: {error}"), file=sys.stderr)  # a name's odd bytes as \xNN
                 if after is not None:

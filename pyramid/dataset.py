@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
+from pyramid.exits import DamagedFile
 from pyramid.loader import PyramidLoader
-from pyramid.reader import STORED_DTYPES, as_numpy, from_numpy, numpy_dtype, read_ahead, read_pyramid
+from pyramid.reader import STORED_DTYPES, as_numpy, expected_from, from_numpy, read_ahead, read_pyramid
 from pyramid.team import usable_cpus, usable_memory
 from pyramid.tree import (
     FLIP_PREFIX,
@@ -22,13 +23,14 @@ from pyramid.tree import (
     current_pack,
     flip_twin,
     item_name,
+    pack_arrays,
     pack_command,
     pack_dir,
-    pack_level_path,
     stats_current,
     stored_dtype,
     tree_state,
 )
+from pyramid.validate import open_regular
 
 FLIP_CHOICES = (False, "random")
 PRELOAD_CHUNK_BYTES = 32 << 20  # the items read per step of a preload, as bytes
@@ -127,6 +129,7 @@ class PyramidDataset(Dataset):
             raise ValueError(f"pack must be 'auto', True or False, not {pack!r}.")
         preload_device = _preload_device(preload)
         manifest, records = tree_state(self.root)  # one stat per file: what the pack and stats are checked by
+        self._expect = expected_from(manifest)  # what every file must hold, checked once per layout by the reader
         self.files = [entry[0] for entry in records]  # relative POSIX paths, sorted as strings
         self.names = [item_name(relative) for relative in self.files]
         self._paths = [os.path.join(self.root, relative) for relative in self.files]
@@ -150,11 +153,11 @@ class PyramidDataset(Dataset):
         self.sources = self.levels + (self._twins if flip else [])
         self._pack = self._choose_pack(pack, manifest, records)
         self.source = "files" if self._pack is None else "pack"
+        self._shapes = self._level_shapes()
         self._scales = self._load_scales(manifest, records) if normalize else None
         self.dtype = torch.float32 if normalize else self.stored_dtype  # the items'; normalised in float32
         self._scales_on = {}  # the scales copied to each device that normalises
         self._open_pid, self._pack_arrays_open, self._open_lock = None, None, threading.Lock()
-        self._shapes = self._level_shapes()
         different = [level for level in self.levels if flip and self._shapes[flip_twin(level)] != self._shapes[level]]
         if different:
             raise ValueError(f"the flip/ twins of {different} have other shapes than the levels")
@@ -185,9 +188,11 @@ class PyramidDataset(Dataset):
         return self.preloaded[self.sources[0]].dtype if self.preloaded else self.stored_dtype
 
     def _level_shapes(self):
-        """{level: (s*s, D)} of every source level, from the pack or the first file (one small read)."""
+        """{level: (s*s, D)} of every source level, from the pack, the manifest or the first file (one small read)."""
         if self._pack is not None:
             return {level: tuple(layout[3]) for level, layout in self._pack.items()}
+        if self._expect is not None:
+            return {level: self._expect.tensors[level][1][1:] for level in self.sources}
         if not self.files:
             return {}
         pyramid, keys = read_pyramid(self.root / self.files[0], self.sources)
@@ -211,14 +216,10 @@ class PyramidDataset(Dataset):
                               f"{pack_command(self.root, self.sources)} brings it up to date", stacklevel=3)
             return None
         layout = {}
-        for level in self.sources:
-            path = pack_level_path(pack_dir(self.root), level)
-            array = np.load(path, mmap_mode="r")  # (N, s*s, D): read only for its header's size
-            expected = numpy_dtype(self.stored_dtype)  # bf16: uint16, the raw bits
-            if array.dtype != expected or array.shape[0] != len(self.files):
-                raise ValueError(f"{path} holds {array.dtype} {list(array.shape)}, not {expected} "
-                                 f"[{len(self.files)}, ...] ({self.stored_dtype}, the files' dtype)")
-            layout[level] = (path, array.offset, array[0].nbytes, array.shape[1:])
+        # Each array's header and size checked against pack.json and the manifest (dtype, C order, shape)
+        # before a row is served: a rewritten array is refused, never served as scrambled rows.
+        for level, (path, offset, shape, dtype) in pack_arrays(self.root, record, manifest, self.sources).items():
+            layout[level] = (path, offset, math.prod(shape[1:]) * np.dtype(dtype).itemsize, shape[1:])
         return layout
 
     def _load_scales(self, manifest, records):
@@ -226,7 +227,15 @@ class PyramidDataset(Dataset):
         path = self.root / STATS_NAME
         if not path.exists():
             raise FileNotFoundError(f"normalize=True needs {path}; run python -m pyramid.stats {self.root}")
-        stats = torch.load(path, weights_only=True)
+        os.close(open_regular(path))  # a FIFO would block torch.load
+        try:
+            stats = torch.load(path, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - a torn file fails in zip, pickle or torch: all mean the same
+            raise DamagedFile(path, f"cannot be read ({type(error).__name__}); rerun python -m pyramid.stats "
+                                    f"{self.root}") from None
+        if not isinstance(stats, dict):
+            raise DamagedFile(path, f"holds a {type(stats).__name__}, not statistics; rerun python -m pyramid.stats "
+                                    f"{self.root}")
         if not stats_current(stats, manifest, records):
             raise ValueError(f"{path} was computed from other files than {self.root} holds now "
                              f"({stats.get('count')} files then, {len(records)} now, or some rewritten); "
@@ -236,6 +245,13 @@ class PyramidDataset(Dataset):
             raise ValueError(f"{path} has no statistics for {missing}; rerun python -m pyramid.stats {self.root}")
         scales = {}
         for level in self.sources:
+            entry = stats[level]
+            if not (isinstance(entry, dict) and all(isinstance(entry.get(key), torch.Tensor)
+                                                    and entry[key].shape == (self._shapes[level][-1],)
+                                                    for key in ("mean", "std"))):
+                raise DamagedFile(path, f"the statistics of {level} are not a mean and std of "
+                                        f"{self._shapes[level][-1]} channels; rerun python -m pyramid.stats "
+                                        f"{self.root}")
             # The mean as a float32 pair (high + low): x - high is exact in float32 wherever x is near the
             # mean, so a channel with a large mean and a small spread keeps float32 precision relative to
             # its spread, where subtracting one rounded float32 mean would lose it.
@@ -289,8 +305,10 @@ class PyramidDataset(Dataset):
                     for level, (path, offset, row_bytes, shape) in self._pack.items():
                         with open(path, "rb") as file:
                             mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-                        if len(mapped) < offset + len(self.files) * row_bytes:
-                            raise OSError(f"{path} is shorter than its header says")
+                        checked = offset + len(self.files) * row_bytes
+                        if len(mapped) != checked:
+                            raise DamagedFile(path, f"is {len(mapped)} bytes now, not the {checked} it had when "
+                                                    f"checked; rerun {pack_command(self.root)}")
                         with warnings.catch_warnings():  # read-only memory: never written, only gathered from
                             warnings.simplefilter("ignore", UserWarning)
                             array = torch.frombuffer(mapped, dtype=self.stored_dtype, offset=offset,
@@ -319,7 +337,7 @@ class PyramidDataset(Dataset):
                 if reading is not None:
                     reading[0] = path
                 try:
-                    pyramid, keys = read_pyramid(path, sources, out=targets)
+                    pyramid, keys = read_pyramid(path, sources, out=targets, expect=self._expect)
                 except Exception as error:
                     named = _naming(error, path)
                     if named is error:
@@ -327,7 +345,7 @@ class PyramidDataset(Dataset):
                     raise named from error
                 if len(pyramid) != len(targets):
                     missing = [source for source in sources if source not in pyramid]
-                    raise KeyError(f"{path} has no level {missing[0]!r}; it has {keys}.")
+                    raise DamagedFile(path, f"has no level {missing[0]!r}; it has {keys}")
             return
         if reading is not None:
             reading[0] = "the CPU preload" if self.preloaded is not None else str(pack_dir(self.root))

@@ -1,6 +1,7 @@
 """The pyramid levels: strip the CLS and register tokens, then 2x2 means of the patch grid down to 1x1."""
 
-from pyramid.tree import flip_twin
+from pyramid.tree import FLIP_PREFIX, flip_twin
+from pyramid.validate import level_side as validated_side
 
 
 def strip_special_tokens(hidden_states, num_register_tokens=0):
@@ -30,11 +31,11 @@ def level_key(size):
 
 
 def level_side(key):
-    """The grid side of a level key: '16x16' -> 16; None for anything that is not '{s}x{s}', s >= 1."""
-    if not isinstance(key, str):
+    """The grid side of a level key: '16x16' -> 16; None for anything that is not '{s}x{s}', s >= 1 in ASCII
+    digits without leading zeros ('08x08', 'flip/8x8' and '../8x8' are not level keys)."""
+    if isinstance(key, str) and key.startswith(FLIP_PREFIX):
         return None
-    rows, _, cols = key.partition("x")
-    return int(rows) if rows.isdigit() and rows == cols and int(rows) > 0 else None
+    return validated_side(key)
 
 
 def average_2x2(patches, size):

@@ -8,8 +8,9 @@ import time
 import uuid
 from pathlib import Path
 
-from pyramid.exits import UsageError
+from pyramid.exits import DamagedFile, UsageError
 from pyramid.tree import LOCK_NAME, pid_alive
+from pyramid.validate import open_regular
 
 # The holder touches its lock this often; a lock untouched for STALE_AFTER_SECONDS belongs to a run
 # that is gone (killed, or on a node that died). The margin covers clock differences between nodes
@@ -48,23 +49,38 @@ def why_stale(holder, age_seconds, me, stale_after=STALE_AFTER_SECONDS):
     return None
 
 
+# What a lock holds, each of its type: a torn or foreign file's other values are left out.
+LOCK_FIELDS = {"host": str, "pid": int, "slurm_job": str, "slurm_restart": int, "token": str, "started": str}
+LOCK_MAX_BYTES = 65536  # a lock is a line of JSON; more is not one
+
+
 def _read(path):
     """(content, seconds since last touched) of a lock file, or (None, None) when there is none.
 
     Opening the file before fstat makes a network filesystem revalidate its cached times.
-    A torn or foreign file reads as {} and counts by its age alone.
+    A torn or foreign file reads as {} and counts by its age alone; so do fields of another type.
+    DamagedFile where something other than a regular file has the lock's name (a FIFO would block its
+    reader, a directory can never be replaced by a run's lock).
     """
     try:
-        with open(path, "rb") as file:
-            age = time.time() - os.fstat(file.fileno()).st_mtime
-            data = file.read()
+        fd = open_regular(path)
     except FileNotFoundError:
         return None, None
+    except DamagedFile as error:
+        raise DamagedFile(path, f"{error.problem}; it is no lock of a run: remove it") from None
+    with os.fdopen(fd, "rb") as file:
+        age = time.time() - os.fstat(file.fileno()).st_mtime
+        data = file.read(LOCK_MAX_BYTES)
     try:
         content = json.loads(data)
     except ValueError:
         content = {}
-    return (content if isinstance(content, dict) else {}), age
+    if not isinstance(content, dict):
+        return {}, age
+    content = {key: value for key, value in content.items() if key in LOCK_FIELDS and type(value) is LOCK_FIELDS[key]}
+    if not 0 < content.get("pid", 1) < 1 << 31:  # os.kill(-1, 0) would ask about every process, 2**70 overflows
+        del content["pid"]
+    return content, age
 
 
 def live_run(output_dir):

@@ -5,7 +5,7 @@ import platform
 import shutil
 from pathlib import Path
 
-from pyramid.exits import UsageError
+from pyramid.exits import DamagedFile, UsageError
 from pyramid.families import DEFAULT_FAMILY
 from pyramid.levels import level_key, pyramid_sizes
 from pyramid.tree import (
@@ -76,7 +76,14 @@ def adopt_output_tree(output_dir, wanted, finished, overwrite):
     a run with the old settings finds the new manifest and is refused.
     """
     output_dir = Path(output_dir)
-    existing = read_manifest(output_dir)
+    try:
+        existing = read_manifest(output_dir)
+    except DamagedFile as error:
+        if not overwrite:
+            raise UsageError(f"{error.path}: {error.problem.partition('; ')[0]}, so nothing says which "
+                             f"settings made the files; use another --output_dir, or --overwrite to recompute "
+                             f"them all") from None
+        existing = {}  # unreadable: every setting differs, and --overwrite replaces the files
     if existing is None:
         if finished and not overwrite:
             raise UsageError(f"{output_dir} holds {len(finished)} .pt file(s) but no {MANIFEST_NAME}, so nothing "

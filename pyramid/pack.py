@@ -26,10 +26,9 @@ from pathlib import Path
 
 from pyramid import exits
 from pyramid.cli import check_output_tree_args, output_tree_parser, refusals_exit_2
-from pyramid.exits import UsageError
+from pyramid.exits import DamagedFile, UsageError
 from pyramid.progress import Progress, format_duration
 from pyramid.tree import (
-    MANIFEST_NAME,
     PACK_FORMAT,
     PACK_OLD_PREFIX,
     PACK_RECORD_NAME,
@@ -37,6 +36,7 @@ from pyramid.tree import (
     available_levels,
     is_abandoned_temporary,
     item_name,
+    pack_arrays,
     pack_dir,
     pack_level_path,
     pack_staleness,
@@ -50,11 +50,12 @@ from pyramid.tree import (
 def build_pack(root, levels, workers=4, progress=None):
     """Write a new pack of `levels` for the tree at `root` and rename it into place. Returns its record.
 
-    Raises ValueError naming the file when a file lacks a level or has another shape.
+    Raises DamagedFile (a ValueError) naming the file when a file cannot be read, lacks a level or has another
+    shape; ValueError for a level that is not a level name, before anything is written.
     """
     import numpy as np
 
-    from pyramid.reader import STORED_DTYPES, as_numpy, numpy_dtype, read_ahead, read_pyramid
+    from pyramid.reader import STORED_DTYPES, as_numpy, expected_from, numpy_dtype, read_ahead, read_pyramid
 
     root = Path(root)
     started = time.monotonic()
@@ -62,37 +63,39 @@ def build_pack(root, levels, workers=4, progress=None):
     names = [entry[0] for entry in records]
     if not names:
         raise ValueError(f"no .pt files under {root}")
-    first, _ = read_pyramid(root / names[0], levels)
-    missing = [level for level in levels if level not in first]
-    if missing:
-        raise ValueError(f"{root / names[0]} has no level(s) {missing}")
-    shapes = {level: (len(names), *first[level].shape[1:]) for level in levels}  # (N, s*s, D)
-    # The files' dtype: the manifest's store_dtype, or without a manifest the first file's.
-    dtype_name = stored_dtype(manifest) or next((name for name, dtype in STORED_DTYPES.items()
-                                                 if dtype == first[levels[0]].dtype), None)
-    if dtype_name not in STORED_DTYPES:
-        what = f"{root / names[0]}: {levels[0]} is {first[levels[0]].dtype}" if manifest is None else \
-            f"{root / MANIFEST_NAME} says store_dtype {dtype_name!r}"
-        raise ValueError(f"{what}, not one of the dtypes the extractor stores ({', '.join(STORED_DTYPES)})")
-    dtype = STORED_DTYPES[dtype_name]
     temporary = root / f"{PACK_TEMPORARY_PREFIX}{writer_tag()}"
+    paths = {level: pack_level_path(temporary, level) for level in levels}  # a key that is no level name: refused
+    expect = expected_from(manifest)
+    if expect is not None:  # the shapes and dtype from the manifest, which every file is checked against
+        shapes = {level: (len(names), *expect.tensors[level][1][1:]) for level in levels}  # (N, s*s, D)
+        dtype_name = stored_dtype(manifest)
+    else:  # the first file's
+        first, _ = read_pyramid(root / names[0], levels)
+        missing = [level for level in levels if level not in first]
+        if missing:
+            raise DamagedFile(root / names[0], f"has no level(s) {missing}")
+        shapes = {level: (len(names), *first[level].shape[1:]) for level in levels}  # (N, s*s, D)
+        dtype_name = next((name for name, dtype in STORED_DTYPES.items() if dtype == first[levels[0]].dtype), None)
+        if dtype_name is None:
+            raise DamagedFile(root / names[0], f"{levels[0]} is {first[levels[0]].dtype}, not one of the dtypes "
+                                               f"the extractor stores ({', '.join(STORED_DTYPES)})")
+    dtype = STORED_DTYPES[dtype_name]
     temporary.mkdir()
     try:
         arrays = {}
-        for level in levels:
-            path = pack_level_path(temporary, level)
+        for level, path in paths.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             arrays[level] = np.lib.format.open_memmap(path, mode="w+", dtype=numpy_dtype(dtype), shape=shapes[level])
 
         def read(name):
-            return name, read_pyramid(root / name, levels)[0]
+            return name, read_pyramid(root / name, levels, expect=expect)[0]
 
         for index, (name, pyramid) in enumerate(read_ahead(read, names, workers, 4 * workers)):
             for level in levels:
                 tensor = pyramid.get(level)
                 if tensor is None or tuple(tensor.shape) != (1, *shapes[level][1:]) or tensor.dtype != dtype:
                     got = "no such level" if tensor is None else f"{tensor.dtype} {list(tensor.shape)}"
-                    raise ValueError(f"{root / name}: {level} is {got}, expected {dtype} {[1, *shapes[level][1:]]}")
+                    raise DamagedFile(root / name, f"{level} is {got}, expected {dtype} {[1, *shapes[level][1:]]}")
                 arrays[level][index] = as_numpy(tensor[0])
             if progress is not None:
                 progress.update(index + 1)
@@ -155,9 +158,18 @@ def main(args):
     unknown = [level for level in levels if level not in available]
     if unknown:
         raise UsageError(f"unknown level(s) {unknown}; available: {available}")
-    record = read_pack_record(root)
+    try:
+        record = read_pack_record(root, len(records))
+    except DamagedFile as error:  # what pack is for: rebuilt
+        print(f"rebuilding {pack_dir(root)}: {error}", file=sys.stderr)
+        record = None
     if record is not None:
         reasons = pack_staleness(record, manifest, records)
+        if not reasons:
+            try:
+                pack_arrays(root, record, manifest, record["levels"])
+            except DamagedFile as error:
+                reasons = [str(error)]
         if not reasons and record["levels"] == levels:
             print(f"{pack_dir(root)} is current ({record['count']} files, levels {levels}); nothing to do")
             return exits.OK
@@ -167,11 +179,15 @@ def main(args):
     started = time.monotonic()
     try:
         record = build_pack(root, levels, args.workers, progress)
-    except ValueError as error:
+    except ValueError as error:  # a file met on the way cannot be used: DamagedFile, naming it
         progress.close()
         print(f"error: {error}; nothing packed (python -m pyramid.verify {root} lists every problem)",
               file=sys.stderr)
-        return 1
+        return exits.DAMAGED_INPUT
+    except OSError as error:
+        progress.close()
+        print(f"error: cannot write the pack in {root}: {error}; nothing packed", file=sys.stderr)
+        return exits.WRITE_ERROR
     progress.close()
     seconds = time.monotonic() - started
     size = sum(path.stat().st_size for path in pack_dir(root).rglob("*.npy"))

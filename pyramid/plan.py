@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyramid.exits import UsageError
+from pyramid.exits import DamagedFile, UsageError
 from pyramid.levels import pyramid_sizes
 from pyramid.manifest import adopt_output_tree, build_manifest, version_changes
 from pyramid.paths import IMAGE_SUFFIXES, find_clashes, find_damaged_outputs, find_images, images_to_do, output_path_for
@@ -156,7 +156,10 @@ def plan_run(settings, info, dtype, lock=None, pixels=None):
 
     manifest = build_manifest(info, dtype, flip=settings.flip, pixels=pixels, store_dtype=settings.store_dtype)
     finished, temporaries = scan_outputs(output_dir)
-    previous = read_manifest(output_dir)
+    try:
+        previous = read_manifest(output_dir)
+    except DamagedFile:  # adopt_output_tree refuses it, or replaces it with --overwrite
+        previous = None
     finished = adopt_output_tree(output_dir, manifest, finished, settings.overwrite)  # refuses, or removes old files
     changes = version_changes(previous, manifest) if previous and finished else {}
     if changes:

@@ -7,11 +7,19 @@ rate a plain read() of the files gives). Here the zip directory and the pickle a
 standard library, once per layout (the files of one run share it). The levels asked for are then read
 straight into their tensors, records that lie next to each other by one preadv() (every level of a
 file is one call; the few bytes between records go to a scratch buffer): no copy, no mapping, hardly
-a byte beyond the levels asked for. The head of the file and each record's header are read with the
-data and compared with the layout's on every read, so a file laid out otherwise is parsed afresh,
-never misread. Anything this parser does not recognise
-(another layout, another torch, a compressed archive, a broken file) goes to torch.load, which then
-either reads it or raises its own error, so the values are always torch.load's.
+a byte beyond the levels asked for. The head of the file, each record's header and the zip directory at its
+end are read with the data and compared with the layout's on every read (and the file's size with the size
+of the file it was parsed from), so a layout serves a file only where every byte the parse relied on is the
+same: a file laid out otherwise, or damaged, is parsed afresh, and gives the same result whichever file was
+read before it. Anything this parser does not recognise (another layout, another torch, a compressed
+archive) goes to torch.load, which then either reads it or raises its error, so the values are always
+torch.load's.
+
+Nothing in a file is trusted before it is checked: every size and offset it claims must lie inside the
+file (a 1 GiB pickle record in a 100 kB file is refused before anything is allocated), shapes must be sizes
+(not negative) and a level's shape [1, s*s, D]; with `expect` (what the manifest says every file holds:
+Expected) the keys, dtypes and shapes must be those and the file no larger than they make it. Only a regular
+file is opened (a FIFO would block). Every error raised names the file: exits.DamagedFile.
 """
 
 import io
@@ -27,6 +35,9 @@ from collections import OrderedDict, deque
 
 import numpy as np
 import torch
+
+from pyramid.exits import DamagedFile
+from pyramid.validate import expected_tensors, level_side, most_file_bytes, open_regular
 
 # How much of each end of a file the first two reads take: the pickle of a 10-level pyramid and the zip
 # directory of its ~15 records are each well under 2 KiB; larger ones are read again, exactly.
@@ -62,6 +73,8 @@ END_OF_DIRECTORY = b"PK\x05\x06"
 DIRECTORY_ENTRY = b"PK\x01\x02"
 LOCAL_HEADER = b"PK\x03\x04"
 CRC_FIELD = slice(14, 18)  # of a local header: differs from file to file, so never compared
+DIRECTORY_CRC_FIELD = 16  # offset of the CRC in a zip directory entry: the same
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # manifest's store_dtype
 # Records less than this apart are read by one preadv, the bytes between them into a scratch buffer:
 # the gaps between the records of a pyramid are a few dozen bytes (a data descriptor, the next header).
 MERGE_GAP = 4096
@@ -73,6 +86,45 @@ class NotPlain(Exception):
 
 class OutMismatch(Exception):
     """A tensor given to read into does not fit the level (dtype or size): the caller's mistake."""
+
+
+class _Damage(Exception):
+    """The file claims what it cannot hold (sizes past its end, negative shapes, other keys or shapes than
+    the manifest's): read_pyramid raises DamagedFile naming it, without asking torch.load."""
+
+
+class Expected:
+    """What every file of a tree holds, from its manifest, computed once: `tensors` {key: (torch dtype, shape
+    (1, s*s, D))}, and `most_bytes`, the largest such a file can be."""
+
+    def __init__(self, manifest):
+        tensors = expected_tensors(manifest)
+        self.tensors = {key: (TORCH_DTYPES[dtype], shape) for key, (dtype, shape) in tensors.items()}
+        self.most_bytes = most_file_bytes(tensors)
+
+
+def expected_from(manifest):
+    """Expected of a manifest (tree.read_manifest's, checked), or None for a tree without one."""
+    return None if manifest is None else Expected(manifest)
+
+
+def _check_tensors(tensors, expect):
+    """Raise _Damage unless `tensors` {key: (dtype, shape)} are sizes, each level [1, s*s, D], and with
+    `expect` exactly its keys, dtypes and shapes."""
+    for key, (_, shape) in tensors.items():
+        if not all(type(size) is int and size >= 0 for size in shape):
+            raise _Damage(f"{key!r} has shape {list(shape)}: not sizes")
+        side = level_side(key)
+        if side is not None and (len(shape) != 3 or shape[0] != 1 or shape[1] != side * side or shape[2] < 1):
+            raise _Damage(f"{key} has shape {list(shape)}; a level holds [1, {side * side}, D]")
+    if expect is None:
+        return
+    if tensors.keys() != expect.tensors.keys():
+        raise _Damage(f"holds keys {list(tensors)}; manifest.json says {list(expect.tensors)}")
+    for key, (dtype, shape) in tensors.items():
+        if (dtype, tuple(shape)) != expect.tensors[key]:
+            wanted_dtype, wanted_shape = expect.tensors[key]
+            raise _Damage(f"{key} is {dtype} {list(shape)}; manifest.json says {wanted_dtype} {list(wanted_shape)}")
 
 
 class _TensorRecord:
@@ -104,16 +156,21 @@ class _Unpickler(pickle.Unpickler):
         return key, dtype, numel
 
 
-def _directory(head, tail, size):
-    """{name: (offset of the record's local header, stored size)} from the end-of-directory record."""
+def _directory(tail, size):
+    """({name: (offset of the record's local header, stored size)}, offset of the zip directory, the positions
+    of its CRC fields within the file's last bytes from there) from the end-of-directory record. Every record
+    must lie before the directory, and the directory inside the file."""
     at = tail.rfind(END_OF_DIRECTORY)
     if at < 0 or len(tail) - at < 22:
         raise NotPlain("no end of zip directory in the last bytes")
     entries, directory_size, directory_offset = struct.unpack_from("<HII", tail, at + 10)
     tail_start = size - len(tail)
+    if directory_offset + directory_size > tail_start + at:
+        raise _Damage(f"its zip directory claims {directory_size} bytes at {directory_offset}, past its end "
+                      f"at {tail_start + at}")
     if directory_offset < tail_start:
         raise NotPlain("zip directory larger than the bytes read")
-    records, position = {}, directory_offset - tail_start
+    records, crcs, position = {}, [], directory_offset - tail_start
     for _ in range(entries):
         if tail[position:position + 4] != DIRECTORY_ENTRY:
             raise NotPlain("bad zip directory entry")
@@ -123,9 +180,13 @@ def _directory(head, tail, size):
         if method != 0 or stored == 0xFFFFFFFF or local_offset == 0xFFFFFFFF:
             raise NotPlain("compressed or zip64 record")
         name = bytes(tail[position + 46:position + 46 + name_length]).decode("utf-8")
+        if local_offset + 30 + stored > directory_offset:
+            raise _Damage(f"record {name!r} claims {stored} bytes at {local_offset}, past its records' end at "
+                          f"{directory_offset} (a file of {size} bytes)")
         records[name] = (local_offset, stored)
+        crcs.append(position - (directory_offset - tail_start) + DIRECTORY_CRC_FIELD)
         position += 46 + name_length + extra_length + comment_length
-    return records
+    return records, directory_offset, crcs
 
 
 def _local_header(file, head, local_offset):
@@ -134,7 +195,7 @@ def _local_header(file, head, local_offset):
     fixed = head[local_offset:local_offset + 30] if local_offset + 30 <= len(head) else os.pread(
         file, 30, local_offset)
     if fixed[:4] != LOCAL_HEADER:
-        raise NotPlain("bad local zip header")
+        raise NotPlain("bad local zip header")  # read by torch.load, which names what is wrong
     name_length, extra_length = struct.unpack_from("<HH", fixed, 26)
     length = 30 + name_length + extra_length
     header = bytearray(head[local_offset:local_offset + length] if local_offset + length <= len(head)
@@ -145,15 +206,26 @@ def _local_header(file, head, local_offset):
 
 class Layout:
     """Where a file keeps what: its first bytes up to the end of data.pkl (the pickle, hence the keys,
-    dtypes and shapes), and per storage record its local header and position. Files written the same
-    way share one layout; every read checks the bytes it relies on (see _read_with)."""
+    dtypes and shapes), per storage record its local header and position, and its zip directory to the end
+    of the file. Files written the same way share one layout; every read checks the bytes it relies on (see
+    _read_with)."""
 
-    def __init__(self, head, keys, tensors, byteorder):
+    def __init__(self, head, keys, tensors, byteorder, size, directory):
         self.head = head  # bytes [0, end of data.pkl)
         self.keys = keys  # the file's keys, in order
-        self.tensors = tensors  # {key: (local header offset, local header, dtype, shape)}
+        self.tensors = tensors  # {key: (local header offset, local header or None where damaged, dtype, shape)}
         self.byteorder = byteorder  # (local header offset, local header) of the byteorder record, or None
+        self.size = size  # of the file it was parsed from: another size is another layout
+        self.directory = directory  # (offset, bytes to the end of the file, CRC fields zeroed, their slices)
+        self.accepted = ()  # the Expected this layout's keys, dtypes and shapes were found to match
         self._plans = {}
+
+    def accept(self, expect):
+        """Raise _Damage unless the layout's tensors are what `expect` says (checked once per Expected)."""
+        if expect is None or any(expect is accepted for accepted in self.accepted):
+            return
+        _check_tensors({key: (dtype, shape) for key, (_, _, dtype, shape) in self.tensors.items()}, expect)
+        self.accepted = (*self.accepted[-3:], expect)
 
     def plan(self, levels):
         """The reads that fetch `levels` (a tuple of keys this file has), in file order: one per run of
@@ -161,13 +233,16 @@ class Layout:
         plan = self._plans.get(levels)
         if plan is not None:
             return plan
-        spans = [(0, self.head, None)]  # (offset, expected bytes or a level, CRC field within them)
+        spans = [(0, self.head, ())]  # (offset, expected bytes or a level, CRC fields within them)
         if self.byteorder is not None:
             offset, header = self.byteorder
-            spans.append((offset, header + b"little", CRC_FIELD))
+            spans.append((offset, header + b"little", (CRC_FIELD,)))
         for level in dict.fromkeys(levels):
             offset, header, dtype, shape = self.tensors[level]
-            spans += [(offset, header, CRC_FIELD), (offset + len(header), level, math.prod(shape) * dtype.itemsize)]
+            if header is None:
+                raise NotPlain(f"the local zip header of {level} is damaged")
+            spans += [(offset, header, (CRC_FIELD,)), (offset + len(header), level, math.prod(shape) * dtype.itemsize)]
+        spans.append(self.directory)
         runs = []
         for span in sorted(spans, key=lambda span: span[0]):
             if not runs or span[0] - runs[-1][-1][0] - _span_length(runs[-1][-1]) > MERGE_GAP:
@@ -197,8 +272,7 @@ class _Read:
                 expected += bytes(offset - position)
             if isinstance(content, bytes):
                 self.pieces.append((len(expected), len(expected) + len(content)))
-                if extra is not None:
-                    self.zeroed.append(slice(len(expected) + extra.start, len(expected) + extra.stop))
+                self.zeroed += [slice(len(expected) + field.start, len(expected) + field.stop) for field in extra]
                 expected += content
                 position = offset + len(content)
             else:
@@ -215,7 +289,10 @@ class _Read:
 def _parse_layout(file, size):
     head = os.pread(file, min(size, EDGE_BYTES), 0)
     tail = head if size <= EDGE_BYTES else os.pread(file, EDGE_BYTES, size - EDGE_BYTES)
-    records = _directory(head, tail, size)
+    records, directory_offset, crcs = _directory(tail, size)
+    directory = bytearray(tail[directory_offset - (size - len(tail)):])
+    for crc in crcs:
+        directory[crc:crc + 4] = bytes(4)
     prefix = next((name[:-len("data.pkl")] for name in records if name.endswith("/data.pkl")), None)
     if prefix is None or prefix.count("/") != 1:
         raise NotPlain("no data.pkl")
@@ -224,12 +301,15 @@ def _parse_layout(file, size):
         byteorder = (record[0], _local_header(file, head, record[0]))
     pickle_offset, pickle_size = records[prefix + "data.pkl"]
     start = pickle_offset + len(_local_header(file, head, pickle_offset))
+    if start + pickle_size > directory_offset:  # checked before a byte of it is read: it sizes the read
+        raise _Damage(f"data.pkl claims {pickle_size} bytes at {start}, past its records' end at {directory_offset}")
     if start + pickle_size > len(head):
         head = os.pread(file, start + pickle_size, 0)
     head = head[:start + pickle_size]
     content = _Unpickler(io.BytesIO(head[start:])).load()
     if not isinstance(content, dict) or not all(isinstance(v, _TensorRecord) for v in content.values()):
         raise NotPlain("not a dict of tensors")
+    _check_tensors({key: (record.dtype, record.shape) for key, record in content.items()}, None)
     tensors = {}
     for key, record in content.items():
         if record.offset != 0 or record.stride != _contiguous_stride(record.shape) \
@@ -238,8 +318,16 @@ def _parse_layout(file, size):
         local_offset, stored = records[f"{prefix}data/{record.key}"]
         if stored != record.numel * record.dtype.itemsize:
             raise NotPlain("storage size differs from the tensor's")
-        tensors[key] = (local_offset, _local_header(file, head, local_offset), record.dtype, record.shape)
-    return Layout(head, list(content), tensors, byteorder)
+        try:
+            header = _local_header(file, head, local_offset)
+        except NotPlain:  # a damaged header: only a read of this level goes to torch.load
+            header = None
+        if header is not None and local_offset + len(header) + stored > directory_offset:
+            raise _Damage(f"{key} claims {stored} bytes at {local_offset + len(header)}, past its records' end at "
+                          f"{directory_offset}")
+        tensors[key] = (local_offset, header, record.dtype, record.shape)
+    return Layout(head, list(content), tensors, byteorder, size, (directory_offset, bytes(directory),
+                                                                  tuple(slice(crc, crc + 4) for crc in crcs)))
 
 
 def _target(out, level, dtype, shape):
@@ -264,7 +352,7 @@ def _bytes_of(target):
     return target if isinstance(target, np.ndarray) else as_numpy(target)
 
 
-def _read_with(layout, file, levels, out):
+def _read_with(layout, file, size, levels, out):
     """The levels of the file by `layout`, or NotPlain where the file's bytes say it is laid out otherwise.
 
     Each read of the layout's plan is one preadv: the head (data.pkl unchanged: same keys, dtypes,
@@ -272,6 +360,8 @@ def _read_with(layout, file, levels, out):
     the layout's (CRC fields aside) once read, so the data read is that record's; the data straight into
     its tensor.
     """
+    if size != layout.size:
+        raise NotPlain("another size")
     wanted = layout.keys if levels is None else [level for level in levels if level in layout.tensors]
     pyramid = {}
     for level in wanted:
@@ -298,29 +388,32 @@ MAX_LAYOUTS = 64
 _last = [None]  # the layout of the last file read: the next one most likely has it too
 
 
-def _read_plain(file, levels, out):
-    # Every byte the data's position depends on is checked by the read itself, so the last file's
-    # layout is tried first, without even looking at this file's size.
+def _read_plain(file, size, levels, out, expect):
+    # Every byte the parse relied on (the head, the headers of the records read, the directory, the size) is
+    # checked by the read itself, so a layout remembered from another file serves this one only where this
+    # file's parse would give the same layout: one damaged file fails the same way whatever was read before.
     last = _last[0]
-    if last is not None:
+    if last is not None and last.size == size:
         try:
-            return _read_with(last, file, levels, out)
+            last.accept(expect)
+            return _read_with(last, file, size, levels, out)
         except NotPlain:
             pass
-    size = os.fstat(file).st_size
     layout = _layouts.get(size)
     if layout is not None and layout is not last:
         try:
-            pyramid = _read_with(layout, file, levels, out)
+            layout.accept(expect)
+            pyramid = _read_with(layout, file, size, levels, out)
             _last[0] = layout
             return pyramid
         except NotPlain:
             pass
     layout = _parse_layout(file, size)
+    layout.accept(expect)
     if len(_layouts) >= MAX_LAYOUTS:
         _layouts.clear()
     _layouts[size] = layout
-    pyramid = _read_with(layout, file, levels, out)
+    pyramid = _read_with(layout, file, size, levels, out)
     _last[0] = layout
     return pyramid
 
@@ -333,31 +426,66 @@ def _contiguous_stride(shape):
     return tuple(reversed(stride))
 
 
-def read_pyramid(path, levels=None, out=None):
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def read_pyramid(path, levels=None, out=None, expect=None):
     """(levels, keys): {key: tensor} for `levels` (None: every key) of the file at `path`, each tensor
     owning its storage, equal to torch.load(path, weights_only=True)[key]; and the file's keys in order.
 
     `out`: {key: contiguous tensor (or numpy array) of the level's dtype and size} to read into instead
     (rows of a batch), returned in place of new tensors, in their own shape. Levels the file lacks are
-    left out; the caller names them. A file this reader cannot parse is read by torch.load, so a broken
-    file raises torch.load's error.
+    left out; the caller names them. `expect`: an Expected (expected_from(manifest)), which the file's keys,
+    dtypes, shapes and size must match. A file that is not a regular file, claims sizes it cannot hold, holds
+    negative or odd shapes or other than `expect`, or that torch.load cannot read either, raises DamagedFile
+    naming it and what is wrong; OutMismatch where `out` does not fit.
     """
-    file = os.open(path, os.O_RDONLY)
     try:
+        file = open_regular(path)
+    except OSError as error:
+        raise DamagedFile(path, f"cannot be opened ({error.strerror or error})") from None
+    try:
+        size = os.fstat(file).st_size
+        if expect is not None and size > expect.most_bytes:
+            raise _Damage(f"is {size} bytes; the levels manifest.json names take at most {expect.most_bytes}")
         try:
-            return _read_plain(file, levels, out)
+            return _read_plain(file, size, levels, out, expect)
         except (NotPlain, KeyError, ValueError, EOFError, pickle.UnpicklingError, struct.error,
-                TypeError, AttributeError):
+                TypeError, AttributeError, RecursionError):
             pass
+    except _Damage as damage:
+        raise DamagedFile(path, str(damage)) from None
+    except OutMismatch as error:
+        raise OutMismatch(f"{path}: {error}") from None
+    except OSError as error:
+        raise DamagedFile(path, f"cannot be read ({error.strerror or error})") from None
+    except DamagedFile:
+        raise
+    except Exception as error:  # noqa: BLE001 - a pickle that fails otherwise: said, never read on
+        raise DamagedFile(path, f"cannot be read ({_first_line(error)})") from None
     finally:
         os.close(file)
-    content = torch.load(path, weights_only=True, map_location="cpu")
+    try:  # checked a regular file just now, of a size the manifest allows
+        content = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - torch.load's errors on a torn file: zip, pickle, runtime, OS
+        raise DamagedFile(path, f"cannot be read ({_first_line(error)})") from None
+    if not isinstance(content, dict) or not all(isinstance(value, torch.Tensor) for value in content.values()):
+        raise DamagedFile(path, f"is not a pyramid: it holds a {type(content).__name__}, not a dict of tensors")
+    try:
+        _check_tensors({key: (value.dtype, tuple(value.shape)) for key, value in content.items()}, expect)
+    except _Damage as damage:
+        raise DamagedFile(path, str(damage)) from None
     keys = list(content)
     wanted = keys if levels is None else [level for level in levels if level in content]
     pyramid = {level: content[level] for level in wanted}
     for level in wanted:
         if out is not None and level in out:
-            target = _target(out, level, pyramid[level].dtype, pyramid[level].shape)
+            try:
+                target = _target(out, level, pyramid[level].dtype, pyramid[level].shape)
+            except OutMismatch as error:
+                raise OutMismatch(f"{path}: {error}") from None
             if isinstance(target, np.ndarray):
                 target[...] = as_numpy(pyramid[level]).reshape(target.shape)
             else:

@@ -27,16 +27,14 @@ from pathlib import Path
 
 from pyramid import exits
 from pyramid.cli import check_output_tree_args, output_tree_parser, refusals_exit_2
-from pyramid.exits import UsageError
+from pyramid.exits import DamagedFile, UsageError
 from pyramid.progress import Progress, format_duration
 from pyramid.tree import (
     STATS_NAME,
     available_levels,
     current_pack,
-    pack_dir,
-    pack_level_path,
+    pack_arrays,
     pack_stored_dtype,
-    scan_outputs,
     stats_source,
     tree_state,
 )
@@ -89,28 +87,33 @@ def _widened(array, dtype):
     return array.astype(np.float32, copy=False)
 
 
-def _blocks_from_pack(root, record, levels):
-    """({level: (B, s*s, D) float32}) blocks of BLOCK files from a current pack, in order."""
+def _blocks_from_pack(root, record, manifest, levels):
+    """({level: (B, s*s, D) float32}) blocks of BLOCK files from a current pack, in order: as many as its arrays
+    hold, each checked against pack.json and the manifest (pack_arrays) before a row is read."""
     import numpy as np
 
-    arrays = {level: np.load(pack_level_path(pack_dir(root), level), mmap_mode="r") for level in levels}
+    arrays = {level: np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="C")
+              for level, (path, offset, shape, dtype) in pack_arrays(root, record, manifest, levels).items()}
     dtype = pack_stored_dtype(record)
-    for start in range(0, record["count"], BLOCK):
+    rows = min(array.shape[0] for array in arrays.values())  # the count, which each array's size was checked by
+    for start in range(0, rows, BLOCK):
         yield {level: _widened(np.ascontiguousarray(array[start:start + BLOCK]), dtype)
                for level, array in arrays.items()}
 
 
-def _blocks_from_files(root, names, levels, workers):
+def _blocks_from_files(root, names, levels, workers, manifest):
     """The same blocks as _blocks_from_pack, read from the files on `workers` threads."""
     import numpy as np
 
-    from pyramid.reader import read_ahead, read_pyramid
+    from pyramid.reader import expected_from, read_ahead, read_pyramid
+
+    expect = expected_from(manifest)
 
     def read(name):
-        pyramid, keys = read_pyramid(Path(root) / name, levels)
+        pyramid, keys = read_pyramid(Path(root) / name, levels, expect=expect)
         missing = [level for level in levels if level not in pyramid]
         if missing:
-            raise ValueError(f"{Path(root) / name} has no level(s) {missing}; it has {keys}")
+            raise DamagedFile(Path(root) / name, f"has no level(s) {missing}; it has {keys}")
         return {level: tensor[0].float().numpy() for level, tensor in pyramid.items()}  # (s*s, D) each, exact
 
     block = []
@@ -131,8 +134,8 @@ def compute_stats(root, workers=4, progress=None, use_pack=True):
     names = [entry[0] for entry in records]
     levels = available_levels(root, manifest, names[0])
     record = current_pack(root, manifest, records, levels)[0] if use_pack else None
-    blocks = (_blocks_from_pack(root, record, levels) if record is not None
-              else _blocks_from_files(root, names, levels, workers))
+    blocks = (_blocks_from_pack(root, record, manifest, levels) if record is not None
+              else _blocks_from_files(root, names, levels, workers, manifest))
     sums, done = None, 0
     for block in blocks:
         if sums is None:
@@ -159,20 +162,27 @@ def main(args):
     import torch
 
     torch.set_num_threads(1)
-    count = len(scan_outputs(args.output_dir)[0])
-    if not count:
+    # Up front, so a malformed manifest.json or a FIFO among the files is refused (exit 2) before any work.
+    manifest, records = tree_state(args.output_dir)
+    if not records:
         raise UsageError(f"no .pt files under {args.output_dir}; run the extractor first")
+    available_levels(args.output_dir, manifest, records[0][0])
     started = time.monotonic()
-    progress = Progress(count, desc="files")
+    progress = Progress(len(records), desc="files")
     try:
         stats = compute_stats(args.output_dir, args.workers, progress)
-    except ValueError as error:
+    except ValueError as error:  # a file met on the way cannot be used: DamagedFile, naming it
         progress.close()
-        print(f"error: {error}; no stats written", file=sys.stderr)
-        return 1
+        print(f"error: {error}; no stats written (python -m pyramid.verify {args.output_dir} lists every problem)",
+              file=sys.stderr)
+        return exits.DAMAGED_INPUT
     progress.close()
     path = args.output_dir / STATS_NAME
-    save_atomic(stats, path)
+    try:
+        save_atomic(stats, path)
+    except OSError as error:
+        print(f"error: cannot write {path}: {error.strerror or error}", file=sys.stderr)
+        return exits.WRITE_ERROR
     seconds = time.monotonic() - started
     levels = [key for key in stats if key not in ("count", "source")]
     print(f"wrote {path}: {stats['count']} files, levels {levels}, read from the {stats['source']['read_from']} "

@@ -27,7 +27,20 @@ import threading
 import time
 from pathlib import Path
 
+from pyramid.exits import DamagedFile
 from pyramid.families import DEFAULT_FAMILY
+from pyramid.validate import (
+    MANIFEST_MAX_BYTES,
+    PACK_NUMPY_DTYPES,
+    PACK_RECORD_BYTES_PER_FILE,
+    check_level_names,
+    check_manifest,
+    check_pack_array,
+    check_pack_record,
+    is_level_name,
+    read_json_object,
+    regular_status,
+)
 
 OUTPUT_SUFFIX = ".pt"
 MANIFEST_NAME = "manifest.json"
@@ -282,13 +295,15 @@ IMPLIED_KEYS = (*IMPLIED_SETTINGS, "resolution")  # a manifest's resolution is i
 
 
 def read_manifest(output_dir):
-    """The manifest in `output_dir`, or None where there is none."""
+    """The manifest in `output_dir`, or None where there is none. DamagedFile, naming it, where it is not a
+    regular file, not a JSON object, or its levels, hidden size, flip or stored dtype are not what a run writes."""
     path = Path(output_dir) / MANIFEST_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
-    manifest = json.loads(path.read_text())
-    if isinstance(manifest, dict):
-        manifest.setdefault("flip", False)  # written before --flip existed: no flip/ levels
+    manifest = read_json_object(path, MANIFEST_MAX_BYTES,
+                                "restore it, or rerun the extractor with --overwrite to remake the tree")
+    manifest.setdefault("flip", False)  # written before --flip existed: no flip/ levels
+    check_manifest(manifest, path)
     return manifest
 
 
@@ -355,7 +370,9 @@ def available_levels(root, manifest, first_file=None):
     if first_file is not None:
         from pyramid.reader import read_pyramid  # loads torch: only for a tree without a manifest
 
-        _, keys = read_pyramid(Path(root) / first_file, levels=[])
+        path = Path(root) / first_file
+        _, keys = read_pyramid(path, levels=[])
+        check_level_names(keys, path)  # without a manifest, the first file's keys name the levels (and pack files)
         return keys
     return []
 
@@ -369,7 +386,7 @@ def file_records(root, relative_paths):
     of the tree with its pack to a training machine keeps the pack current."""
     records = []
     for relative in relative_paths:
-        status = os.stat(os.path.join(root, relative))
+        status = regular_status(os.path.join(root, relative))  # a FIFO named a.pt would hang its reader
         records.append([relative, status.st_size, status.st_mtime_ns])
     return records
 
@@ -397,7 +414,8 @@ def stats_source(manifest, records, read_from):
 
 def stats_current(stats, manifest, records):
     """True when the loaded stats.pt was computed from exactly this tree (manifest and file records)."""
-    return stats.get("source", {}).get("digest") == tree_digest(manifest, records)
+    source = stats.get("source")
+    return isinstance(source, dict) and source.get("digest") == tree_digest(manifest, records)
 
 
 PACK_FORMAT = 1
@@ -408,16 +426,26 @@ def pack_dir(root):
 
 
 def pack_level_path(directory, level):
-    """The array of a level in a pack: '8x8' -> pack/8x8.npy, 'flip/8x8' -> pack/flip/8x8.npy."""
+    """The array of a level in a pack: '8x8' -> pack/8x8.npy, 'flip/8x8' -> pack/flip/8x8.npy. A key that is
+    not a level name ('../../x', '/tmp/x') is refused (ValueError) before it becomes a path."""
+    if not is_level_name(level):
+        raise ValueError(f"{level!r} is not a level name ('{{s}}x{{s}}' or 'flip/{{s}}x{{s}}'), so it names no "
+                         f"file of a pack")
     return Path(directory) / f"{level}.npy"
 
 
-def read_pack_record(root):
-    """The pack.json of the pack under `root`, or None where there is no (complete) pack."""
-    try:
-        return json.loads((pack_dir(root) / PACK_RECORD_NAME).read_text())
-    except (OSError, ValueError):
+def read_pack_record(root, file_count=None):
+    """The pack.json of the pack under `root`, or None where there is no (complete) pack; DamagedFile, naming
+    it, where it is not one the pack tool writes (for a tree of `file_count` files, where given)."""
+    path = pack_dir(root) / PACK_RECORD_NAME
+    if not os.path.lexists(path):
         return None
+    limit = MANIFEST_MAX_BYTES + PACK_RECORD_BYTES_PER_FILE * (file_count if file_count is not None else 1 << 20)
+    record = read_json_object(path, limit, "rerun python -m pyramid.pack to rebuild the pack")
+    if type(record.get("format")) is int and record["format"] != PACK_FORMAT:
+        return record  # another format: pack_staleness says so
+    check_pack_record(record, path)
+    return record
 
 
 def pack_stored_dtype(record):
@@ -430,7 +458,7 @@ def pack_staleness(record, manifest, records):
     """Why a pack record no longer matches the tree, as sentences; [] when it is current."""
     reasons = []
     if record.get("format") != PACK_FORMAT:
-        reasons.append(f"pack format {record.get('format')!r}, this reader knows {PACK_FORMAT}")
+        return [f"pack format {record.get('format')!r}, this reader knows {PACK_FORMAT}"]
     if (record.get("manifest") is None) != (manifest is None) or (
             manifest is not None and manifest_differences(record["manifest"], manifest)):
         reasons.append(f"{MANIFEST_NAME} differs from the one packed")
@@ -446,27 +474,60 @@ def pack_staleness(record, manifest, records):
 
 
 def current_pack(root, manifest, records, levels):
-    """(record, reasons): the pack's record when it is current and holds `levels`, else None and why not."""
-    record = read_pack_record(root)
+    """(record, reasons): the pack's record when it is current and holds `levels`, each array as pack.json and
+    the manifest say (pack_arrays), else None and why not."""
+    try:
+        record = read_pack_record(root, len(records))
+    except DamagedFile as error:
+        return None, [str(error)]
     if record is None:
         return None, ["no pack"]
     reasons = pack_staleness(record, manifest, records)
     missing = [level for level in levels if level not in record.get("levels", [])]
     if missing:
         reasons.append(f"level(s) {missing} not packed")
+    if not reasons:
+        try:
+            pack_arrays(root, record, manifest, levels)
+        except DamagedFile as error:
+            reasons.append(str(error))
     return (None if reasons else record), reasons
+
+
+def pack_arrays(root, record, manifest, levels):
+    """{level: (path, byte offset of row 0, shape (N, s*s, D), numpy dtype)} of a current pack's arrays of
+    `levels`, each checked against pack.json and the manifest (dtype, C order, shape, the file's size) before a
+    row is served; DamagedFile naming the first array that is not so."""
+    name = pack_stored_dtype(record)
+    if manifest is not None and name != stored_dtype(manifest):
+        raise DamagedFile(pack_dir(root) / PACK_RECORD_NAME, f"says dtype {name!r}, the manifest's store_dtype is "
+                                                             f"{stored_dtype(manifest)!r}")
+    dtype = PACK_NUMPY_DTYPES[name]
+    hidden_size = manifest["hidden_size"] if manifest is not None else None
+    arrays = {}
+    for level in levels:
+        shape = tuple(record["shapes"][level])  # (N, s*s, D), as check_pack_record found it
+        path = pack_level_path(pack_dir(root), level)
+        if hidden_size is not None and shape[2] != hidden_size:
+            raise DamagedFile(pack_dir(root) / PACK_RECORD_NAME, f"shape of {level} is {list(shape)}, the manifest's "
+                                                                 f"hidden size is {hidden_size}")
+        arrays[level] = (path, check_pack_array(path, shape, dtype), shape, dtype)
+    return arrays
 
 
 def pack_command(root, also=()):
     """The command that rebuilds the pack under `root` with the levels it holds, and `also` these: plain
     `python -m pyramid.pack ROOT` when that is every level, else with --levels, so advice to rebuild a pack of
     4x4 and 1x1 does not pack the 16x16 level that is 3/4 of the bytes. `ROOT` is quoted for a shell."""
-    record = read_pack_record(root) or {}
+    try:
+        record = read_pack_record(root) or {}
+    except DamagedFile:
+        record = {}
     wanted = set(record.get("levels", [])) | set(also)
     command = f"python -m pyramid.pack {shlex.quote(str(root))}"
     try:
         available = available_levels(root, read_manifest(root))
-    except (OSError, ValueError, KeyError, TypeError):  # an unreadable manifest: name the levels themselves
+    except (OSError, ValueError):  # an unreadable manifest: name the levels themselves
         available = []
     if not wanted or available and wanted >= set(available):
         return command

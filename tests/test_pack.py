@@ -121,11 +121,11 @@ def test_a_killed_pack_leaves_the_old_one_and_no_complete_looking_copy(tree, mon
     torch.save(make_pyramid(7), tree / "m.pt")  # the pack is stale now; a rebuild is killed midway
     calls = []
 
-    def killed_after_two(path, levels=None, out=None):
+    def killed_after_two(path, levels=None, out=None, expect=None):
         calls.append(path)
         if len(calls) > 2:
             raise KeyboardInterrupt
-        return original(path, levels, out)
+        return original(path, levels, out, expect)
 
     original = pyramid.reader.read_pyramid
     monkeypatch.setattr(pyramid.reader, "read_pyramid", killed_after_two)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pyramid.exits import DamagedFile
 from pyramid.reader import OutMismatch, read_ahead, read_pyramid
 from pyramid.writer import save_atomic
 from synthetic_trees import LEVELS, make_pyramid
@@ -45,15 +46,17 @@ def test_a_view_into_a_larger_storage_is_read_by_torch_load(tmp_path):
     assert torch.equal(got["16x16"], pyramid["16x16"])
 
 
-def test_broken_files_raise_torch_loads_error(tmp_path):
+def test_broken_files_raise_torch_loads_error_naming_the_file(tmp_path):
     save_atomic(make_pyramid(0), tmp_path / "a.pt")
     data = (tmp_path / "a.pt").read_bytes()
     read_pyramid(tmp_path / "a.pt")  # remember the layout of this size
     (tmp_path / "a.pt").write_bytes(data[:len(data) // 2])
     with pytest.raises(Exception) as from_torch:
         torch.load(tmp_path / "a.pt", weights_only=True)
-    with pytest.raises(from_torch.type):
+    with pytest.raises(DamagedFile) as from_reader:
         read_pyramid(tmp_path / "a.pt")
+    first_line = str(from_torch.value).splitlines()[0]
+    assert str(from_reader.value) == f"{tmp_path / 'a.pt'}: cannot be read ({from_torch.type.__name__}: {first_line})"
     # Same size, the local header of a level's record renamed: the remembered layout no longer fits,
     # so the file is parsed afresh (torch.load reads it too: it goes by the central directory).
     damaged = bytearray(data)
