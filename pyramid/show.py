@@ -14,6 +14,7 @@ Files made with --flip also hold the mirrored image's pyramid (flip/{s}x{s}); --
 row of its own under each file's row, beside the mirrored image, in the same colours.
 """
 
+import os
 import pickle
 import sys
 import warnings
@@ -23,11 +24,12 @@ from typing import NamedTuple
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pyramid.cli import LazyModule, argument_parser, command_name, refusals_exit_2
-from pyramid.exits import UsageError
+from pyramid.exits import DamagedFile, UsageError
 from pyramid.families import DEFAULT_FAMILY
 from pyramid.levels import level_side
 from pyramid.paths import IMAGE_SUFFIXES
 from pyramid.tree import FLIP_PREFIX, MANIFEST_NAME, manifest_resolution, model_family, read_manifest, scan_outputs
+from pyramid.validate import open_regular
 
 torch = LazyModule("torch")  # loaded with the first pyramid, so --help and bad arguments answer at once
 
@@ -80,6 +82,12 @@ def split_twins(pyramid):
 def load_pyramid(path):
     """Load a pyramid file and check it is one: a dict of 'sxs' (and, from --flip, 'flip/sxs') -> float tensor
     [1, s*s, D], one D."""
+    try:
+        os.close(open_regular(path))  # a FIFO would block torch.load
+    except DamagedFile as error:
+        raise UsageError(str(error)) from None
+    except OSError as error:
+        raise UsageError(f"{path}: cannot be opened ({error.strerror or error})") from None
     try:
         with warnings.catch_warnings():  # torch warns about a pickle's protocol before it refuses the file
             warnings.simplefilter("ignore")
@@ -306,6 +314,8 @@ def rows_to_draw(args):
         raise UsageError(f"{args.pyramid}: no such file or directory")
     if args.image is not None and not args.image.exists():
         raise UsageError(f"--image {args.image}: no such file or directory")
+    if args.image is not None and not (args.image.is_dir() or args.image.is_file()):  # a FIFO would block
+        raise UsageError(f"--image {args.image}: not a regular file or a directory")
     if args.pyramid.is_dir():
         paths = find_pyramids(args.pyramid)
         if not paths:

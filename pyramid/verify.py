@@ -3,6 +3,7 @@ a pack under it holds the files' values, and (--recompute) a sample of files is 
 
 import json
 import math
+import os
 import random
 import sys
 from collections import Counter
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from pyramid import exits
 from pyramid.cli import LazyModule, check_output_tree_args, output_tree_parser, refusals_exit_2
-from pyramid.exits import UsageError
+from pyramid.exits import DamagedFile, UsageError
 from pyramid.families import FAMILIES
 from pyramid.levels import build_pyramid, level_key, level_side, pyramid_sizes, split_twins
 from pyramid.manifest import FORMAT_VERSION
@@ -26,6 +27,7 @@ from pyramid.tree import (
     STORE_DTYPES,
     manifest_resolution,
     model_family,
+    pack_arrays,
     pack_command,
     pack_dir,
     pack_level_path,
@@ -39,6 +41,7 @@ from pyramid.tree import (
     with_defaults,
     with_twins,
 )
+from pyramid.validate import most_file_bytes, open_regular
 
 torch = LazyModule("torch")  # loaded by the first check, so --help and bad arguments answer at once
 
@@ -166,8 +169,8 @@ def manifest_layout(output_dir):
     """(levels, hidden size, problems) from manifest.json; levels and hidden size are None unless it is usable."""
     try:
         manifest = read_manifest(output_dir)
-    except ValueError as error:
-        return None, None, [f"is not valid JSON ({error})"]
+    except DamagedFile as error:
+        return None, None, [error.problem]
     if manifest is None:
         return None, None, ["missing; each file is checked against its own levels and the other files instead"]
     problems = check_manifest(manifest)
@@ -190,7 +193,21 @@ def layout_of(pyramid):
 
 def load_and_check(path, levels, hidden_size, dtype=None):
     """(problems, layout) for one file; with levels None it is checked against its own layout. `dtype`: the
-    manifest's store_dtype (None: the file's own)."""
+    manifest's store_dtype (None: the file's own). Only a regular file is loaded (a FIFO would block), and only
+    one no larger than the manifest's levels make a file."""
+    try:
+        fd = open_regular(path)
+        size = os.fstat(fd).st_size
+        os.close(fd)
+    except DamagedFile as error:
+        return [error.problem], None
+    except OSError as error:
+        return [f"cannot be opened ({error.strerror or error})"], None
+    if levels is not None:
+        most = most_file_bytes({level: (dtype or "fp32", (1, level_side(level.removeprefix(FLIP_PREFIX)) ** 2,
+                                                          hidden_size)) for level in levels})
+        if size > most:
+            return [f"is {size} bytes; the levels manifest.json names take at most {most}"], None
     try:
         pyramid = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a torn file can fail inside zipfile, pickle or torch; all mean the same
@@ -209,16 +226,21 @@ def check_pack(output_dir):
     from its rows in a current pack (None when there is no pack to compare); problems of the pack itself."""
     import numpy as np
 
-    from pyramid.reader import STORED_DTYPES, as_numpy, numpy_dtype, read_pyramid
+    from pyramid.reader import STORED_DTYPES, as_numpy, read_pyramid
 
     directory = pack_dir(output_dir)
-    if not directory.exists():
+    if not os.path.lexists(directory):
         return None, []
     rerun = f"rerun {pack_command(output_dir)}"
-    record = read_pack_record(output_dir)
+    try:
+        manifest, records = tree_state(output_dir)
+        record = read_pack_record(output_dir, len(records))
+    except DamagedFile as error:  # a FIFO among the files is named by its own check
+        if os.path.basename(error.path) != PACK_RECORD_NAME:
+            return None, []
+        return None, [(error.path, f"{error.problem}; {rerun}")]
     if record is None:
         return None, [(directory, f"has no readable {PACK_RECORD_NAME}; {rerun}")]
-    manifest, records = tree_state(output_dir)
     reasons = pack_staleness(record, manifest, records)
     if reasons:
         return None, [(directory, f"is stale, so never read ({'; '.join(reasons)}); {rerun}")]
@@ -229,23 +251,21 @@ def check_pack(output_dir):
                                   f"{stored_dtype(manifest)} ({MANIFEST_NAME}); {rerun}")]
     if dtype not in STORED_DTYPES:
         return None, [(directory, f"says its arrays are {dtype!r} ({PACK_RECORD_NAME}); {rerun}")]
-    expected = numpy_dtype(STORED_DTYPES[dtype])  # bf16: uint16, the raw bits
     for level in record["levels"]:
-        path = pack_level_path(directory, level)
+        # Each array as pack.json and the manifest say (dtype, C order, shape, size), as PyramidDataset checks it.
         try:
-            array = np.load(path, mmap_mode="r")  # (N, s*s, D)
-        except (OSError, ValueError) as error:
-            problems.append((path, f"cannot be read ({error}); {rerun}"))
+            (path, offset, shape, numpy_type), = pack_arrays(output_dir, record, manifest, [level]).values()
+        except DamagedFile as error:
+            problems.append((error.path, error.problem))
             continue
-        if array.dtype != expected or list(array.shape) != record["shapes"][level]:
-            problems.append((path, f"holds {array.dtype} {list(array.shape)}, {PACK_RECORD_NAME} says {expected} "
-                                   f"({dtype}) {record['shapes'][level]}; {rerun}"))
-            continue
-        arrays[level] = array
+        arrays[level] = np.memmap(path, dtype=numpy_type, mode="r", offset=offset, shape=shape, order="C")
     rows = {entry[0]: index for index, entry in enumerate(record["files"])}
 
     def compare(relative):
-        pyramid, _ = read_pyramid(Path(output_dir) / relative, list(arrays))
+        try:
+            pyramid, _ = read_pyramid(Path(output_dir) / relative, list(arrays))
+        except DamagedFile as error:  # changed since it was checked
+            return [error.problem]
         return [f"{level} differs from its row {rows[relative]} in {pack_level_path(directory, level)}; {rerun}"
                 for level, array in arrays.items()
                 if level in pyramid and not (pyramid[level].dtype == STORED_DTYPES[dtype]
