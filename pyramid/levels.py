@@ -1,7 +1,6 @@
 """The pyramid levels: strip the CLS and register tokens, then 2x2 means of the patch grid down to 1x1."""
 
-from pyramid.tree import FLIP_PREFIX, flip_twin
-from pyramid.validate import level_side as validated_side
+from pyramid.tree import FLIP_PREFIX, flip_twin, level_name_side
 
 
 def strip_special_tokens(hidden_states, num_register_tokens=0):
@@ -35,7 +34,7 @@ def level_side(key):
     digits without leading zeros ('08x08', 'flip/8x8' and '../8x8' are not level keys)."""
     if isinstance(key, str) and key.startswith(FLIP_PREFIX):
         return None
-    return validated_side(key)
+    return level_name_side(key)
 
 
 def average_2x2(patches, size):

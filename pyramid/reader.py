@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from pyramid.exits import DamagedFile
-from pyramid.validate import expected_tensors, level_side, most_file_bytes, open_regular
+from pyramid.tree import level_name_side
+from pyramid.validate import expected_tensors, most_file_bytes, open_regular
 
 # How much of each end of a file the first two reads take: the pickle of a 10-level pyramid and the zip
 # directory of its ~15 records are each well under 2 KiB; larger ones are read again, exactly.
@@ -114,7 +115,7 @@ def _check_tensors(tensors, expect):
     for key, (_, shape) in tensors.items():
         if not all(type(size) is int and size >= 0 for size in shape):
             raise _Damage(f"{key!r} has shape {list(shape)}: not sizes")
-        side = level_side(key)
+        side = level_name_side(key)
         if side is not None and (len(shape) != 3 or shape[0] != 1 or shape[1] != side * side or shape[2] < 1):
             raise _Damage(f"{key} has shape {list(shape)}; a level holds [1, {side * side}, D]")
     if expect is None:

@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shlex
 import socket
 import stat
@@ -29,18 +30,6 @@ from pathlib import Path
 
 from pyramid.exits import DamagedFile
 from pyramid.families import DEFAULT_FAMILY
-from pyramid.validate import (
-    MANIFEST_MAX_BYTES,
-    PACK_NUMPY_DTYPES,
-    PACK_RECORD_BYTES_PER_FILE,
-    check_level_names,
-    check_manifest,
-    check_pack_array,
-    check_pack_record,
-    is_level_name,
-    read_json_object,
-    regular_status,
-)
 
 OUTPUT_SUFFIX = ".pt"
 MANIFEST_NAME = "manifest.json"
@@ -51,6 +40,9 @@ PACK_DIR = "pack"
 PACK_RECORD_NAME = "pack.json"
 LOCK_NAME = ".pyramid.lock"
 FLIP_PREFIX = "flip/"  # the levels of the mirrored image (--flip): "flip/16x16", ..., in files and under pack/
+# A level name: "{s}x{s}" or "flip/{s}x{s}", s a positive integer in ASCII digits without leading zeros. The
+# only keys that ever become file names (pack/<level>.npy), so nothing else ("../../x", "/tmp/x") does.
+LEVEL_NAME = re.compile(rf"(?:{re.escape(FLIP_PREFIX)})?([1-9][0-9]{{0,5}})x\1")
 TEMPORARY_MARK = ".tmp."
 # The pack is built beside pack/ and swapped in: temporary directories named as temporary files are.
 PACK_TEMPORARY_PREFIX = f".{PACK_DIR}{TEMPORARY_MARK}"
@@ -74,6 +66,17 @@ STORE_DTYPES = ("fp32", "bf16", "fp16")
 def flip_twin(level):
     """The key of a level's mirrored twin: '8x8' -> 'flip/8x8'."""
     return FLIP_PREFIX + level
+
+
+def is_level_name(name):
+    """True for '8x8' and 'flip/8x8'; False for '08x08', '8x4', '../8x8', '٨x٨', anything not a str."""
+    return isinstance(name, str) and LEVEL_NAME.fullmatch(name) is not None
+
+
+def level_name_side(name):
+    """The grid side of a level name, flip/ twins included: 'flip/8x8' -> 8; None for anything else."""
+    match = LEVEL_NAME.fullmatch(name) if isinstance(name, str) else None
+    return int(match.group(1)) if match else None
 
 
 def with_twins(levels, flip):
@@ -297,11 +300,12 @@ IMPLIED_KEYS = (*IMPLIED_SETTINGS, "resolution")  # a manifest's resolution is i
 def read_manifest(output_dir):
     """The manifest in `output_dir`, or None where there is none. DamagedFile, naming it, where it is not a
     regular file, not a JSON object, or its levels, hidden size, flip or stored dtype are not what a run writes."""
+    from pyramid.validate import MANIFEST_ADVICE, MANIFEST_MAX_BYTES, check_manifest, read_json_object
+
     path = Path(output_dir) / MANIFEST_NAME
     if not os.path.lexists(path):
         return None
-    manifest = read_json_object(path, MANIFEST_MAX_BYTES,
-                                "restore it, or rerun the extractor with --overwrite to remake the tree")
+    manifest = read_json_object(path, MANIFEST_MAX_BYTES, MANIFEST_ADVICE)
     manifest.setdefault("flip", False)  # written before --flip existed: no flip/ levels
     check_manifest(manifest, path)
     return manifest
@@ -369,6 +373,7 @@ def available_levels(root, manifest, first_file=None):
         return with_twins(manifest["levels"], manifest.get("flip"))
     if first_file is not None:
         from pyramid.reader import read_pyramid  # loads torch: only for a tree without a manifest
+        from pyramid.validate import check_level_names
 
         path = Path(root) / first_file
         _, keys = read_pyramid(path, levels=[])
@@ -384,6 +389,8 @@ def file_records(root, relative_paths):
     """[[relative path, size, mtime_ns], ...] for the files, in the given order: what tells one version
     of a file from another without reading it. Not the inode: a copy that keeps mtimes (cp -a, rsync -a)
     of the tree with its pack to a training machine keeps the pack current."""
+    from pyramid.validate import regular_status  # validate imports tree
+
     records = []
     for relative in relative_paths:
         status = regular_status(os.path.join(root, relative))  # a FIFO named a.pt would hang its reader
@@ -393,8 +400,13 @@ def file_records(root, relative_paths):
 
 def tree_state(root):
     """(manifest or None, file records in sorted-name order) of the output tree at `root` now."""
+    from pyramid.validate import check_manifest_complete  # validate imports tree
+
     finished, _ = scan_outputs(root)
-    return read_manifest(root), file_records(root, sorted(finished))
+    manifest = read_manifest(root)
+    if manifest is not None:  # what the files are read by
+        check_manifest_complete(manifest, Path(root) / MANIFEST_NAME)
+    return manifest, file_records(root, sorted(finished))
 
 
 def tree_digest(manifest, records):
@@ -437,6 +449,8 @@ def pack_level_path(directory, level):
 def read_pack_record(root, file_count=None):
     """The pack.json of the pack under `root`, or None where there is no (complete) pack; DamagedFile, naming
     it, where it is not one the pack tool writes (for a tree of `file_count` files, where given)."""
+    from pyramid.validate import MANIFEST_MAX_BYTES, PACK_RECORD_BYTES_PER_FILE, check_pack_record, read_json_object
+
     path = pack_dir(root) / PACK_RECORD_NAME
     if not os.path.lexists(path):
         return None
@@ -498,6 +512,8 @@ def pack_arrays(root, record, manifest, levels):
     """{level: (path, byte offset of row 0, shape (N, s*s, D), numpy dtype)} of a current pack's arrays of
     `levels`, each checked against pack.json and the manifest (dtype, C order, shape, the file's size) before a
     row is served; DamagedFile naming the first array that is not so."""
+    from pyramid.validate import PACK_NUMPY_DTYPES, check_pack_array  # validate imports tree
+
     name = pack_stored_dtype(record)
     if manifest is not None and name != stored_dtype(manifest):
         raise DamagedFile(pack_dir(root) / PACK_RECORD_NAME, f"says dtype {name!r}, the manifest's store_dtype is "

@@ -8,14 +8,12 @@ a path, a size becomes an allocation or a count becomes a loop.
 import json
 import math
 import os
-import re
 import stat
 
 from pyramid.exits import DamagedFile
+from pyramid.tree import FLIP_PREFIX, flip_twin, is_level_name
+from pyramid.tree import level_name_side as level_side
 
-# A level name: "{s}x{s}" or "flip/{s}x{s}", s a positive integer in ASCII digits without leading zeros. The
-# only keys that ever become file names (pack/<level>.npy), so nothing else ("../../x", "/tmp/x") does.
-LEVEL_NAME = re.compile(r"(?:flip/)?([1-9][0-9]{0,5})x\1")
 STORE_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}  # --store_dtype: bytes a value
 # numpy's dtype of a pack array per stored dtype (numpy has no bfloat16: its raw 16 bits, as uint16).
 PACK_NUMPY_DTYPES = {"fp32": "<f4", "fp16": "<f2", "bf16": "<u2"}
@@ -26,17 +24,6 @@ PACK_RECORD_BYTES_PER_FILE = 4096
 FILE_OVERHEAD_BYTES = 16384
 FILE_OVERHEAD_BYTES_PER_KEY = 1024
 NPY_HEADER_MAX_BYTES = 10000  # numpy's own limit on an .npy header it reads
-
-
-def is_level_name(name):
-    """True for '8x8' and 'flip/8x8'; False for '08x08', '8x4', '../8x8', '٨x٨', anything not a str."""
-    return isinstance(name, str) and LEVEL_NAME.fullmatch(name) is not None
-
-
-def level_side(name):
-    """The grid side of a level name, flip/ twins included: 'flip/8x8' -> 8; None for anything else."""
-    match = LEVEL_NAME.fullmatch(name) if isinstance(name, str) else None
-    return int(match.group(1)) if match else None
 
 
 def check_level_names(names, source):
@@ -118,30 +105,41 @@ def _positive_int(value):
     return type(value) is int and value > 0
 
 
+MANIFEST_ADVICE = "restore it, or rerun the extractor with --overwrite to remake the tree"
+
+
 def check_manifest(manifest, path):
-    """Raise DamagedFile unless the parsed manifest holds what the tools use, of the right types: the levels
-    (plain level names), the hidden size, flip, the stored dtype."""
-    what_to_do = "restore it, or rerun the extractor with --overwrite to remake the tree"
-    check_level_names(manifest.get("levels"), path)
-    flips = [level for level in manifest["levels"] if level.startswith("flip/")]
-    if flips:
-        raise DamagedFile(path, f"levels hold {flips[0]!r}: flip/ twins are said by 'flip', not listed; {what_to_do}")
-    if not _positive_int(manifest.get("hidden_size")):
-        raise DamagedFile(path, f"hidden_size is {manifest.get('hidden_size')!r}, not a positive integer; "
-                                f"{what_to_do}")
+    """Raise DamagedFile unless what the parsed manifest holds of what the tools use is of the right type: the
+    levels (plain level names), the hidden size, flip, the stored dtype."""
+    if "levels" in manifest:
+        check_level_names(manifest["levels"], path)
+        flips = [level for level in manifest["levels"] if level.startswith(FLIP_PREFIX)]
+        if flips:
+            raise DamagedFile(path, f"levels hold {flips[0]!r}: flip/ twins are said by 'flip', not listed; "
+                                    f"{MANIFEST_ADVICE}")
+    if "hidden_size" in manifest and not _positive_int(manifest["hidden_size"]):
+        raise DamagedFile(path, f"hidden_size is {manifest['hidden_size']!r}, not a positive integer; "
+                                f"{MANIFEST_ADVICE}")
     if type(manifest.get("flip", False)) is not bool:
-        raise DamagedFile(path, f"flip is {manifest.get('flip')!r}, not true or false; {what_to_do}")
+        raise DamagedFile(path, f"flip is {manifest.get('flip')!r}, not true or false; {MANIFEST_ADVICE}")
     store_dtype = manifest.get("store_dtype", "fp32")
     if store_dtype not in STORE_DTYPES:
         raise DamagedFile(path, f"store_dtype is {store_dtype!r}, not one of {', '.join(STORE_DTYPES)}; "
-                                f"{what_to_do}")
+                                f"{MANIFEST_ADVICE}")
+
+
+def check_manifest_complete(manifest, path):
+    """Raise DamagedFile unless the manifest names the levels and the hidden size, which the tools read files by."""
+    for key in ("levels", "hidden_size"):
+        if key not in manifest:
+            raise DamagedFile(path, f"has no {key}; {MANIFEST_ADVICE}")
 
 
 def expected_tensors(manifest):
     """{key: (stored dtype name, shape (1, s*s, D))} of every key the manifest's files hold."""
     levels = list(manifest["levels"])
     if manifest.get("flip"):
-        levels += ["flip/" + level for level in levels]
+        levels += [flip_twin(level) for level in levels]
     dtype = manifest.get("store_dtype", "fp32")
     return {level: (dtype, (1, level_side(level) ** 2, manifest["hidden_size"])) for level in levels}
 

@@ -235,7 +235,7 @@ def check_pack(output_dir):
     try:
         manifest, records = tree_state(output_dir)
         record = read_pack_record(output_dir, len(records))
-    except DamagedFile as error:  # a FIFO among the files is named by its own check
+    except DamagedFile as error:  # a FIFO among the files, a broken manifest: named by their own checks
         if os.path.basename(error.path) != PACK_RECORD_NAME:
             return None, []
         return None, [(error.path, f"{error.problem}; {rerun}")]
