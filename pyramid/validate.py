@@ -24,6 +24,8 @@ PACK_RECORD_BYTES_PER_FILE = 4096
 FILE_OVERHEAD_BYTES = 16384
 FILE_OVERHEAD_BYTES_PER_KEY = 1024
 NPY_HEADER_MAX_BYTES = 10000  # numpy's own limit on an .npy header it reads
+# Read-only, without blocking (a FIFO's open waits for a writer), not inherited by child processes.
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
 def check_level_names(names, source):
@@ -64,7 +66,7 @@ def open_regular(path):
 
     Opened without blocking (a FIFO's open would wait for a writer) and checked by fstat, so what is
     checked is what is read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(path, OPEN_FLAGS)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
