@@ -179,7 +179,7 @@ def main(args):
     started = time.monotonic()
     try:
         record = build_pack(root, levels, args.workers, progress)
-    except ValueError as error:  # a file met on the way cannot be used: DamagedFile, naming it
+    except (ValueError, FileNotFoundError) as error:  # a file met on the way cannot be used (or is gone): named
         progress.close()
         print(f"error: {error}; nothing packed (python -m pyramid.verify {root} lists every problem)",
               file=sys.stderr)

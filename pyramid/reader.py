@@ -444,12 +444,10 @@ def read_pyramid(path, levels=None, out=None, expect=None):
     left out; the caller names them. `expect`: an Expected (expected_from(manifest)), which the file's keys,
     dtypes, shapes and size must match. A file that is not a regular file, claims sizes it cannot hold, holds
     negative or odd shapes or other than `expect`, or that torch.load cannot read either, raises DamagedFile
-    naming it and what is wrong; OutMismatch where `out` does not fit.
+    naming it and what is wrong; OutMismatch where `out` does not fit; OSError (naming it) where it cannot be
+    opened.
     """
-    try:
-        file = os.open(path, OPEN_FLAGS)  # without blocking: a FIFO's open would wait for a writer
-    except OSError as error:
-        raise DamagedFile(path, f"cannot be opened ({error.strerror or error})") from None
+    file = os.open(path, OPEN_FLAGS)  # without blocking: a FIFO's open would wait for a writer (OSError names path)
     try:
         status = os.fstat(file)
         if not stat.S_ISREG(status.st_mode):

@@ -171,7 +171,7 @@ def main(args):
     progress = Progress(len(records), desc="files")
     try:
         stats = compute_stats(args.output_dir, args.workers, progress)
-    except ValueError as error:  # a file met on the way cannot be used: DamagedFile, naming it
+    except (ValueError, FileNotFoundError) as error:  # a file met on the way cannot be used (or is gone): named
         progress.close()
         print(f"error: {error}; no stats written (python -m pyramid.verify {args.output_dir} lists every problem)",
               file=sys.stderr)
