@@ -287,7 +287,7 @@ def test_a_damaged_file_is_raised_naming_it_and_the_threads_end(tree, tmp_path):
     shutil.copytree(tree, copy)
     data = PyramidDataset(copy, pack=False)
     path = copy / f"{data.names[11]}.pt"
-    path.write_bytes(path.read_bytes()[:500])  # torch.load's error for it does not name the file
+    path.write_bytes(path.read_bytes()[:500])  # torch.load's error for it does not name the file; the reader's does
     threads = threading.active_count()
     loader = data.loader(8, shuffle=True).set_reading(workers=3)
     with pytest.raises(Exception) as raised:  # whichever error the reader finds, it names the file
@@ -304,12 +304,12 @@ def test_a_read_that_raises_or_never_returns_is_raised_within_the_timeout(tree, 
     failing, release = [True], threading.Event()
     read_pyramid = pyramid.dataset.read_pyramid
 
-    def failing_read(path, levels=None, out=None):  # the user's file system, failing from outside
+    def failing_read(path, levels=None, out=None, expect=None):  # the user's file system, failing from outside
         if path == broken and failing[0]:
             raise OSError("Input/output error")
         if path == stuck:
             release.wait(60)
-        return read_pyramid(path, levels, out)
+        return read_pyramid(path, levels, out, expect)
 
     monkeypatch.setattr(pyramid.dataset, "read_pyramid", failing_read)
     threads = threading.active_count()
