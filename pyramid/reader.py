@@ -76,7 +76,6 @@ DIRECTORY_ENTRY = b"PK\x01\x02"
 LOCAL_HEADER = b"PK\x03\x04"
 CRC_FIELD = slice(14, 18)  # of a local header: differs from file to file, so never compared
 DIRECTORY_CRC_FIELD = 16  # offset of the CRC in a zip directory entry: the same
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # manifest's store_dtype
 # Records less than this apart are read by one preadv, the bytes between them into a scratch buffer:
 # the gaps between the records of a pyramid are a few dozen bytes (a data descriptor, the next header).
 MERGE_GAP = 4096
@@ -101,7 +100,7 @@ class Expected:
 
     def __init__(self, manifest):
         tensors = expected_tensors(manifest)
-        self.tensors = {key: (TORCH_DTYPES[dtype], shape) for key, (dtype, shape) in tensors.items()}
+        self.tensors = {key: (STORED_DTYPES[dtype], shape) for key, (dtype, shape) in tensors.items()}
         self.most_bytes = most_file_bytes(tensors)
 
 
