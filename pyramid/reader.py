@@ -396,16 +396,14 @@ def _read_plain(file, size, levels, out, expect):
     # checked by the read itself, so a layout remembered from another file serves this one only where this
     # file's parse would give the same layout: one damaged file fails the same way whatever was read before.
     last = _last[0]
-    if last is not None and last.size == size:
+    if last is not None and last.size == size and _meets(last, expect):
         try:
-            last.accept(expect)
             return _read_with(last, file, size, levels, out)
         except NotPlain:
             pass
     layout = _layouts.get(size)
-    if layout is not None and layout is not last:
+    if layout is not None and layout is not last and _meets(layout, expect):
         try:
-            layout.accept(expect)
             pyramid = _read_with(layout, file, size, levels, out)
             _last[0] = layout
             return pyramid
@@ -419,6 +417,17 @@ def _read_plain(file, size, levels, out, expect):
     pyramid = _read_with(layout, file, size, levels, out)
     _last[0] = layout
     return pyramid
+
+
+def _meets(layout, expect):
+    """True when a layout remembered from another file has what `expect` says; one that has not (a tree of
+    another stored dtype read before, with files of the same size) says nothing about this file, whose own
+    parse then decides."""
+    try:
+        layout.accept(expect)
+        return True
+    except _Damage:
+        return False
 
 
 def _contiguous_stride(shape):

@@ -203,11 +203,18 @@ def load_and_check(path, levels, hidden_size, dtype=None):
         return [error.problem], None
     except OSError as error:
         return [f"cannot be opened ({error.strerror or error})"], None
+    too_large = None
     if levels is not None:
-        most = most_file_bytes({level: (dtype or "fp32", (1, level_side(level.removeprefix(FLIP_PREFIX)) ** 2,
-                                                          hidden_size)) for level in levels})
-        if size > most:
-            return [f"is {size} bytes; the levels manifest.json names take at most {most}"], None
+        def most(stored):
+            return most_file_bytes({level: (stored, (1, level_side(level.removeprefix(FLIP_PREFIX)) ** 2,
+                                                     hidden_size)) for level in levels})
+
+        if size > most(dtype or "fp32"):
+            too_large = f"is {size} bytes; the levels manifest.json names take at most {most(dtype or 'fp32')}"
+            # Larger than these levels in any stored dtype: not loaded. Within fp32's size it is loaded, so
+            # a file of another dtype (fp32 in a bf16 tree) is named for its dtype.
+            if size > most("fp32"):
+                return [too_large], None
     try:
         pyramid = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a torn file can fail inside zipfile, pickle or torch; all mean the same
@@ -218,7 +225,8 @@ def load_and_check(path, levels, hidden_size, dtype=None):
         if not layout[0]:
             return ["holds no '{s}x{s}' levels"], layout
         levels, hidden_size, _ = layout
-    return check_pyramid(pyramid, levels, hidden_size, dtype), layout
+    problems = check_pyramid(pyramid, levels, hidden_size, dtype)
+    return (problems or [too_large]) if too_large else problems, layout
 
 
 def check_pack(output_dir):

@@ -145,3 +145,21 @@ def test_half_size_files_are_parsed_by_their_bytes_into_tensors_and_numpy_rows(t
     for key, row in rows.items():
         assert row.dtype == (np.uint16 if dtype == torch.bfloat16 else np.float16)  # bf16 as its raw bits
         assert torch.equal(from_numpy(row, dtype), pyramid[key][0])
+
+
+def test_a_layout_of_another_dtype_read_before_does_not_decide_a_file_of_the_same_size(tmp_path):
+    """An fp16 and a bf16 file of the same shapes have the same size: the fp16 file's remembered layout,
+    which the bf16 tree's manifest does not accept, must not make the bf16 file read as damaged."""
+    from pyramid.reader import expected_from
+
+    fp16 = {key: value.to(torch.float16) for key, value in make_pyramid(5).items()}
+    bf16 = {key: value.to(torch.bfloat16) for key, value in make_pyramid(6).items()}
+    save_atomic(fp16, tmp_path / "half.pt")
+    save_atomic(bf16, tmp_path / "brain.pt")
+    assert (tmp_path / "half.pt").stat().st_size == (tmp_path / "brain.pt").stat().st_size
+    manifest = {"levels": LEVELS, "hidden_size": fp16["1x1"].shape[-1], "flip": False}
+    read_pyramid(tmp_path / "half.pt", expect=expected_from({**manifest, "store_dtype": "fp16"}))
+    got, _ = read_pyramid(tmp_path / "brain.pt", expect=expected_from({**manifest, "store_dtype": "bf16"}))
+    assert all(got[key].dtype == torch.bfloat16 and torch.equal(got[key], bf16[key]) for key in bf16)
+    with pytest.raises(DamagedFile, match="half.pt"):  # and the file of the other dtype is still named
+        read_pyramid(tmp_path / "half.pt", expect=expected_from({**manifest, "store_dtype": "bf16"}))
