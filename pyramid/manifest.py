@@ -1,6 +1,7 @@
 """What made the files: manifest.json, the refusal to mix settings in one output tree, and --overwrite."""
 
 import json
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -79,6 +80,9 @@ def adopt_output_tree(output_dir, wanted, finished, overwrite):
     try:
         existing = read_manifest(output_dir)
     except DamagedFile as error:
+        if os.path.isdir(error.path) and not os.path.islink(error.path):  # no rename can replace a directory
+            raise UsageError(f"{error.path}: is a directory, where the tree's manifest goes; the extractor never "
+                             f"makes one, so move it away (or use another --output_dir) and rerun") from None
         if not overwrite:
             raise UsageError(f"{error.path}: {error.problem.partition('; ')[0]}, so nothing says which "
                              f"settings made the files; use another --output_dir, or --overwrite to recompute "

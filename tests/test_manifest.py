@@ -90,6 +90,17 @@ def test_files_without_a_manifest_are_refused_unless_overwrite(tmp_path):
     assert read_manifest(tmp_path / "new") == A
 
 
+def test_a_directory_where_the_manifest_goes_is_refused_with_or_without_overwrite(tmp_path):
+    """No rename replaces a directory, and the extractor never made it: both runs refuse in one line, the files kept."""
+    make_tree(tmp_path, A)
+    (tmp_path / MANIFEST_NAME).unlink()
+    (tmp_path / MANIFEST_NAME).mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match=r"manifest.json: is a directory.*move it away"):
+            adopt(tmp_path, A, overwrite=overwrite)
+    assert pt_files(tmp_path) == set(NAMES) and (tmp_path / MANIFEST_NAME).is_dir()
+
+
 def test_old_manifests_without_the_mark_are_read_as_settled(tmp_path):
     make_tree(tmp_path, A)
     assert REPLACING_KEY not in json.loads((tmp_path / MANIFEST_NAME).read_text())
