@@ -59,8 +59,10 @@ NAME_MAX = 255
 DERIVED_NAMES = (FAILURES_NAME, STATS_NAME, PACK_DIR)
 # A temporary from another machine is taken as abandoned once it is this old.
 FOREIGN_TEMPORARY_SECONDS = 600
-# --store_dtype: the dtypes the files' tensors may hold, by the names the manifest records.
-STORE_DTYPES = ("fp32", "bf16", "fp16")
+# --store_dtype: the dtypes the files' tensors may hold, by the names the manifest records, and the bytes a value
+# of each takes.
+STORE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+STORE_DTYPES = tuple(STORE_BYTES)
 
 
 def flip_twin(level):

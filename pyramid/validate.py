@@ -11,10 +11,9 @@ import os
 import stat
 
 from pyramid.exits import DamagedFile
-from pyramid.tree import FLIP_PREFIX, flip_twin, is_level_name
+from pyramid.tree import FLIP_PREFIX, STORE_BYTES, STORE_DTYPES, flip_twin, is_level_name
 from pyramid.tree import level_name_side as level_side
 
-STORE_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}  # --store_dtype: bytes a value
 # numpy's dtype of a pack array per stored dtype (numpy has no bfloat16: its raw 16 bits, as uint16).
 PACK_NUMPY_DTYPES = {"fp32": "<f4", "fp16": "<f2", "bf16": "<u2"}
 # A manifest.json is a few kB; pack.json about 100 bytes a file. Larger ones are not what the tools wrote.
@@ -148,7 +147,7 @@ def expected_tensors(manifest):
 
 def most_file_bytes(tensors):
     """The most bytes a file of `tensors` ({key: (dtype name, shape)}) takes: the data, and the archive around it."""
-    data = sum(math.prod(shape) * STORE_DTYPES[dtype] for dtype, shape in tensors.values())
+    data = sum(math.prod(shape) * STORE_BYTES[dtype] for dtype, shape in tensors.values())
     return data + FILE_OVERHEAD_BYTES + FILE_OVERHEAD_BYTES_PER_KEY * len(tensors)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from pyramid.team import cpus_per_process
 from pyramid.tree import (
     FAILURES_NAME,
+    STORE_BYTES,
     append_json_line,
     failure_line,
     readable_text,
@@ -544,7 +545,6 @@ class Writer:
 # What torch.save adds to the tensors' bytes, as measured: about 1.4 KB for the archive, 0.2 KB per tensor.
 FILE_OVERHEAD_BYTES, TENSOR_OVERHEAD_BYTES = 1500, 200
 DISK_BLOCK_BYTES = 4096  # a file takes whole blocks of most filesystems
-STORE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes a value of each --store_dtype
 
 
 def estimated_file_bytes(level_sizes, hidden_size, flip=False, store_dtype="fp32"):
