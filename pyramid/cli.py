@@ -12,6 +12,7 @@ from pathlib import Path
 from pyramid import exits
 from pyramid.exits import DamagedFile, UsageError
 from pyramid.lock import live_run
+from pyramid.team import usable_cpus
 from pyramid.tree import readable_text
 
 # Console command -> the module it runs; pyproject.toml's [project.scripts] points each at a function below.
@@ -52,12 +53,18 @@ def argument_parser(prog, description):
     return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
+def default_threads():
+    """A tool's threads by default: up to 8, within the CPUs this process may use (`team.usable_cpus`: a SLURM
+    job holding 8 of a node's 128 cores gets 8, not 128)."""
+    return min(8, usable_cpus())
+
+
 def output_tree_parser(module, description, output_help, workers_help):
     """The parser of a tool that reads an output tree (verify, stats, pack): the tree, and --workers."""
     parser = argument_parser(command_name(module), description)
     parser.add_argument("output_dir", type=Path, help=output_help)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help=f"{workers_help} (default: %(default)s = min(8, CPUs))")
+    parser.add_argument("--workers", type=int, default=default_threads(),
+                        help=f"{workers_help} (default: %(default)s = min(8, the CPUs this process may use))")
     return parser
 
 

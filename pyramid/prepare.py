@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pyramid.cli import argument_parser, command_name, refusals_exit_2
+from pyramid.cli import argument_parser, command_name, default_threads, refusals_exit_2
 from pyramid.exits import UsageError
 from pyramid.paths import IMAGE_SUFFIXES
 from pyramid.progress import Progress, log
@@ -366,8 +366,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=None,
                         help="resize so the shortest edge is this many pixels, bicubic (default: keep the source's)")
     parser.add_argument("--output_dir", default="data/raw_images", help="where the PNGs and prepare.json go")
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="threads that decode and encode images (default: %(default)s = min(8, CPUs))")
+    parser.add_argument("--num_workers", type=int, default=default_threads(),
+                        help="threads that decode and encode images (default: %(default)s = min(8, the CPUs this "
+                             "process may use))")
     return parser
 
 

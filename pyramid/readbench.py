@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pyramid import exits
+from pyramid.cli import default_threads
 from pyramid.dataset import PyramidDataset
 from pyramid.encoder import ModelInfo
 from pyramid.exits import UsageError
@@ -244,7 +245,7 @@ def reader_main(args):
         levels = available_levels(root, manifest, records[0][0])
         started = time.perf_counter()
         if current_pack(root, manifest, records, levels)[0] is None:
-            build_pack(root, levels, workers=min(8, os.cpu_count() or 1))
+            build_pack(root, levels, workers=default_threads())
         pack_seconds = time.perf_counter() - started
         pack_gb = sum(path.stat().st_size for path in pack_dir(root).rglob("*.npy")) / 1e9
         num_workers = 2 if args.num_workers is None else args.num_workers

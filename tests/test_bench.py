@@ -241,3 +241,31 @@ def test_save_random_model_gives_a_model_the_tools_load(tmp_path):
     assert (info.hidden_size, info.grid_size) == (32, 16) and info.revision.startswith("sha256:")
     # A second save would mix two models in one folder: refused.
     assert main(get_args_parser().parse_args(["--save_random_model", str(directory)])) == 2
+
+
+def test_reader_rows_pack_with_the_threads_this_process_may_use(tmp_path, monkeypatch):
+    """The pack the reader rows need is built on min(8, the CPUs of this process's affinity), not the machine's."""
+    import argparse
+
+    from pyramid import readbench
+    from synthetic_trees import write_tree
+
+    tree = write_tree(tmp_path / "tree", ["a", "b"])
+    monkeypatch.setattr("os.cpu_count", lambda: 128)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {4, 5, 6})
+    built = []
+
+    class Built(Exception):
+        """Stops the bench once the pack's threads are known: the rows themselves are the test above's."""
+
+    def build_pack(root, levels, workers):
+        built.append(workers)
+        raise Built
+
+    monkeypatch.setattr(readbench, "build_pack", build_pack)
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)  # the bench's, not this test process's
+    args = argparse.Namespace(tree=tree, synthetic_tree=None, reader_items=2, rounds=1, batch_size=None,
+                              num_workers=None, json=False)
+    with pytest.raises(Built):
+        readbench.reader_main(args)
+    assert built == [3]

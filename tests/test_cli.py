@@ -74,6 +74,18 @@ def test_num_workers_help_says_what_the_code_does(command, monkeypatch):
     assert "cores this process may use" in text and "on GPU one less, at most 16" in text, text
 
 
+@pytest.mark.parametrize("affinity, threads", [({0, 1, 2}, 3), (set(range(0, 128, 2)), 8)])
+def test_tools_threads_follow_the_cpus_this_process_may_use(affinity, threads, monkeypatch):
+    """A SLURM job (or taskset) holding 3 of a node's 128 cores gets 3 threads, not 8 or 128."""
+    from pyramid import pack, prepare, stats, verify
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: affinity)
+    for tool in (verify, stats, pack):
+        assert tool.get_args_parser().parse_args(["/some/tree"]).workers == threads, tool.__name__
+    assert prepare.get_args_parser().parse_args([]).num_workers == threads
+
+
 def test_help_formatter_shows_real_defaults_only():
     parser = argparse.ArgumentParser(prog="tool", formatter_class=HelpFormatter)
     parser.add_argument("--computed", type=int, default=None, help="computed at run time")
