@@ -459,12 +459,27 @@ def test_a_batch_too_large_for_the_card_is_halved_and_the_run_writes_every_file(
     assert all(value >= THRESHOLD_VS_FP32["fp16"] for value in cosines.values()), cosines
 
 
+def report_env(tmp_path, python, **variables):
+    """The environment of a report started with PYTHON=`python` where the python first on PATH is not the one
+    meant (a venv's python, not activated): a `python3` and a `python` that fail, saying so."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name in ("python3", "python"):
+        (stubs / name).write_text("#!/bin/sh\necho 'the python first on PATH ran' >&2\nexit 97\n")
+        (stubs / name).chmod(0o755)
+    return dict(os.environ, PATH=f"{stubs}{os.pathsep}{os.environ['PATH']}", PYTHON=python, **variables)
+
+
 @pytest.mark.skipif(CUDA, reason="checks the report where there is no GPU")
-@pytest.mark.parametrize("options", [(), ("--quick", "--part", "table")])
-def test_report_stops_at_once_in_one_line_without_cuda(tmp_path, options):
+@pytest.mark.parametrize("options, relative", [((), False), (("--quick", "--part", "table"), True)])
+def test_report_stops_at_once_in_one_line_without_cuda(tmp_path, options, relative):
+    # PYTHON as typed from the directory the report is started in (relative: the report then moves to the
+    # checkout) runs every step, whatever python is first on PATH.
+    python = os.path.relpath(sys.executable, tmp_path) if relative else sys.executable
     started = time.monotonic()
     result = subprocess.run(["bash", str(REPO / ".ci" / "gpu-report"), *options, str(tmp_path / "report")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env=report_env(tmp_path, python))
     assert result.returncode == 1
     assert time.monotonic() - started < 60  # seconds (importing torch), not the report's minutes
     lines = (result.stdout + result.stderr).splitlines()
@@ -483,7 +498,8 @@ def test_report_stops_at_once_in_one_line_without_pyspng(tmp_path):
         "        if name == 'pyspng':\n"
         "            raise ModuleNotFoundError(name)\n"
         "sys.meta_path.insert(0, HidePyspng())\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")])))
+    env = report_env(tmp_path, sys.executable,
+                     PYTHONPATH=os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")])))
     result = subprocess.run(["bash", str(REPO / ".ci" / "gpu-report"), str(tmp_path / "report")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 1
@@ -497,3 +513,12 @@ def test_report_refuses_a_part_it_does_not_have():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip() == (
         "gpu-report: --part takes tests or table, not 'everything'")
+
+
+def test_report_refuses_a_python_that_is_not_there(tmp_path):
+    result = subprocess.run(["bash", str(REPO / ".ci" / "gpu-report"), str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHON=str(tmp_path / "venv" / "bin" / "python")))
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"gpu-report: no python at '{tmp_path / 'venv' / 'bin' / 'python'}'; set PYTHON to the interpreter that "
+        f"has requirements.txt") and not (tmp_path / "report").exists()
