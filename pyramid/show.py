@@ -73,7 +73,7 @@ def levels_finest_first(pyramid):
     return sorted(pyramid, key=key_side, reverse=True)
 
 
-def split_twins(pyramid):
+def separate_flip_levels(pyramid):
     """(levels, mirrored twins) of a loaded pyramid: {'8x8', 'flip/8x8', ...} -> ({'8x8', ...}, {'flip/8x8', ...})."""
     twins = {key: value for key, value in pyramid.items() if key.startswith(FLIP_PREFIX)}
     return {key: value for key, value in pyramid.items() if key not in twins}, twins
@@ -116,7 +116,7 @@ def load_pyramid(path):
         hidden_sizes.add(value.shape[2])
     if len(hidden_sizes) > 1:
         raise UsageError(f"{path}: not a pyramid (levels have different hidden sizes {sorted(hidden_sizes)})")
-    if not split_twins(pyramid)[0]:
+    if not separate_flip_levels(pyramid)[0]:
         raise UsageError(f"{path}: not a pyramid (only 'flip/' levels, no levels of the image itself)")
     return pyramid
 
@@ -374,13 +374,13 @@ def main(args):
         raise UsageError("--pca_files and --cell must be positive")
     output = output_path(args)
     planned = rows_to_draw(args)
-    pyramids = {path: split_twins(load_pyramid(path)) for _, path, _ in planned}  # path -> (levels, twins)
+    pyramids = {path: separate_flip_levels(load_pyramid(path)) for _, path, _ in planned}  # path -> (levels, twins)
     if args.flip:
         unmirrored = [path for path, (_, twins) in pyramids.items() if not twins]
         if unmirrored:
             raise UsageError(f"--flip: {unmirrored[0]} has no flip/ levels (the extractor ran without --flip)")
     fitting = pca_fitting_paths(args, [path for _, path, _ in planned])
-    features = [finest_tokens(pyramids[p][0] if p in pyramids else split_twins(load_pyramid(p))[0])
+    features = [finest_tokens(pyramids[p][0] if p in pyramids else separate_flip_levels(load_pyramid(p))[0])
                 for p in fitting]
     if args.flip and args.pca_from is None:  # the twins drawn are part of the data the colours fit
         features += [finest_tokens(twins) for _, twins in pyramids.values()]

@@ -304,6 +304,14 @@ def mirrored(tokens, side=16):
     return tokens.reshape(side, side, -1).flip(1).reshape(side * side, -1)
 
 
+def test_separate_flip_levels_parts_a_loaded_file_by_its_keys():
+    """A file's own levels from its flip/ twins, by key (levels.split_twins instead splits a doubled batch by rows)."""
+    pyramid = with_twin({"2x2": torch.zeros(1, 4, 3), "1x1": torch.ones(1, 1, 3)}, {"2x2": torch.full((1, 4, 3), 2.0)})
+    levels, twins = show.separate_flip_levels(pyramid)
+    assert list(levels) == ["2x2", "1x1"] and list(twins) == ["flip/2x2"]
+    assert levels["1x1"] is pyramid["1x1"] and twins["flip/2x2"] is pyramid["flip/2x2"]
+
+
 def test_a_file_made_with_flip_is_drawn_and_its_twin_on_request(tmp_path):
     tokens = two_halves()
     path = tmp_path / "00001.pt"
