@@ -15,9 +15,10 @@ from pathlib import Path
 from PIL import Image
 
 from pyramid import exits
-from pyramid.cli import argument_parser, command_name, refusals_exit_2
+from pyramid.cli import argument_parser, command_name, is_main_process, refusals_exit_2
 from pyramid.exits import UsageError
 from pyramid.families import check_model_up_front
+from pyramid.lock import refuse_a_live_run
 from pyramid.runs import record_refusal
 from pyramid.settings import DEFAULTS, Settings
 from pyramid.tree import STORE_DTYPES
@@ -112,6 +113,11 @@ def record_refused_run(args, error):
 @refusals_exit_2(after=record_refused_run)
 def main(args):
     check_args(args)
+    # The process that will take the lock looks at it first: a second launch into a live run's directory is
+    # refused before torch and accelerate load. Under a launcher only that one may judge: another rank cannot
+    # tell its own team's lock (left by a main process killed before a restart, on another node) from another run's.
+    if is_main_process():
+        refuse_a_live_run(Path(args.output_dir))
     # Idle OpenMP threads of the model then sleep instead of spinning on the cores that the decode
     # workers need: on a 2-core CPU run of a small model that is the difference between 0.8 and 1.0
     # of the decode bound. It must be set before torch loads; an explicit setting is kept.

@@ -92,6 +92,26 @@ def live_run(output_dir):
     return describe(holder)
 
 
+def written_by_another_run(output_dir, holder):
+    """The refusal of a launch into `output_dir` while the live run `holder` (`describe`'s words) writes it."""
+    return UsageError(f"{output_dir} is being written by another run ({holder}); "
+                      f"wait for it to end, or stop it, or use another --output_dir")
+
+
+def refuse_a_live_run(output_dir):
+    """Raise `written_by_another_run` while a live run holds the lock of `output_dir`: the extractor's main
+    process looks before torch loads, so a second launch is refused in a fraction of a second, not after
+    seconds of imports. Taking the lock (OutputLock.acquire, later) still decides, atomically; a lock that
+    cannot be read here for the file system's reasons is left to it. DamagedFile for something other than a
+    regular file under the lock's name."""
+    try:
+        holder = live_run(output_dir)
+    except OSError:
+        return
+    if holder is not None:
+        raise written_by_another_run(output_dir, holder)
+
+
 class OutputLock:
     """The lock of one output directory, held by the main process of a run from planning to the end."""
 
@@ -138,8 +158,7 @@ class OutputLock:
             return  # released meanwhile: try again
         reason = why_stale(holder, age, me, self.stale_after)
         if reason is None:
-            raise UsageError(f"{self.output_dir} is being written by another run ({describe(holder)}); "
-                             f"wait for it to end, or stop it, or use another --output_dir")
+            raise written_by_another_run(self.output_dir, describe(holder))
         aside = self.output_dir / f"{LOCK_NAME}.stale.{me['token']}"
         try:
             os.rename(self.path, aside)
@@ -153,8 +172,7 @@ class OutputLock:
             except FileExistsError:
                 pass
             aside.unlink(missing_ok=True)
-            raise UsageError(f"{self.output_dir} is being written by another run ({describe(moved)}); "
-                             f"wait for it to end, or stop it, or use another --output_dir")
+            raise written_by_another_run(self.output_dir, describe(moved))
         aside.unlink(missing_ok=True)
         self.taken_over = f"took over the lock of {describe(holder)}: {reason}"
 

@@ -96,12 +96,18 @@ def test_a_live_run_refuses_a_second_launch_at_once(tmp_path, tiny_model):
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()
+        # -X importtime's lines on stderr say what the refused run imported.
         result = run_cli("--input_dir", tmp_path / "in", "--output_dir", tmp_path / "out", "--model", tiny_model,
-                         "--num_workers", 0)
+                         "--num_workers", 0, env={"PYTHONPROFILEIMPORTTIME": "1"})
         assert result.returncode == 2, result.stderr
         assert f"host {socket.gethostname()}, process {holder.pid}" in result.stderr
         assert not list((tmp_path / "out").glob("*.pt"))
         refused_after = time.monotonic() - started
+        imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}
+        said = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+        assert "pyramid.lock" in imported and not {"torch", "accelerate", "transformers"} & imported
+        assert len(said) == 1 and said[0].startswith(f"error: {tmp_path / 'out'} is being written by another run")
     finally:
         holder.kill()
         holder.wait()
@@ -113,6 +119,41 @@ def test_a_live_run_refuses_a_second_launch_at_once(tmp_path, tiny_model):
     assert "took over the lock" in result.stderr and len(list((tmp_path / "out").glob("*.pt"))) == 2
     assert not (tmp_path / "out" / LOCK_NAME).exists()  # released at the end
     assert refused_after < 60
+
+
+def refused_launch(tmp_path, monkeypatch, rank):
+    """extract.main in this process, as the launch's process `rank`, into a directory whose lock this process
+    holds; the run loop (torch, accelerate) made unimportable, so reaching it raises ImportError."""
+    from pyramid import extract
+
+    write_images(tmp_path / "in", 1)
+    (tmp_path / "out").mkdir()
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # main() sets it
+    monkeypatch.setitem(sys.modules, "pyramid.loop", None)
+    live = OutputLock(tmp_path / "out").acquire()
+    try:
+        return extract.main(extract.get_args_parser().parse_args(
+            ["--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out")]))
+    finally:
+        live.release()
+
+
+def test_the_main_process_refuses_a_live_run_before_the_run_loop_loads(tmp_path, monkeypatch, capsys):
+    assert refused_launch(tmp_path, monkeypatch, rank=0) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'out'} is being written by another run (host {socket.gethostname()}, process "
+        f"{os.getpid()}); wait for it to end, or stop it, or use another --output_dir\n")
+    record, = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    assert record["status"] == 2 and "is being written by another run" in record["error"]
+
+
+def test_the_other_processes_of_a_launch_leave_the_lock_to_the_main_one(tmp_path, monkeypatch, capsys):
+    """Another rank cannot tell its own team's lock from another run's: it goes on to the run loop, where the
+    main process's plan (its refusal included) reaches it."""
+    with pytest.raises(ImportError):
+        refused_launch(tmp_path, monkeypatch, rank=1)
+    assert capsys.readouterr().err == "" and not (tmp_path / "out" / "runs.jsonl").exists()
 
 
 def test_verify_stats_and_pack_refuse_a_tree_a_live_run_is_writing(tmp_path, capsys):
