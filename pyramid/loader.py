@@ -9,9 +9,10 @@
 
 A thread reads whole batches ahead of use (a gather per level from the pack's memory-mapped arrays or
 from a CPU preload, or one preadv per file straight into the batch; all of them release the GIL) into a
-few buffers that are used again and again, so a step costs no allocation and no page fault; a few more
-threads each read a part of the batch's rows, since one thread's copy into a batch far larger than the
-CPU's caches runs at a fraction of what the memory can take. Batches for a CUDA device are read into
+few buffers that are used again and again, each once nothing of its last batch is left (PyramidLoader
+says the rule), so a step costs no allocation and no page fault; a few more threads each read a part of
+the batch's rows, since one thread's copy into a batch far larger than the CPU's caches runs at a
+fraction of what the memory can take. Batches for a CUDA device are read into
 pinned buffers and copied on a side stream, one batch ahead; from a CUDA preload they are gathered on
 the device, with no host traffic at all. Every wait is bounded: a read that never returns (a hung file
 system) is raised as a TimeoutError naming its file after `timeout` seconds, a read that fails is raised
@@ -21,9 +22,10 @@ naming its file, and a pass left early ends its threads.
 import contextlib
 import math
 import queue
-import sys
 import threading
 import time
+import weakref
+from collections import deque
 
 import numpy as np
 import torch
@@ -74,9 +76,15 @@ class PyramidLoader:
     (default 600: a hung file system, not a slow one). A failed read raises its error, naming its file,
     where the batches are used.
 
-    A batch is yours for as long as you hold it: a buffer is used again only once no tensor (or view,
-    or numpy array) of the batch it held is left; a loop that keeps batches gets new memory for the
-    next ones, a loop that drops them reuses prefetch + 3 buffers.
+    A batch is yours for as long as you hold it (device=None; a device's batches are new tensors there).
+    Each batch is read into one of the loader's buffers, kept from epoch to epoch, that is free: nothing of
+    the batch it last held is left, no tensor, view, numpy array or storage of it. The loader is told the
+    moment the last of them is freed (it watches the arrays the batch's tensors are made over), so this
+    holds wherever you keep a batch, and does not depend on timing. It keeps prefetch + 3 buffers (the
+    batch your loop holds, the next one on its way to it, `prefetch` read ahead, one being read): a loop
+    that holds nothing past its step reads every batch into the same prefetch + 3 buffers, epoch after
+    epoch. When none is free (you keep batches), the batch is read into new memory, which takes the place
+    of one of those you hold: what you hold stays yours until you drop it.
 
     Under torch.distributed (initialised before iterating; or `rank` and `world_size` given, see `set_ranks`), every
     rank computes the same epoch order (same `seed` on every rank) and takes its own contiguous part
@@ -248,9 +256,8 @@ class PyramidLoader:
                 buffer, indices, flipped = item
                 names = [dataset.names[index] for index in indices.tolist()]
                 if copier is None:
-                    batch = {"name": names, **{level: from_numpy(array[:len(indices)], out_dtype)  # (B, s*s, D), a view
-                                               for level, array in buffer.arrays.items()}}
-                    buffer.busy = False  # from here on the views say whether it is still in use
+                    batch = {"name": names, **{level: from_numpy(array, out_dtype)  # (B, s*s, D), over the buffer
+                                               for level, array in buffer.hand_out(len(indices)).items()}}
                     yield batch
                     del batch
                 else:
@@ -265,6 +272,7 @@ class PyramidLoader:
             # A reader that is not stuck ends within one read of its part of a batch; a stuck one ends
             # when its read returns, by itself.
             reader.join(0 if stuck else min(self.timeout, JOIN_SECONDS))
+            _release_unserved(ready)
 
     def _parts(self, shapes):
         """Into how many parts (one per reading thread) each batch's rows are split: every thread for
@@ -321,21 +329,29 @@ class _Buffer:
         self.arrays = self.read if out_dtype == dtype else {
             level: np.empty((batch_size, *shape), numpy_dtype(out_dtype)) for level, shape in shapes.items()}
         self.dtype, self.out_dtype = dtype, out_dtype
-        self.busy = True  # taken: being filled, waiting in the queue, or being handed out
+        self.busy = True  # taken: being filled, or waiting in the queue
         self.copied = None  # the CUDA event after the last copy out of it
-        self._unheld = self._references()
+        # The arrays of the batch last handed out, watched: each one's weakref lands in `freed` when it is
+        # freed (on whatever thread drops its last reference; deque.append takes no lock, so a garbage
+        # collection that frees one inside the loader's own locked code cannot deadlock).
+        self.watched, self.freed = [], deque()
 
-    def _references(self):
-        # Every tensor made from an array (torch.from_numpy, and its views) holds one reference to it
-        # (or to a view of it, which holds one to it) until the last of them is freed.
-        return [sys.getrefcount(array) for array in self.arrays.values()]
+    def hand_out(self, rows):
+        """The first `rows` rows of each level of `arrays`, as new numpy arrays over them, for the batch to be
+        handed out: every tensor made over one (and its views, numpy arrays, storages) holds it, so the buffer
+        is free again exactly when the last of them is gone."""
+        handed = {level: array[:rows] for level, array in self.arrays.items()}  # (rows, s*s, D) each
+        self.freed.clear()
+        self.watched = [weakref.ref(array, self.freed.append) for array in handed.values()]
+        self.busy = False  # from here on what is watched says whether it is still in use
+        return handed
 
     def free(self):
         if self.busy:
             return False
         if self.copied is not None:
             return self.copied.query()
-        return self._references() == self._unheld
+        return len(self.freed) == len(self.watched)
 
 
 class _Buffers:
@@ -368,6 +384,17 @@ class _Buffers:
             if held is not None:
                 self.buffers[held] = fresh
         return fresh
+
+
+def _release_unserved(ready):
+    """The buffers of batches read but never handed out (a pass left early), free again."""
+    while True:
+        try:
+            item = ready.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(item, tuple):
+            item[0].busy = False
 
 
 def _put(ready, item, stop):
@@ -439,6 +466,7 @@ def _read_batches(reader, batches, pool, ready, stop, timeout):
     """The reading thread: each batch into a free buffer (its parts on read threads), then onto the queue;
     an error goes on the queue too, so it is raised where the batches are used."""
     threads = ReadThreads(reader.parts - 1, "pyramid-loader-read")
+    buffer = None  # taken, and not yet queued
     try:
         for indices, flipped in batches:
             if stop.is_set():
@@ -448,11 +476,14 @@ def _read_batches(reader, batches, pool, ready, stop, timeout):
                 return
             if not _put(ready, (buffer, indices, flipped), stop):
                 return
+            buffer = None
         _put(ready, _END, stop)
     except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
         _put(ready, error, stop)
     finally:
         threads.close(wait=min(timeout, JOIN_SECONDS))
+        if buffer is not None and not any(thread.is_alive() for thread in threads.threads):
+            buffer.busy = False  # a pass left early, or a failed read: no read writes into it any more
 
 
 class _Copier:

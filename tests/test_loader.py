@@ -147,6 +147,46 @@ def test_a_batch_is_never_overwritten_while_held(tree):
     assert len(addresses) <= 1 + 3
 
 
+def buffer_addresses(loader):
+    """Where the 16x16 rows of the loader's kept buffers are."""
+    return {buffer.arrays["16x16"].ctypes.data for buffer in loader._buffers.buffers}
+
+
+def test_a_loop_that_holds_nothing_past_its_step_reads_into_the_same_buffers(tree):
+    loader = PyramidDataset(tree, pack=True).loader(5, prefetch=1)
+    kept = list(loader)  # 8 batches held at once: the loader's 1 + 3 buffers, then new memory
+    assert len(loader._buffers.buffers) == 1 + 3
+    buffers = buffer_addresses(loader)
+    del kept  # every buffer free: the next 24 batches need no new memory
+    addresses = [batch["16x16"].data_ptr() for _ in range(3) for batch in loader]
+    assert len(addresses) == 24 and set(addresses) <= buffers and buffer_addresses(loader) == buffers
+
+
+def test_a_batch_held_through_its_storage_alone_is_never_read_into(tree):
+    data = PyramidDataset(tree, pack=True)
+    items = {item["name"]: item for item in reference(tree, LEVELS)}
+    loader = data.loader(5, prefetch=1)
+    batches = iter(loader)
+    first = next(batches)
+    names, shape, address = first["name"], first["16x16"].shape, first["16x16"].data_ptr()
+    storage = first["16x16"].untyped_storage()  # no tensor, view or array of the batch is left: only this
+    del first
+    addresses = {batch["16x16"].data_ptr() for batch in batches}
+    addresses |= {batch["16x16"].data_ptr() for _ in range(2) for batch in loader}
+    assert address not in addresses
+    held = torch.empty(0).set_(storage, 0, shape)  # (5, 256, 8)
+    assert torch.equal(held, torch.stack([items[name]["16x16"] for name in names]))
+
+
+def test_a_pass_left_early_gives_back_the_buffers_it_read_ahead(tree):
+    loader = PyramidDataset(tree, pack=True).loader(5, prefetch=2)
+    for _ in range(3):
+        first = next(iter(loader))  # the pass ends there: the batches it read ahead are never handed out
+    del first
+    addresses = {batch["16x16"].data_ptr() for batch in loader}
+    assert addresses <= buffer_addresses(loader) and len(loader._buffers.buffers) <= 2 + 3
+
+
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("device", [None, "cpu"])
 def test_normalize_and_flips_through_the_loader_are_the_items(tree, source, device):
