@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 from pyramid.exits import DamagedFile
 from pyramid.loader import PyramidLoader
 from pyramid.reader import STORED_DTYPES, as_numpy, expected_from, from_numpy, read_ahead, read_pyramid
-from pyramid.team import usable_cpus, usable_memory
+from pyramid.team import cpus_per_process, usable_memory
 from pyramid.tree import (
     FLIP_PREFIX,
     MANIFEST_NAME,
@@ -488,7 +488,7 @@ class PyramidDataset(Dataset):
             start, end, twin = chunk
             return f"items {start} to {end - 1}{' (flip/ twins)' if twin else ''} of {self.root}"
 
-        workers = min(4, usable_cpus())
+        workers = min(4, cpus_per_process())  # like the loader's: each rank of the node preloads at once
         for (start, end, twin), rows in read_ahead(read, chunks, workers, 2 * workers, describe=describe):
             if not straight:
                 for level, source in zip(self.levels, self._twins if twin else self.levels):

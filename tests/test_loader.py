@@ -1,6 +1,7 @@
 """pyramid/loader.py: PyramidDataset.loader() and preload= give the items' values, in the promised orders."""
 
 import gc
+import os
 import shutil
 import subprocess
 import sys
@@ -237,6 +238,24 @@ def test_batches_read_in_parts_are_the_items(tree, source, torch_threads, monkey
         assert start == COUNT
     finally:
         torch.set_num_threads(threads)
+
+
+def test_reading_threads_follow_this_processs_share_of_its_cpus(tree, monkeypatch):
+    """Two ranks on a node whose job holds 6 of its 128 cores: 3 threads each, for the loader and the preload."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(40, 46)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert PyramidDataset(tree, levels=["1x1"]).loader(4).workers == 3
+    threads = []
+    real = pyramid.dataset.read_ahead
+
+    def read_ahead(function, items, workers, window, **options):
+        threads.append(workers)
+        return real(function, items, workers, window, **options)
+
+    monkeypatch.setattr(pyramid.dataset, "read_ahead", read_ahead)
+    PyramidDataset(tree, levels=["1x1"], preload="cpu")
+    assert threads == [3]
 
 
 def test_preload_holds_only_the_levels_asked_for_and_serves_from_memory(tree, tmp_path):
