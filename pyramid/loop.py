@@ -1,10 +1,10 @@
 """The run loop: plan once, share the work, decode in workers, encode, pool, write, report.
 
 `run(settings)` is the whole job in one process, as one of a team of 1..N (one per GPU under a launcher):
-the main process plans and every process claims chunks of the to-do list until none is left.
+the main process plans and every process claims chunks of the to-do list until none is left. A batch's way
+from pixels to the writer is batches.py's; the counts, this process's and the team's, are tally.py's.
 """
 
-import functools
 import os
 import signal
 import socket
@@ -17,32 +17,14 @@ from pathlib import Path
 import torch
 import transformers.image_processing_utils  # noqa: F401 - the shared plan holds the image processor: unpickled by it
 from accelerate import PartialState
-from accelerate.utils import release_memory
 
 from pyramid import exits
+from pyramid.batches import Batches
 from pyramid.chunks import CLAIM_KEY, ChunkSampler, chunk_size_for
 from pyramid.decode import DecoderMissing, Preprocess, decoders, image_loader, pixel_pipeline
-from pyramid.encoder import (
-    DTYPES,
-    Encoder,
-    HostCopies,
-    ModelError,
-    first_line,
-    is_out_of_memory,
-    load_model_info,
-    resolve_dtype,
-)
+from pyramid.encoder import Encoder, HostCopies, ModelError, first_line, load_model_info, resolve_dtype
 from pyramid.exits import UsageError
-from pyramid.levels import (
-    build_pyramid,
-    finite_images,
-    representable_images,
-    split_twins,
-    stored_levels,
-    twin_rows,
-)
 from pyramid.lock import OutputLock
-from pyramid.paths import output_path_for
 from pyramid.plan import (
     Plan,
     cpu_processes_warning,
@@ -54,12 +36,12 @@ from pyramid.plan import (
 from pyramid.progress import Progress, format_bytes, log, print_summary
 from pyramid.runs import append_run, new_run_id, now_iso
 from pyramid.stopping import StopNow, StopSignals, stop_with_launcher
+from pyramid.tally import Tally
 from pyramid.team import Team, start_process_group
 from pyramid.tree import FAILURES_NAME, MANIFEST_NAME, RUNS_NAME
 from pyramid.watchdog import BACKSTOP_SECONDS, Watchdog
 from pyramid.writer import Writer, default_writer_threads, record_failure
 
-FINITE_KEY = "finite"  # the per-image flags, copied to the host with the levels
 RECORD_WAIT_SECONDS = 10.0  # how long a process exiting non-zero waits for the main one's runs.jsonl line
 
 
@@ -95,35 +77,6 @@ def run(settings, stages=Stages()):
             torch.distributed.destroy_process_group()
 
 
-class Tally:
-    """This process's counts, read by the heartbeat thread to publish progress."""
-
-    def __init__(self):
-        self.writer = None
-        self.unreadable = 0  # images the decoder could not read
-        self.too_large = 0  # images that do not fit in the device's memory even alone
-        self.published = 0
-        self.peer_stopped = False
-        self.encoding_started = None  # after the model loaded: the rate in the summary excludes start-up
-
-    @property
-    def written(self):
-        return self.writer.written if self.writer is not None else 0
-
-    @property
-    def failed(self):
-        """Recorded failures: unreadable images, images too large for the device's memory, images whose features
-        came out non-finite, and images whose file could not be written for a reason of its own (a name the file
-        system or the tree refuses)."""
-        if self.writer is None:
-            return self.unreadable + self.too_large
-        return self.unreadable + self.too_large + self.writer.non_finite + self.writer.unwritable
-
-    @property
-    def done(self):
-        return self.written + self.failed
-
-
 class Extraction:
     """This process's part of a run. The fixed parts are taken once: the settings, the accelerate state
     (device, team), the dtype, batch size and decode workers, the output directory's lock, the stop
@@ -137,22 +90,19 @@ class Extraction:
         state = PartialState(cpu=not torch.cuda.is_available())
         self.device, self.team = state.device, Team.from_state(state)
         self.dtype = resolve_dtype(settings.dtype, self.device)
-        self.store_dtype = DTYPES[settings.store_dtype]
         self.batch_size = settings.batch_size or default_batch_size(self.device)
         self.num_workers = default_num_workers(self.device) if settings.num_workers is None else settings.num_workers
         self.lock = OutputLock(settings.output_dir)
         self.signals = StopSignals()
         self.plan = Plan()
         self.progress = None  # the bar, on the main process
-        self.tally = Tally()
-        self.preprocess = self.encoder = self.copies = None
-        self.rows = self.batch_size  # images per forward pass: halved on each out-of-memory error
+        self.tally = Tally(self.team)
+        self.preprocess = self.encoder = self.copies = self.batches = None
         self.where = f"process {self.team.rank} on {socket.gethostname()}: " if self.team.world_size > 1 else ""
         self.watchdog = Watchdog(settings.stall_timeout, self.give_up, where=self.where,
                                  reacted=lambda: self.signals.signum is not None)
-        self._once = threading.Lock()  # the main thread and the watchdog's: counts and the record go once
-        self._counted = self._recorded = False
-        self._publishing = threading.Lock()
+        self._once = threading.Lock()  # the main thread and the watchdog's: the record goes once
+        self._recorded = False
         self.gone = []  # the peers the end wait gave up on
 
     # ----------------------------------------------------------------------------- the steps, in order
@@ -164,7 +114,7 @@ class Extraction:
         self.say_plan()
         self.progress = Progress(len(self.plan.todo)) if self.team.is_main else None
         status = exits.OK
-        self.team.start_heartbeat(on_beat=lambda: self.publish_progress(self.progress))
+        self.team.start_heartbeat(on_beat=lambda: self.tally.publish(self.progress))
         try:
             if self.plan.todo:
                 self.load_stages()
@@ -198,6 +148,7 @@ class Extraction:
         else:
             plan = Plan()  # the others read the main process's; its image processor's module is imported above
         self.plan = plan = team.share("plan", plan)
+        self.tally.todo = len(plan.todo)
         if plan.error:
             if team.is_main:
                 log(f"error: {plan.error}")
@@ -225,7 +176,8 @@ class Extraction:
             log(warning)
 
     def load_stages(self):
-        """The processor, the model on the device, the writer's threads and the device-to-host copies."""
+        """The processor, the model on the device, the writer's threads, the device-to-host copies and the
+        batches' way from pixels to the writer."""
         settings, progress = self.settings, self.progress
         self.preprocess = Preprocess(self.plan.processor, flip=settings.flip)
         self.encoder = Encoder(self.plan.model_info, self.preprocess.normaliser(self.device), self.device,
@@ -235,6 +187,8 @@ class Extraction:
                                                fsync=settings.fsync)
         self.copies = self.stages.copies(self.encoder.device, self.batch_size)
         self.copies.holder_alive = self.tally.writer.check_alive  # a wait for a buffer ends with the writer
+        self.batches = Batches(self.encoder, self.copies, self.tally, settings, self.batch_size, self.signals,
+                               self.record_failure, self.note)
         self.tally.encoding_started = time.monotonic()
 
     def encode_share(self):
@@ -253,80 +207,13 @@ class Extraction:
                 self.record_failure(todo[index], message)
                 tally.unreadable += 1
             if pixels is not None:
-                self.encode_batch([todo[i] for i in indices.tolist()], pixels)
+                self.batches.encode([todo[i] for i in indices.tolist()], pixels)
             self.watchdog.beat()
             if self.signals.signum is not None:
                 team.request_stop()
                 return
             if tally.peer_stopped:
                 return
-
-    def encode_batch(self, images, pixels):
-        """Encode and pool the batch of `images` in forward passes of at most `self.rows` images, handing
-        each pass's pyramids to the writer. Out of memory, the pass is retried in halves and the run goes
-        on at the smaller size, said once; an image that does not fit alone is a recorded failure.
-        (accelerate's find_executable_batch_size reruns a whole function from its start at 0.9 times the
-        size: here that would drop the chunks this process has claimed and the batches in flight; its
-        release_memory and OOM test are used.)"""
-        parts = 2 if self.settings.flip else 1
-        count, start = len(images), 0
-        while start < count:
-            rows = min(self.rows, count - start)
-            out_of_memory = None
-            try:
-                levels, finite = self.compute(twin_rows(pixels, parts, count, start, rows))
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-                out_of_memory = f"{type(error).__name__}: {first_line(error)[:300]}"
-            if out_of_memory is None:
-                self.hand_over(images[start:start + rows], levels, finite)
-                start += rows
-                continue
-            # Outside the except block: its traceback no longer holds the failed pass's tensors.
-            levels = finite = None
-            release_memory()  # gc, then the device's cache back to the driver (accelerate)
-            if rows == 1:
-                self.record_failure(images[start], f"out of {self.memory_name()} even alone (batch 1), computed "
-                                                   f"in {DTYPE_NAMES[self.encoder.dtype]}: {out_of_memory}; it needs "
-                                                   f"a device with more free memory")
-                self.tally.too_large += 1
-                start += 1
-                continue
-            self.rows = rows // 2
-            self.encoder.reset_padding()  # --compile pads to the longest batch seen: not past the new size
-            self.note(f"out of {self.memory_name()} at batch {rows}; going on at batch {self.rows}")
-
-    def compute(self, pixels):
-        """One forward pass: the levels {"16x16": (B, 256, D), ...} on the device, rounded into the files' dtype,
-        and the (B, 2 * parts) finite flags (as computed, then as stored)."""
-        parts = 2 if self.settings.flip else 1
-        levels = build_pyramid(self.encoder(pixels), self.encoder.info.grid_size)  # {"16x16": (B, 256, D), ...}
-        # Checked on the device and read by the writer once the copy is there: the loop never waits.
-        finite = finite_images(levels)  # (parts * B,) bool: the fp32 values
-        # Rounded once into the files' dtype on the device: a 2-byte dtype halves the copy to the host.
-        levels = stored_levels(levels, self.store_dtype)
-        fits = finite if self.store_dtype == torch.float32 else representable_images(levels)
-        # (B, 2 * parts) bool: image, mirror computed finite; then image, mirror still finite once stored
-        finite = torch.stack([finite, fits]).view(2 * parts, -1).T.contiguous()
-        if parts == 2:  # one forward pass of the B images and their B mirrors
-            levels = split_twins(levels)  # {"16x16": (B, 256, D), ..., "flip/16x16": (B, 256, D), ...}
-        return levels, finite
-
-    def hand_over(self, images, levels, finite):
-        """Copy the pyramids of `images` to the host on the side, while the next pass computes, and queue
-        them for the writer, which waits for the copy, not us."""
-        host, ready, release = self.copies.start({**levels, FINITE_KEY: finite})
-        finite = host.pop(FINITE_KEY)
-        outputs = [output_path_for(image) for image in images]
-        with self.signals.deferred():  # a queue hand-over: no StopNow inside it (stopping.py)
-            self.tally.writer.submit_batch(outputs, host, ready=ready, release=release, finite=finite,
-                                           on_non_finite=functools.partial(self.report_non_finite, images),
-                                           on_unwritable=functools.partial(self.report_unwritable,
-                                                                           dict(zip(outputs, images))))
-
-    def memory_name(self):
-        return "GPU memory" if self.device.type == "cuda" else "memory"
 
     def finish(self, status):
         """Wait for the writer's last files, add this process's counts to the team's, wait (a while) for
@@ -335,14 +222,14 @@ class Extraction:
         status = self.close_writer(status)
         self.watchdog.pause()  # waiting for the others has bounds of its own
         team.stop_heartbeat()
-        self.count_into_team(write_error=status == exits.WRITE_ERROR)
-        self.count_into_record()
+        self.tally.add_to_team(write_error=status == exits.WRITE_ERROR)
+        self.tally.into_record(self.record, self.plan.skipped)
         # A second Ctrl-C waits for nobody: the launcher, or the user, is ending the run now. A peer that
         # finishes no batch for longer than its own --stall_timeout would have allowed it is stuck.
         gone = [] if self.signals.at_once else team.finish(
             on_wait=self.update_bar, stopping=lambda: self.signals.signum is not None,
             idle_after=self.settings.stall_timeout + BACKSTOP_SECONDS)
-        self.count_into_record()  # now with every process's counts
+        self.tally.into_record(self.record, self.plan.skipped)  # now with every process's counts
         if gone and team.is_main:
             self.gone = gone
             log(f"warning: process(es) {gone} stopped answering; their share may be unfinished, "
@@ -358,7 +245,7 @@ class Extraction:
         team, tally = self.team, self.tally
         stopped = self.signals.signum is not None or tally.peer_stopped or team.stop_requested()
         # A stop that came after the last image was done stopped nothing: the run is complete.
-        stopped = stopped and not self.all_done()
+        stopped = stopped and not tally.all_done()
         if stopped and status == exits.OK:
             status = exits.BY_SIGNAL.get(self.signals.signum, exits.BY_SIGNAL[signal.SIGTERM])
         if not team.is_main:
@@ -366,7 +253,7 @@ class Extraction:
         if status == exits.OK and team.add("write_errors", 0):
             status = exits.WRITE_ERROR  # another process said which file it could not write
         errors = team.posts("errors")
-        undone = self.undone()
+        undone = tally.undone()
         if errors and status not in (exits.USAGE, exits.WRITE_ERROR):
             status = exits.INCOMPLETE  # a process failed: the launcher's SIGTERM to this one is its echo
             self.record["error"] = errors[0]
@@ -386,7 +273,7 @@ class Extraction:
         team, tally = self.team, self.tally
         finished = time.monotonic()
         encoding_seconds = finished - (tally.encoding_started or finished)
-        undone = self.undone()
+        undone = tally.undone()
         print_summary(team.add("written", 0), self.plan.skipped, team.add("failed", 0), finished - self.started,
                        encoding_seconds, Path(self.settings.output_dir) / FAILURES_NAME, undone,
                        self.record["per_process"])
@@ -431,8 +318,8 @@ class Extraction:
         """Post this process's counts and `line` (an error, or else a note) to the team, and say it is
         finished: nobody waits for it."""
         try:
-            self.publish_progress(None)
-            self.count_into_team()
+            self.tally.publish()
+            self.tally.add_to_team()
             self.team.post("errors" if error else "notes", line)
         except Exception:  # the store is gone with the main process: nobody is left to read it
             pass
@@ -441,7 +328,7 @@ class Extraction:
             self.record.setdefault("error", line)
         else:  # kept where the store is gone; else the notes read back from the team include it
             self.record["notes"] = [*self.record.get("notes", []), line]
-        self.count_into_record()
+        self.tally.into_record(self.record, self.plan.skipped)
 
     def note(self, text):
         """A change the run made to go on (a smaller batch): said by this process, recorded by the main one."""
@@ -450,25 +337,6 @@ class Extraction:
             self.team.post("notes", f"{self.where}{text}")
         except Exception:
             pass
-
-    def undone(self):
-        """Images of the to-do list neither written nor recorded failures, by every process's counts."""
-        try:
-            return max(0, len(self.plan.todo) - self.team.add("written", 0) - self.team.add("failed", 0))
-        except Exception:
-            return len(self.plan.todo)
-
-    def count_into_team(self, write_error=False):
-        """Add this process's counts to the team's, once (the main thread or the watchdog's)."""
-        with self._once:
-            if self._counted:
-                return
-            self._counted = True
-        self.publish_progress(None)
-        self.team.add("written", self.tally.written)
-        self.team.add("failed", self.tally.failed)
-        if write_error:
-            self.team.add("write_errors")
 
     def record_run(self):
         """The main process appends the run's line to runs.jsonl, once; a process refused with the others
@@ -509,16 +377,6 @@ class Extraction:
         record_failure(self.settings.output_dir, image, message)
         log(f"failed: {image}: {message}", self.progress)
 
-    def report_non_finite(self, images, position, flags):
-        """The writer's call for an image of `images` whose features came out non-finite (on its thread)."""
-        self.record_failure(images[position], non_finite_message(DTYPE_NAMES[self.encoder.dtype], flags,
-                                                                 self.settings.store_dtype))
-
-    def report_unwritable(self, images, relative_output, why):
-        """The writer's call for a file it could not write for a reason of its own (on its thread);
-        `images`: {relative output: image} of the batch."""
-        self.record_failure(images[relative_output], why)
-
     def close_writer(self, status):
         """Wait for the writer's last files; a write error turns a clean status into exits.WRITE_ERROR."""
         writer = self.tally.writer
@@ -536,42 +394,9 @@ class Extraction:
                 return exits.WRITE_ERROR
         return status
 
-    def publish_progress(self, progress):
-        """Add this process's newly done images to the team's count; redraw `progress` on main; see peers' stop."""
-        team, tally = self.team, self.tally
-        with self._publishing:  # the heartbeat's thread, the main one and the watchdog's
-            done = tally.done
-            if done != tally.published:
-                team.add("done", done - tally.published)
-                team.add(f"done/{team.rank}", done - tally.published)
-                tally.published = done
-        if progress is not None:
-            progress.update(team.add("done", 0))
-        if team.world_size > 1 and team.stop_requested():
-            tally.peer_stopped = True
-
     def update_bar(self):
         if self.progress is not None:
             self.progress.update(self.team.add("done", 0))
-
-    def count_into_record(self):
-        if self.team.is_main:
-            team = self.team
-            try:
-                self.record.update(written=team.add("written", 0), skipped=self.plan.skipped,
-                                   failed=team.add("failed", 0),
-                                   per_process=[team.add(f"done/{rank}", 0) for rank in range(team.world_size)])
-                if notes := team.posts("notes"):
-                    self.record["notes"] = notes
-            except Exception:  # the store is gone: the counts taken before stand
-                pass
-
-    def all_done(self):
-        """True when the processes wrote or recorded as failed every image of the to-do list."""
-        try:
-            return self.team.add("written", 0) + self.team.add("failed", 0) >= len(self.plan.todo)
-        except Exception:  # the store is gone with the main process: nothing says the work is complete
-            return False
 
     def append_record(self):
         """Append this run's line to runs.jsonl where the output directory exists; a warning if it cannot."""
@@ -584,30 +409,3 @@ class Extraction:
         except OSError as error:
             if self.record["status"] != exits.USAGE:  # a refusal (an unwritable directory, say) has said its line
                 log(f"warning: cannot append this run to {Path(output_dir) / RUNS_NAME}: {error}")
-
-
-DTYPE_NAMES = {value: name for name, value in DTYPES.items()}  # torch.float16 -> "fp16"
-STORE_RANGE = {name: torch.finfo(dtype).max for name, dtype in DTYPES.items()}  # the largest finite value of each
-
-
-def non_finite_message(dtype, flags, store_dtype="fp32"):
-    """The failures.jsonl error of an image whose features came out NaN or inf, computed in `dtype` or once
-    rounded into `store_dtype`: what happened and what to try. `flags` are its parts' finite flags as computed,
-    then as stored: [image, image stored] or, with --flip, [image, mirror, image stored, mirror stored]."""
-    half = len(flags) // 2
-    names = ("the image", "its mirror (--flip)")
-    if all(flags[:half]):  # finite in fp32, beyond the range of the files' dtype
-        parts = [name for name, finite in zip(names, flags[half:]) if not finite]
-        larger = [name for name in ("bf16", "fp32") if STORE_RANGE[name] > STORE_RANGE[store_dtype]]
-        return (f"features of {' and '.join(parts)} beyond the range of --store_dtype {store_dtype} (|x| > "
-                f"{STORE_RANGE[store_dtype]:.6g}): finite in fp32, inf once stored; no file written: store this "
-                f"tree in {' or '.join(larger)} (--store_dtype {larger[0]} with another --output_dir, or with "
-                f"--overwrite)")
-    parts = [name for name, finite in zip(names, flags[:half]) if not finite]
-    what = f"non-finite features (NaN or inf) for {' and '.join(parts)}, computed in {dtype}; no file written: "
-    if dtype == "fp16":
-        return what + "most likely an fp16 overflow, rerun with --dtype bf16 or --dtype fp32"
-    if dtype == "bf16":
-        return what + "rerun with --dtype fp32"
-    return what + ("a sound checkpoint does not do that in fp32, so the weights of --model are likely broken "
-                   "(NaN or inf values, a damaged download): check them or download them again")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import run_cli, save_tiny_dinov2, write_images
 from faulty_forward import faulty
-from pyramid.loop import non_finite_message
+from pyramid.batches import non_finite_message
 from pyramid.plan import default_batch_size, default_num_workers, prune_failures
 from pyramid.tree import FAILURES_NAME
 from pyramid.writer import record_failure
@@ -193,23 +193,6 @@ def test_a_model_that_is_nan_everywhere_writes_no_file(tmp_path, tiny_model):
     assert last_run(tmp_path / "out")["failed"] == 5
 
 
-def test_non_finite_message_names_the_part_and_the_dtype_to_try():
-    assert non_finite_message("bf16", [True, False, True, False]) == (
-        "non-finite features (NaN or inf) for its mirror (--flip), computed in bf16; no file written: "
-        "rerun with --dtype fp32")
-    assert non_finite_message("fp16", [False, False, False, False]).startswith(
-        "non-finite features (NaN or inf) for the image and its mirror (--flip), computed in fp16")
-    # Finite as computed, beyond the range of the files' dtype once rounded into it
-    assert non_finite_message("fp32", [True, False], "fp16") == (
-        "features of the image beyond the range of --store_dtype fp16 (|x| > 65504): finite in fp32, inf once "
-        "stored; no file written: store this tree in bf16 or fp32 (--store_dtype bf16 with another --output_dir, "
-        "or with --overwrite)")
-    assert non_finite_message("bf16", [True, True, True, False], "bf16").startswith(
-        "features of its mirror (--flip) beyond the range of --store_dtype bf16 (|x| > 3.38953e+38)")
-    assert non_finite_message("bf16", [True, True, True, False], "bf16").endswith(
-        "store this tree in fp32 (--store_dtype fp32 with another --output_dir, or with --overwrite)")
-
-
 def test_shared_memory_the_decode_workers_need():
     from pyramid.plan import shared_memory_needed, shared_memory_warning
 
@@ -254,62 +237,6 @@ def faulty_model(monkeypatch):
         monkeypatch.setattr(Dinov2Model, "forward", faulty(Dinov2Model.forward, **faults))
 
     return put_in
-
-
-def test_out_of_memory_halves_the_batch_and_writes_the_files_of_the_smaller_batch(tmp_path, tiny_model,
-                                                                                   faulty_model, capsys):
-    write_images(tmp_path / "in", 10)
-    assert extract_in_process(tmp_path / "in", tmp_path / "batch2", tiny_model, "--batch_size", 2) == 0
-    faulty_model(oom_above=2)
-    capsys.readouterr()
-    assert extract_in_process(tmp_path / "in", tmp_path / "out", tiny_model, "--batch_size", 8) == 0
-    stderr = capsys.readouterr().err
-    notes = [line for line in stderr.splitlines() if line.startswith("note:")]
-    assert notes == ["note: out of memory at batch 8; going on at batch 4",
-                     "note: out of memory at batch 4; going on at batch 2"], stderr
-    assert summary_line(stderr).startswith("done: 10 written, 0 skipped (already there), 0 failed in ")
-    record = last_run(tmp_path / "out")
-    assert (record["status"], record["written"]) == (0, 10)
-    assert record["notes"] == [line[len("note: "):] for line in notes]
-    # The files of a run at batch 2, value for value: the same images in each forward pass.
-    expected, got = file_values(tmp_path / "batch2"), file_values(tmp_path / "out")
-    assert sorted(got) == sorted(expected) and len(got) == 10
-    for name in expected:
-        assert all(torch.equal(got[name][key], expected[name][key]) for key in expected[name]), name
-
-
-def test_an_image_too_large_even_alone_is_a_recorded_failure_and_its_mirror_stays_its_own(tmp_path, tiny_model,
-                                                                                         monkeypatch, capsys):
-    """With --flip a pass holds the images and then their mirrors: a smaller pass must keep each pair."""
-    from transformers.models.dinov2.modeling_dinov2 import Dinov2Model
-
-    paths = write_images(tmp_path / "in", 6)
-    Image.new("RGB", (64, 48), "white").save(paths[2])  # the image that needs "too much memory"
-    assert extract_in_process(tmp_path / "in", tmp_path / "clean", tiny_model, "--batch_size", 4, "--flip") == 0
-    forward = Dinov2Model.forward
-
-    def out_of_memory_with_the_white_image(self, pixel_values=None, **kwargs):
-        if (pixel_values.mean(dim=(1, 2, 3)) > 1.5).any():  # white, normalised: about 2.2 on every channel
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
-        return forward(self, pixel_values=pixel_values, **kwargs)
-
-    monkeypatch.setattr(Dinov2Model, "forward", out_of_memory_with_the_white_image)
-    capsys.readouterr()
-    assert extract_in_process(tmp_path / "in", tmp_path / "out", tiny_model, "--batch_size", 4, "--flip") == 3
-    stderr = capsys.readouterr().err
-    assert [line for line in stderr.splitlines() if line.startswith("note:")] == [
-        "note: out of memory at batch 4; going on at batch 2", "note: out of memory at batch 2; going on at batch 1"]
-    failure, = failures(tmp_path / "out")
-    assert failure["path"] == "00002.png"
-    assert failure["error"].startswith("out of memory even alone (batch 1), computed in fp32: OutOfMemoryError: "
-                                       "CUDA out of memory. Tried to allocate 80.00 GiB")
-    assert summary_line(stderr).startswith("done: 5 written, 0 skipped (already there), 1 failed in ")
-    expected, got = file_values(tmp_path / "clean"), file_values(tmp_path / "out")
-    assert sorted(got) == sorted(set(expected) - {"00002.pt"})
-    for name in got:
-        assert sorted(got[name]) == sorted(expected[name])
-        for key in expected[name]:
-            assert torch.allclose(got[name][key], expected[name][key], atol=1e-5), (name, key)
 
 
 def test_an_error_is_said_recorded_and_never_reported_done_and_a_rerun_finishes(tmp_path, tiny_model,
