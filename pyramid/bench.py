@@ -14,57 +14,32 @@ that the peers ship; with --table the whole GPU table (docs/gpu.md).
 import json
 import math
 import os
-import platform
 import re
-import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pyramid import exits, random_models
+from pyramid import exits, synthetic
 from pyramid.cli import LazyModule, argument_parser, command_name, refusals_exit_2
 from pyramid.exits import UsageError
-from pyramid.levels import build_pyramid, pyramid_sizes, split_pyramids, strip_special_tokens
+from pyramid.levels import build_pyramid, split_pyramids, strip_special_tokens
 from pyramid.paths import find_images
-from pyramid.plan import default_batch_size, default_num_workers, shared_memory_needed, shared_memory_warning
-from pyramid.prepare import to_png
-from pyramid.random_models import RANDOM_SIZES
-from pyramid.team import usable_cpus, usable_memory
-from pyramid.writer import SERIALISERS, Writer, checked_layout, default_writer_threads
+from pyramid.plan import default_batch_size, default_num_workers
+from pyramid.synthetic import RANDOM_SIZES, write_synthetic_faces
+from pyramid.team import usable_cpus
+from pyramid.writebench import measure_write, write_levers, write_regime
+from pyramid.writer import default_writer_threads
 
 # Loaded by the first measurement, so --help and bad arguments answer at once.
-np = LazyModule("numpy")
 torch = LazyModule("torch")
 
 # The end-to-end child: a run that has not ended after this long is killed (the extractor's own
 # --stall_timeout ends a stuck one long before), and its pipes read for this long once it has ended.
 CHILD_TIMEOUT = 6 * 3600
 PIPE_DRAIN_SECONDS = 10.0
-
-# Shipped in the package (pyproject's package-data), so the bench runs from an installed wheel too.
-PHOTO = Path(__file__).resolve().parent / "data" / "astronaut.png"
-
-def write_synthetic_faces(directory, count, side=1024, seed=0):
-    """`count` real-looking side x side PNGs: the bundled face photograph, resized, flipped, rotated
-    and recoloured at random. Real photographs compress (and decode) unlike noise does."""
-    from PIL import Image, ImageEnhance
-
-    rng = np.random.default_rng(seed)
-    photo = Image.open(PHOTO).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        image = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else photo
-        image = ImageEnhance.Color(image).enhance(0.5 + rng.random())
-        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-        image = image.rotate(float(rng.uniform(-10, 10)), resample=Image.Resampling.BICUBIC, fillcolor=fill)
-        image.save(directory / f"{i:05d}.png")
-    return directory
 
 
 def measure_decode(input_dir, names, preprocess, batch_size, num_workers):
@@ -97,154 +72,6 @@ def measure_model(encoder, batch_size, count):
     # round trip between them.
     next(iter(levels.values())).sum().item()
     return batches * batch_size / (time.perf_counter() - started)
-
-
-def measure_write(output_dir, hidden_size, grid_size, batch_size, count, threads, serialise="layout", sync=False):
-    """Files/s and MB/s of the run's Writer alone: ready CPU fp32 batches split into files on the disk
-    of `output_dir` (in a temporary directory inside it, removed after). With `sync` the clock stops
-    only once the files are on the disk (os.sync): the disk's pace, not the page cache's. Returns
-    (files/s, MB/s, the serialiser the files were made by: "layout" or "torch.save")."""
-
-    levels = build_pyramid(torch.randn(batch_size, grid_size * grid_size, hidden_size), grid_size)
-    directory = Path(tempfile.mkdtemp(prefix="pyramid-write-bound-", dir=output_dir))
-    try:
-        writer = Writer(directory, threads=threads, serialise=serialise)
-        batches = max(1, math.ceil(count / batch_size))
-        started = time.perf_counter()
-        for batch in range(batches):
-            writer.submit_batch([f"{batch * batch_size + i:06d}.pt" for i in range(batch_size)], levels)
-        writer.close()
-        if sync:
-            os.sync()
-        seconds = time.perf_counter() - started
-        file_bytes = (directory / "000000.pt").stat().st_size
-    finally:
-        subprocess.run(["rm", "-rf", str(directory)], check=False)
-    files = batches * batch_size
-    by_layout = writer.layouts and all(layout is not None for layout in writer.layouts.values())
-    used = "layout" if by_layout else "torch.save"
-    return files / seconds, files * file_bytes / seconds / 1e6, used
-
-
-def measure_writer_gil(output_dir, hidden_size, grid_size, batch_size, serialise, rounds=5):
-    """Milliseconds per file for which one writer thread keeps the other Python threads (the run loop) from
-    running: a thread beside it wants the GIL all the time, and the time it spends blocked (neither running
-    nor waiting for a core: /proc's schedstat tells those apart, so other jobs on the machine do not count)
-    while the writer writes `batch_size` files, less what it spends blocked while the writer idles, is the
-    writer's GIL. The median of `rounds`; None where /proc has no schedstat."""
-
-    levels = build_pyramid(torch.randn(batch_size, grid_size * grid_size, hidden_size), grid_size)
-    directory = Path(tempfile.mkdtemp(prefix="pyramid-write-gil-", dir=output_dir))
-    stop, ident = threading.Event(), []
-
-    def want_the_gil():
-        ident.append(threading.get_native_id())
-        while not stop.is_set():
-            pass
-
-    def blocked_during(work):
-        """Seconds the GIL-wanting thread was blocked while `work()` ran, and the seconds it ran."""
-        schedstat = Path(f"/proc/self/task/{ident[0]}/schedstat")
-        on_cpu, waiting = map(int, schedstat.read_text().split()[:2])
-        started = time.perf_counter()
-        work()
-        seconds = time.perf_counter() - started
-        on_cpu_after, waiting_after = map(int, schedstat.read_text().split()[:2])
-        return seconds - (on_cpu_after - on_cpu + waiting_after - waiting) / 1e9, seconds
-
-    wanting = threading.Thread(target=want_the_gil, daemon=True)
-    wanting.start()
-    held = []
-    try:
-        while not ident:
-            time.sleep(0.001)
-        if not Path(f"/proc/self/task/{ident[0]}/schedstat").exists():
-            return None
-        for number in range(rounds + 1):  # the first round makes the layout and warms the page cache
-            idle_blocked, idle_seconds = blocked_during(lambda: time.sleep(0.05))
-            writer = Writer(directory / str(number), threads=1, serialise=serialise)
-
-            def write(writer=writer):
-                writer.submit_batch([f"{i:06d}.pt" for i in range(batch_size)], levels)
-                writer.close()
-
-            blocked, seconds = blocked_during(write)
-            if number:
-                held.append(max(0.0, blocked - idle_blocked / idle_seconds * seconds) / batch_size * 1e3)
-    finally:
-        stop.set()
-        wanting.join()
-        subprocess.run(["rm", "-rf", str(directory)], check=False)
-    return statistics.median(held)
-
-
-def write_levers(output_dir, hidden_size, grid_size, batch_size, count, thread_counts, rounds=1):
-    """The write bound per serialiser (the run's ArchiveLayout, and torch.save as before it) and writer thread
-    count, and the GIL each serialiser holds per file, in `rounds` interleaved rounds (medians)::
-
-        {"files_per_second": {"layout": {"1": ..., "2": ...}, "torch.save": {...}},
-         "gil_ms_per_file": {"layout": ..., "torch.save": ...}, "serialiser": "layout", "regime": "page cache"}
-    """
-
-    rates = {serialise: {str(threads): [] for threads in thread_counts} for serialise in SERIALISERS}
-    gil = {serialise: [] for serialise in SERIALISERS}
-    used = set()
-    for _ in range(rounds):
-        for serialise in SERIALISERS:
-            for threads in thread_counts:
-                rate, megabytes, made_by = measure_write(output_dir, hidden_size, grid_size, batch_size, count,
-                                                         threads, serialise)
-                rates[serialise][str(threads)].append(rate)
-                if serialise == "layout":
-                    used.add(made_by)
-            gil[serialise].append(measure_writer_gil(output_dir, hidden_size, grid_size, batch_size, serialise,
-                                                     rounds=3))
-    file_bytes = megabytes / rate * 1e6
-    return {"files_per_second": {serialise: {threads: statistics.median(values) for threads, values in per.items()}
-                                 for serialise, per in rates.items()},
-            "gil_ms_per_file": {serialise: None if None in values else statistics.median(values)
-                                for serialise, values in gil.items()},
-            "serialiser": "layout" if used == {"layout"} else "torch.save",
-            "regime": write_regime(output_dir, count * file_bytes), "files": count, "rounds": rounds}
-
-
-def write_regime(directory, written_bytes):
-    """Where `written_bytes` written into `directory` went: "memory (tmpfs)"; "page cache" while they
-    stay under the kernel's dirty limits (no writer waited for the disk); else "disk" (past them the
-    kernel holds writers to the disk's pace)."""
-    if _filesystem_type(directory) in ("tmpfs", "ramfs"):
-        return "memory (tmpfs)"
-    limit = dirty_limit_bytes()
-    return "page cache" if limit is None or written_bytes < limit else "disk"
-
-
-def dirty_limit_bytes():
-    """The dirty page cache (bytes) a writer may fill before Linux slows it to the disk's pace: halfway
-    between the background and the hard dirty thresholds, of the memory available to this process (within
-    its cgroups' limits, as the kernel counts them per cgroup); None off Linux."""
-    try:
-        settings = {name: int(Path(f"/proc/sys/vm/{name}").read_text()) for name in
-                    ("dirty_bytes", "dirty_ratio", "dirty_background_bytes", "dirty_background_ratio")}
-    except (OSError, ValueError):
-        return None
-    available = usable_memory()
-    if available is None:
-        return None
-    hard = settings["dirty_bytes"] or available * settings["dirty_ratio"] // 100
-    background = settings["dirty_background_bytes"] or available * settings["dirty_background_ratio"] // 100
-    return (hard + background) // 2
-
-
-def _filesystem_type(directory):
-    """The type of the filesystem `directory` is on, from /proc/mounts ("ext4", "tmpfs", ...); None if unknown."""
-    try:
-        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return None
-    path = os.path.realpath(directory)
-    best = max((point for point in mounts if path == point[0] or path.startswith(point[0].rstrip("/") + "/")),
-               key=lambda point: len(point[0]), default=None)
-    return best[1] if best else None
 
 
 def measure_end_to_end(model, input_dir, limit, batch_size, num_workers, dtype, output_parent=None,
@@ -449,6 +276,9 @@ def ideal_rate(model_rate, decode_rate, device, write_rate=None):
     return 1 / (1 / model_rate + 1 / decode_rate)
 
 
+FAMILY_NAMES = {"dinov2": "DINOv2", "dinov3": "DINOv3"}
+
+
 def save_random_model(args):
     """--save_random_model DIR: the model, a line saying what it is, exit 0; or a refusal, exit 2."""
     directory = args.save_random_model
@@ -458,7 +288,7 @@ def save_random_model(args):
         raise UsageError(f"--save_random_model {directory} exists and is not an empty directory; name a new one")
     size = args.random or "base"
     hidden_size, layers, heads = RANDOM_SIZES[size]
-    random_models.save_random_model(directory, args.family, size)
+    synthetic.save_random_model(directory, args.family, size)
     print(f"saved a random-weight {FAMILY_NAMES[args.family]} ({size}: hidden size {hidden_size}, {layers} layers, "
           f"{heads} heads) to {directory}; pass --model {directory} to the tools (its features are noise: for "
           f"trials, not training)")
@@ -475,17 +305,23 @@ def main(args):
         return reader_main(args)
     check_args(args)
     if args.preflight:
+        from pyramid.preflight import run_preflight
+
         return run_preflight(args)
     if args.models:
+        from pyramid.gputable import run_models
+
         return run_models(args)
     if args.table:
+        from pyramid.gputable import run_table
+
         return run_table(args)
     from pyramid.decode import Preprocess
     from pyramid.encoder import Encoder, load_model_info
 
     with tempfile.TemporaryDirectory(prefix="pyramid-bench-") as scratch:
-        model = args.model or random_models.save_random_model(Path(scratch) / f"random-{args.random}", args.family,
-                                                              args.random)
+        model = args.model or synthetic.save_random_model(Path(scratch) / f"random-{args.random}", args.family,
+                                                          args.random)
         input_dir = args.input_dir or write_synthetic_faces(Path(scratch) / "images", args.synthetic)
         names = find_images(input_dir)[:args.limit]
         if not names:
@@ -532,66 +368,6 @@ def main(args):
     return exits.OK
 
 
-# The table's inputs: (label, side); 256 is what `prepare --resolution 256` makes of a 1024x1024 image.
-TABLE_INPUTS = (("1024x1024 PNG", 1024), ("256x256 PNG", 256))
-# Images per input in the table: seconds of steady state on one GPU (1024x1024 decodes at ~500/s on 16 cores,
-# 256x256 at several thousand), within the report's time (docs/gpu.md) and ~14 GB of disk at the most
-# (the 256x256 run's 1 MB files, removed after each row); --quick: a check that it runs.
-TABLE_IMAGES = {"cuda": {1024: 3072, 256: 12288}, "cpu": {1024: 64, 256: 128}, "quick": {1024: 8, 256: 16}}
-TABLE_UNIQUE = {"full": 32, "quick": 2}
-# The write figures of the table: files per write bound, and those written then synced for the disk's pace.
-TABLE_WRITES = {"cuda": (3072, 1024), "cpu": (256, 128), "quick": (64, 32)}
-TABLE_WRITE_THREADS = (1, 2, 4)
-
-
-def write_table_inputs(directory, side, count, unique, seed=0):
-    """`count` PNGs in `directory`: `unique` synthetic faces at 1024x1024, brought to `side` by
-    prepare's own resize (shortest edge, bicubic), then hard-linked (copied where links fail)
-    under new names up to `count`. Decoding a link costs what decoding a distinct file costs."""
-
-    sources = write_synthetic_faces(Path(directory).with_name(Path(directory).name + "-unique"), unique, seed=seed)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    originals = []
-    for i, source in enumerate(sorted(sources.iterdir())):
-        target = directory / f"{i:05d}.png"
-        data = source.read_bytes()
-        target.write_bytes(data if side == 1024 else to_png(data, side))
-        originals.append(target)
-    for i in range(unique, count):
-        target = directory / f"{i:05d}.png"
-        try:
-            os.link(originals[i % unique], target)
-        except OSError:
-            target.write_bytes(originals[i % unique].read_bytes())
-    return directory
-
-
-def measure_fidelity(info, preprocess, input_dir, names, device, dtypes=("fp16", "bf16")):
-    """Per dtype and level, the smallest cosine similarity over images and patch vectors between the
-    pyramid computed in that dtype and the one computed in fp32, on the same pixels, on `device`.
-
-    {"fp16": {"16x16": 0.99999, ...}, ...}; a dtype the device cannot compute in is left out."""
-    from pyramid.decode import load_rgb
-    from pyramid.encoder import Encoder
-
-    pixels = torch.stack([preprocess(load_rgb(Path(input_dir) / name)) for name in names])  # (N, 3, H, W) uint8
-    pyramids = {}
-    for dtype in ("fp32", *dtypes):
-        try:
-            encoder = Encoder(info, preprocess.normaliser(device), device, dtype)
-            pyramids[dtype] = {key: value.cpu() for key, value in
-                               build_pyramid(encoder(pixels), info.grid_size).items()}  # {"16x16": (N, 256, D)}
-        except RuntimeError:  # e.g. bf16 on a GPU without it
-            continue
-        finally:
-            encoder = None
-    return {dtype: {key: torch.nn.functional.cosine_similarity(pyramid[key], pyramids["fp32"][key],
-                                                               dim=-1).min().item()
-                    for key in pyramid}
-            for dtype, pyramid in pyramids.items() if dtype != "fp32"}
-
-
 def run_settings(args):
     """(device, dtype, batch size, decode workers) of a run here with `args`: the extractor's own choices
     (pyramid.plan, pyramid.encoder) where the command line leaves them out."""
@@ -602,331 +378,8 @@ def run_settings(args):
             default_num_workers(device) if args.num_workers is None else args.num_workers)
 
 
-def bound_name(rates):
-    """The name of the smallest of {"decode": ..., "model": ..., "write": ...}."""
-    return min(rates, key=rates.get)
-
-
-def run_table(args):
-    """The GPU table: every bound and the end-to-end run per input size and batch size, the write levers
-    (serialiser, threads, page cache or disk) and, with --compile, the compiled model bound; one command."""
-    from pyramid.decode import Preprocess
-    from pyramid.encoder import Encoder, attention_kernel, load_model_info
-
-    device, dtype, _, num_workers = run_settings(args)  # the table's batch sizes: --batch_sizes
-    size = "quick" if args.quick else device.type if device.type in TABLE_IMAGES else "cpu"
-    counts = TABLE_IMAGES[size]
-    write_count, sync_count = TABLE_WRITES[size]
-    batch_sizes = args.batch_sizes or ([64, 256] if device.type == "cuda" else [16])
-    threads = default_writer_threads()
-    with tempfile.TemporaryDirectory(prefix="pyramid-table-") as scratch:
-        scratch = Path(scratch)
-        random_size = args.random or ("base" if args.model is None else None)
-        model = args.model or random_models.save_random_model(scratch / f"random-{random_size}", args.family,
-                                                              random_size)
-        info, processor = load_model_info(model)
-        preprocess = Preprocess(processor)
-        write_dir = args.output_dir or scratch
-        problem = disk_shortfall(write_dir, counts[256] * pyramid_file_bytes(info))
-        if problem:
-            raise UsageError(problem)
-        figures = {"device": str(device), "device_name": device_name(device), "cpus": usable_cpus(),
-                   "model": str(args.model or f"random {random_size}"), "dtype": dtype,
-                   "num_workers": num_workers, "write_threads": threads, "write_dir": str(write_dir),
-                   "dirty_limit_gb": (dirty_limit_bytes() or 0) / 1e9, "rows": []}
-
-        encoder = Encoder(info, preprocess.normaliser(device), device, dtype)
-        figures["attention"] = attention_kernel(encoder, batch_sizes[0])
-        model_bounds = {batch: measure_model(encoder, batch, max(counts.values()) // 2) for batch in batch_sizes}
-        encoder = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the end-to-end runs are other processes: leave them the GPU's memory
-        write_bounds = {batch: measure_write(write_dir, info.hidden_size, info.grid_size, batch,
-                                             max(write_count, 2 * batch), threads) for batch in batch_sizes}
-        figures["serialiser"] = write_bounds[batch_sizes[0]][2]
-        figures["write"] = write_levers(write_dir, info.hidden_size, info.grid_size, batch_sizes[0], write_count,
-                                        TABLE_WRITE_THREADS)
-        disk_rate, disk_mb, _ = measure_write(write_dir, info.hidden_size, info.grid_size, batch_sizes[0],
-                                              sync_count, threads, sync=True)
-        figures["write"].update(disk_files_per_second=disk_rate, disk_mb_per_second=disk_mb, disk_files=sync_count)
-        inputs = {side: write_table_inputs(scratch / f"in{side}", side, counts[side],
-                                           TABLE_UNIQUE["quick" if args.quick else "full"])
-                  for _, side in TABLE_INPUTS}
-        for label, side in TABLE_INPUTS:
-            names = find_images(inputs[side])
-            for batch in batch_sizes:
-                decode = measure_decode(inputs[side], names, preprocess, batch, num_workers)
-                end_to_end, peak_rss, output_dir = measure_end_to_end(model, inputs[side], len(names), batch,
-                                                                      num_workers, dtype, args.output_dir)
-                written = sum(path.stat().st_size for path in output_dir.rglob("*.pt"))
-                subprocess.run(["rm", "-rf", str(output_dir)], check=False)
-                rates = {"decode": decode, "model": model_bounds[batch], "write": write_bounds[batch][0]}
-                ideal = ideal_rate(rates["model"], rates["decode"], device, rates["write"])
-                figures["rows"].append({
-                    "input": label, "batch_size": batch, "images": len(names), "decode_bound": decode,
-                    "model_bound": rates["model"], "write_bound": rates["write"],
-                    "write_bound_mb": write_bounds[batch][1], "ideal": ideal, "end_to_end": end_to_end,
-                    "end_to_end_over_ideal": end_to_end / ideal, "bound": bound_name(rates),
-                    "peak_rss_mib": peak_rss, "files_went_to": write_regime(output_dir.parent, written)})
-                # Each row as it comes: a run cut short by a time limit still leaves what it measured.
-                print(f"measured: {label}, batch {batch}: end to end {end_to_end:.1f} images/s, "
-                      f"{end_to_end / ideal:.2f} of ideal, {bound_name(rates)}-bound", file=sys.stderr, flush=True)
-                if args.save:
-                    Path(args.save).write_text(json.dumps(figures, indent=2) + "\n")
-        # 64 images on a GPU; a few on a CPU, where fp16 is slow.
-        fidelity_count = 4 if args.quick else 64 if device.type == "cuda" else 8
-        fidelity_names = find_images(inputs[256])[:fidelity_count]
-        figures["fidelity"] = measure_fidelity(info, preprocess, inputs[256], fidelity_names, device)
-        figures["fidelity_images"] = len(fidelity_names)
-        if args.save:
-            Path(args.save).write_text(json.dumps(figures, indent=2) + "\n")
-        if not args.json:  # the table now: compiling (last, a minute or more) may run past a time limit
-            print(format_markdown_table(figures), flush=True)
-        if args.compile:
-            figures["compiled"] = measure_compiled(info, preprocess, device, dtype, batch_sizes[0],
-                                                   max(counts.values()) // 2, model_bounds[batch_sizes[0]])
-            if not args.json:
-                print("\n" + compiled_line(figures["compiled"]))
-
-    if args.save:
-        Path(args.save).write_text(json.dumps(figures, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(figures, indent=2))
-    return exits.OK
-
-
-FAMILY_NAMES = {"dinov2": "DINOv2", "dinov3": "DINOv3"}
-# The model-bound rows (--models): (family, size, resolution), random weights at the real sizes.
-MODEL_ROWS = (("dinov2", "small", 224), ("dinov2", "base", 224), ("dinov2", "large", 224), ("dinov3", "base", 224),
-              ("dinov2", "base", 448))
-
-
-def measure_model_rows(device, dtype, batch_size, count, scratch, rows=MODEL_ROWS):
-    """Images/s of the forward pass and pooling on ready batches, for each (family, size, resolution) of `rows`:
-    [{"model": "dinov2-base", "resolution": 224, "grid": 16, "model_bound": ...}, ...]. A row whose model
-    cannot load here (DINOv3 without torchvision) says why instead."""
-    from pyramid.decode import Preprocess
-    from pyramid.encoder import Encoder, ModelError, load_model_info
-
-    figures = []
-    for family, size, resolution in rows:
-        row = {"model": f"{family}-{size}", "resolution": resolution}
-        directory = Path(scratch) / row["model"]
-        if not directory.exists():
-            random_models.save_random_model(directory, family, size)
-        try:
-            info, processor = load_model_info(directory, resolution)
-        except ModelError as error:
-            figures.append({**row, "skipped": str(error)})
-            continue
-        encoder = Encoder(info, Preprocess(processor).normaliser(device), device, dtype)
-        row.update(grid=info.grid_size, levels=len(pyramid_sizes(info.grid_size)),
-                   model_bound=measure_model(encoder, batch_size, count))
-        figures.append(row)
-        encoder = None
-        print(f"measured: {row['model']} at {resolution}: {row['model_bound']:.1f} images/s", file=sys.stderr,
-              flush=True)
-    return figures
-
-
-def run_models(args):
-    """--models: the model bound of each encoder and resolution here, as a markdown table (and --save/--json)."""
-    device, dtype, batch_size, _ = run_settings(args)
-    batch_size = args.batch_size or (64 if device.type == "cuda" else 4)  # per image, a CPU is as fast at 4
-    batches = 2 if args.quick or device.type != "cuda" else 8
-    with tempfile.TemporaryDirectory(prefix="pyramid-models-") as scratch:
-        figures = {"device": str(device), "device_name": device_name(device), "dtype": dtype,
-                   "batch_size": batch_size, "images": batches * batch_size,
-                   "rows": measure_model_rows(device, dtype, batch_size, batches * batch_size, scratch)}
-    if args.save:
-        Path(args.save).write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures, indent=2) if args.json else format_models_table(figures))
-    return exits.OK
-
-
-def format_models_table(figures):
-    """--models' figures as markdown: one row per encoder and resolution."""
-    lines = [f"Model bound: random weights at real sizes in {figures['dtype']} on {figures['device_name']}, batch "
-             f"{figures['batch_size']}, {figures['images']} images a row; images/s of the forward pass and pooling "
-             f"on ready batches", "", "| model | resolution | levels | model bound |", "|---|---|---|---|"]
-    for row in figures["rows"]:
-        if "skipped" in row:
-            lines.append(f"| {row['model']} | {row['resolution']} | | not measured: {row['skipped']} |")
-            continue
-        sizes = pyramid_sizes(row["grid"])
-        lines.append(f"| {row['model']} | {row['resolution']} | {sizes[0]}x{sizes[0]} .. {sizes[-1]}x{sizes[-1]} "
-                     f"({row['levels']}) | {row['model_bound']:.3g} |")
-    return "\n".join(lines)
-
-
-def compiled_line(compiled):
-    """The table's line on --compile: the compiled model bound against eager, or why it could not compile."""
-    return compiled.get("failure") or (
-        f"--compile: model bound {compiled['model_bound']:.1f} images/s at batch {compiled['batch_size']}, "
-        f"{compiled['over_eager']:.2f}x eager; compiling took {compiled['compile_seconds']:.0f} s.")
-
-
-def measure_compiled(info, preprocess, device, dtype, batch_size, count, eager_rate):
-    """The model bound with --compile at `batch_size`, the seconds compiling took, and the ratio to eager;
-    or the one line that says why it could not compile."""
-    from pyramid.encoder import Encoder
-
-    failures = []
-    started = time.perf_counter()
-    encoder = Encoder(info, preprocess.normaliser(device), device, dtype, compile=True, warn=failures.append)
-    side = info.crop_size
-    encoder(torch.zeros((batch_size, 3, side, side), dtype=torch.uint8, device=device))  # compiles
-    compile_seconds = time.perf_counter() - started
-    if failures:
-        return {"failure": failures[0]}
-    rate = measure_model(encoder, batch_size, count)
-    return {"batch_size": batch_size, "model_bound": rate, "over_eager": rate / eager_rate,
-            "compile_seconds": compile_seconds}
-
-
-def pyramid_file_bytes(info):
-    """About how many bytes one file holds: every level, float32, plus ~2 KB of zip records."""
-
-    return sum(side * side for side in pyramid_sizes(info.grid_size)) * info.hidden_size * 4 + 2048
-
-
-def disk_shortfall(directory, needed):
-    """One line when `directory`'s disk has less than `needed` bytes (+10%) free, else None."""
-
-    free = shutil.disk_usage(directory).free
-    if free >= needed * 1.1:
-        return None
-    return (f"the table writes up to {needed * 1.1 / 1e9:.1f} GB into {directory} at once, which has "
-            f"{free / 1e9:.1f} GB free; pass --output_dir on a larger disk")
-
-
-def format_markdown_table(figures):
-    """The table's figures as markdown: one row per input and batch size, the write levers, the fidelity."""
-    ideal = "min(decode, model, write)" if figures["device"].startswith("cuda") else "1/(1/decode + 1/model)"
-    cpus = f" with {figures['cpus']} CPUs" if figures["device"].startswith("cuda") else ""
-    lines = [f"{figures['model']} DINOv2 in {figures['dtype']} on {figures['device_name']}{cpus}, "
-             f"{figures['num_workers']} decode workers, {figures['write_threads']} writer threads, files made by "
-             f"{figures['serialiser']}, attention {figures['attention']}; images/s (write: files/s); "
-             f"ideal = {ideal}",
-             "",
-             "| input | batch | images | decode | model | write | ideal | end to end | end to end / ideal | bound "
-             "| files went to |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in figures["rows"]:
-        lines.append(f"| {row['input']} | {row['batch_size']} | {row['images']} | {row['decode_bound']:.1f} "
-                     f"| {row['model_bound']:.1f} | {row['write_bound']:.1f} ({row['write_bound_mb']:.0f} MB/s) "
-                     f"| {row['ideal']:.1f} | {row['end_to_end']:.1f} | {row['end_to_end_over_ideal']:.2f} "
-                     f"| {row['bound']} | {row['files_went_to']} |")
-    write = figures["write"]
-    counts = list(next(iter(write["files_per_second"].values())))
-    lines += ["", f"Write bound, {write['files']} files of batch {figures['rows'][0]['batch_size']} into "
-              f"{figures['write_dir']} ({write['regime']}: the kernel lets ~{figures['dirty_limit_gb']:.1f} GB "
-              f"wait in the page cache before writers wait for the disk), files/s; GIL: what one writer thread "
-              f"takes from the run loop per file:",
-              "", "| serialiser | " + " | ".join(f"{count} thread(s)" for count in counts) + " | GIL per file |",
-              "|---|" + "---|" * (len(counts) + 1)]
-    for serialise, per_thread in write["files_per_second"].items():
-        held = write["gil_ms_per_file"][serialise]
-        lines.append(f"| {serialise} | " + " | ".join(f"{rate:.0f}" for rate in per_thread.values())
-                     + (f" | {held:.3f} ms |" if held is not None else " | (no schedstat) |"))
-    lines += ["", f"Disk-bound: {write['disk_files']} files, then os.sync(): {write['disk_files_per_second']:.0f} "
-              f"files/s ({write['disk_mb_per_second']:.0f} MB/s), {figures['write_threads']} writer threads."]
-    levels = next(iter(figures["fidelity"].values()), {})
-    lines += ["", f"Fidelity against fp32, min cosine per patch vector over {figures['fidelity_images']} images:",
-              "", "| dtype | " + " | ".join(levels) + " |", "|---|" + "---|" * len(levels)]
-    for dtype, per_level in figures["fidelity"].items():
-        lines.append(f"| {dtype} | " + " | ".join(f"{value:.6f}" for value in per_level.values()) + " |")
-    return "\n".join(lines)
-
-
-def run_preflight(args):
-    """What a run on this machine will use, in a few lines, before anything is measured: the device and its
-    driver, the libraries, the image processor, the PNG decoder, the attention kernel, how files are made,
-    torch.compile's compiler, /dev/shm and the disk. Exit 0; the lines go to stdout."""
-
-    import accelerate
-    import PIL
-    import transformers
-
-    from pyramid import decode
-    from pyramid.decode import Preprocess
-    from pyramid.encoder import Encoder, attention_kernel, load_model_info
-
-    device, dtype, batch_size, num_workers = run_settings(args)
-    lines = [f"device: {cuda_description(device)}",
-             f"libraries: Python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
-             f"cuDNN {torch.backends.cudnn.version()}), transformers {transformers.__version__}, "
-             f"accelerate {accelerate.__version__}, Pillow {PIL.__version__}",
-             f"CPUs: {usable_cpus()} usable; by default {num_workers} decode workers and {default_writer_threads()} "
-             f"writer threads per process"]
-    lines.append(f"PNG decoder: pyspng {pyspng_version()}" if decode.pyspng is not None else
-                 "PNG decoder: none: pyspng is not installed, and the extractor refuses to run without it "
-                 "(pip install pyspng; docs/gpu.md says how to carry its wheel to a machine without network)")
-    with tempfile.TemporaryDirectory(prefix="pyramid-preflight-") as scratch:
-        random_size = args.random or ("base" if args.model is None else None)
-        model = args.model or random_models.save_random_model(Path(scratch) / f"random-{random_size}", args.family,
-                                                              random_size)
-        info, processor = load_model_info(model)
-        preprocess = Preprocess(processor)
-        needed = shared_memory_needed(batch_size, num_workers, info.crop_size, pixel_bytes=info.pixel_bytes)
-        lines.append(shared_memory_warning(batch_size, num_workers, info.crop_size, pixel_bytes=info.pixel_bytes) or
-                     f"/dev/shm: room for the {needed / 2**20:.0f} MB the decode workers hold at batch {batch_size}")
-        lines.append(f"image processor: {type(processor).__module__}.{type(processor).__name__}; resize and crop "
-                     f"{'made directly (checked against it)' if preprocess.direct is not None else 'by it'}")
-        encoder = Encoder(info, preprocess.normaliser(device), device, dtype)
-        lines.append(f"attention: {attention_kernel(encoder, batch_size)} "
-                     f"({args.model or f'random {random_size}'}, {dtype}, batch {batch_size}, {device.type})")
-        levels = build_pyramid(torch.randn(2, info.grid_size ** 2, info.hidden_size), info.grid_size)
-        lines.append("files: torch.save's bytes made by ArchiveLayout (checked against torch.save on this torch)"
-                     if checked_layout(levels) is not None else
-                     "files: by torch.save itself (this torch lays its archive out otherwise than ArchiveLayout "
-                     "expects: writing holds the GIL)")
-    lines.append(f"torch.compile: {compiler_description(device)}")
-    free = shutil.disk_usage(args.output_dir or tempfile.gettempdir()).free
-    lines.append(f"disk: {free / 1e9:.1f} GB free in {args.output_dir or tempfile.gettempdir()} (the table needs "
-                 f"~{TABLE_IMAGES['cuda'][256] * 1.1 / 1e3:.0f} GB for dinov2-base)")
-    print("\n".join(lines), flush=True)
-    return exits.OK
-
-
-def cuda_description(device):
-    """'NVIDIA H100 80GB HBM3, 79.6 GiB, compute capability 9.0, 132 SMs, driver 550.54.15', or 'cpu (...)'."""
-    if device.type != "cuda":
-        return f"cpu (torch sees no CUDA device), {usable_cpus()} cores"
-    properties = torch.cuda.get_device_properties(device)
-    try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i",
-                                 str(device.index or 0)], capture_output=True, text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        driver = ""
-    return (f"{properties.name}, {properties.total_memory / 2**30:.1f} GiB, compute capability "
-            f"{properties.major}.{properties.minor}, {properties.multi_processor_count} SMs, "
-            f"driver {driver or 'unknown (no nvidia-smi)'}")
-
-
-def pyspng_version():
-    try:
-        return version("pyspng")
-    except PackageNotFoundError:
-        return "(version unknown)"
-
-
-def compiler_description(device):
-    """What torch.compile would compile with here: Triton on CUDA, a C++ compiler on a CPU."""
-
-    if device.type == "cuda":
-        try:
-            import triton
-
-            return f"Triton {triton.__version__} (--compile compiles on the first batch)"
-        except ImportError:
-            return "no Triton: --compile says so in one line and runs uncompiled"
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    return (f"C++ compiler {compiler} (--compile compiles on the first batch)" if compiler else
-            "no C++ compiler: --compile says so in one line and runs uncompiled")
-
-
 def device_name(device):
+    """The device as the figures name it: the GPU's name, or the CPU cores and torch threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{usable_cpus()} CPU cores, {torch.get_num_threads()} torch threads"

@@ -31,34 +31,11 @@ import torch
 from pyramid import exits
 from pyramid.cli import default_threads
 from pyramid.dataset import PyramidDataset
-from pyramid.encoder import ModelInfo
 from pyramid.exits import UsageError
-from pyramid.levels import build_pyramid, split_pyramids, split_twins
 from pyramid.loader import PREFETCH, default_workers
-from pyramid.manifest import build_manifest, write_manifest
 from pyramid.pack import build_pack
+from pyramid.synthetic import numbered_names, write_tree
 from pyramid.tree import available_levels, current_pack, item_name, pack_dir, pack_level_path, tree_state
-from pyramid.writer import save_atomic
-
-
-def write_synthetic_tree(directory, count, grid=16, hidden=768, flip=False, seed=0):
-    """`count` pyramids as the extractor writes them (random 16x16 level, true 2x2 means below), with a
-    manifest; flip/ twins (the 16x16 grid mirrored) with `flip`. Returns the directory."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    info = ModelInfo(name="synthetic", revision=None, crop_size=grid * 14, patch_size=14, hidden_size=hidden,
-                     num_register_tokens=0)
-    write_manifest(directory, build_manifest(info, "fp32", flip=flip))
-    generator = torch.Generator().manual_seed(seed)
-    for index in range(count):
-        patches = torch.randn(1, grid * grid, hidden, generator=generator)  # (1, G*G, D)
-        if flip:
-            mirrored = patches.reshape(1, grid, grid, hidden).flip(2).reshape(1, grid * grid, hidden)
-            pyramid = split_twins(build_pyramid(torch.cat([patches, mirrored]), grid))
-        else:
-            pyramid = build_pyramid(patches, grid)
-        save_atomic(split_pyramids(pyramid)[0], directory / f"{index:05d}.pt")
-    return directory
 
 
 class MmapCloneDataset(torch.utils.data.Dataset):
@@ -236,7 +213,7 @@ def reader_main(args):
     try:
         if args.tree is None:
             scratch = Path(tempfile.mkdtemp(prefix="pyramid-readbench-"))
-            root = write_synthetic_tree(scratch / "tree", args.synthetic_tree)
+            root = write_tree(scratch / "tree", numbered_names(args.synthetic_tree), hidden=768)
         else:
             root = args.tree
         manifest, records = tree_state(root)

@@ -15,10 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 # Tests import the package from the checkout, with no install step.
 sys.path.insert(0, str(REPO))
 
-from pyramid.random_models import RANDOM_SIZES, save_random_dinov2, save_random_dinov3  # noqa: E402
+from pyramid.synthetic import RANDOM_SIZES, save_random_dinov2, save_random_dinov3  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
-KNOWN_IMAGE = REPO / "pyramid" / "data" / "astronaut.png"  # shipped in the package: pyramid.bench draws on it
+KNOWN_IMAGE = REPO / "pyramid" / "data" / "astronaut.png"  # shipped in the package: pyramid.synthetic draws on it
 
 TINY_HIDDEN = RANDOM_SIZES["tiny"][0]
 # DINOv3's image processor exists in transformers only with torchvision, which requirements.txt leaves out (the

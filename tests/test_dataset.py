@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from conftest import REPO
 from pyramid import PyramidDataset
-from synthetic_trees import HIDDEN, LEVELS, make_pyramid, write_tree
+from pyramid.synthetic import HIDDEN, LEVELS, make_pyramid, numbered_names, write_tree
 
 # Written in this order (seed = index); read back sorted by POSIX path: "a-b" < "a/c" < "b" < "z".
 WRITTEN = ["z", "a/c", "b", "a-b", "A/x"]
@@ -91,9 +91,8 @@ def test_other_grids_read_stat_and_pack_like_16(tmp_path, grid, levels):
     """DINOv3's 14x14 and 7x7, DINOv2 at 448's 32x32 to 1x1: the stats, the pack and the reader follow the
     manifest's levels, and the pack serves what the files hold."""
     from pyramid import pack, stats
-    from pyramid.readbench import write_synthetic_tree
 
-    root = write_synthetic_tree(tmp_path / "tree", 5, grid=grid, hidden=8)
+    root = write_tree(tmp_path / "tree", numbered_names(5), grid=grid)
     assert stats.main(stats.get_args_parser().parse_args([str(root)])) == 0
     assert [key for key in torch.load(root / "stats.pt", weights_only=True) if "x" in key] == levels
     from_files = [PyramidDataset(root, normalize=True)[i] for i in range(5)]

@@ -32,9 +32,8 @@ import pytest
 import torch
 
 from conftest import REPO, accelerate_launch, run_cli, write_images
-from pyramid.bench import write_synthetic_faces
 from pyramid.encoder import HostCopies
-from pyramid.random_models import save_random_dinov2
+from pyramid.synthetic import save_random_dinov2, write_synthetic_faces
 from pyramid.writer import Writer
 
 CUDA = torch.cuda.is_available()

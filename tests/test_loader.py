@@ -18,8 +18,8 @@ import pyramid.team
 from conftest import REPO
 from pyramid import PyramidDataset
 from pyramid.pack import build_pack
-from pyramid.readbench import write_synthetic_tree
 from pyramid.stats import compute_stats
+from pyramid.synthetic import numbered_names, write_tree
 
 COUNT = 37  # batches of 5: seven full ones and one of 2
 LEVELS = ["16x16", "8x8", "4x4", "2x2", "1x1"]
@@ -29,7 +29,7 @@ SOURCES = ["files", "pack", "preload"]
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     """37 pyramids (D=8) with flip/ twins, their stats.pt and a pack of every level."""
-    root = write_synthetic_tree(tmp_path_factory.mktemp("loader") / "tree", COUNT, hidden=8, flip=True)
+    root = write_tree(tmp_path_factory.mktemp("loader") / "tree", numbered_names(COUNT), flip=True)
     torch.save(compute_stats(root, workers=1), root / "stats.pt")
     build_pack(root, LEVELS + [f"flip/{level}" for level in LEVELS], workers=1)
     return root

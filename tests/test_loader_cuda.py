@@ -6,8 +6,8 @@ import torch
 import pyramid.dataset
 from pyramid import PyramidDataset
 from pyramid.pack import build_pack
-from pyramid.readbench import write_synthetic_tree
 from pyramid.stats import compute_stats
+from pyramid.synthetic import numbered_names, write_tree
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -18,7 +18,7 @@ TWINS = [f"flip/{level}" for level in LEVELS]
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    root = write_synthetic_tree(tmp_path_factory.mktemp("loader_cuda") / "tree", COUNT, hidden=8, flip=True)
+    root = write_tree(tmp_path_factory.mktemp("loader_cuda") / "tree", numbered_names(COUNT), flip=True)
     torch.save(compute_stats(root, workers=1), root / "stats.pt")
     build_pack(root, LEVELS + TWINS, workers=1)
     return root

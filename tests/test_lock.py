@@ -159,7 +159,7 @@ def test_the_other_processes_of_a_launch_leave_the_lock_to_the_main_one(tmp_path
 def test_verify_stats_and_pack_refuse_a_tree_a_live_run_is_writing(tmp_path, capsys):
     """They read the files at hand: under a live run, half of them (verify said "7 ok")."""
     from pyramid import pack, stats, verify
-    from synthetic_trees import write_tree
+    from pyramid.synthetic import write_tree
 
     tree = write_tree(tmp_path / "tree", ["a", "b"])
     tools = {"verify": verify, "stats": stats, "pack": pack}

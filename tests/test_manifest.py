@@ -143,11 +143,11 @@ def test_a_replacement_killed_at_any_moment_never_lets_an_old_file_count_as_done
 
 
 def test_verify_does_not_pass_a_tree_whose_replacement_is_unfinished():
+    from pyramid.synthetic import tree_manifest
     from pyramid.verify import check_manifest
-    from synthetic_trees import manifest
 
-    assert check_manifest(manifest()) == []
-    problems = check_manifest({**manifest(), REPLACING_KEY: True})
+    assert check_manifest(tree_manifest()) == []
+    problems = check_manifest({**tree_manifest(), REPLACING_KEY: True})
     assert len(problems) == 1 and "replacement is unfinished" in problems[0]
 
 

@@ -18,10 +18,10 @@ from pyramid import PyramidDataset
 from pyramid.pack import build_pack
 from pyramid.pack import get_args_parser as pack_parser
 from pyramid.pack import main as pack_main
+from pyramid.synthetic import LEVELS, make_pyramid, write_tree
 from pyramid.tree import PACK_TEMPORARY_PREFIX, pack_dir, read_pack_record
 from pyramid.verify import get_args_parser as verify_parser
 from pyramid.verify import main as verify_main
-from synthetic_trees import LEVELS, make_pyramid, write_tree
 
 WRITTEN = ["z", "a/c", "b", "a-b", "A/x", "m"]
 SORTED = ["A/x", "a-b", "a/c", "b", "m", "z"]

@@ -10,8 +10,8 @@ import torch
 
 from pyramid.exits import DamagedFile
 from pyramid.reader import OutMismatch, read_ahead, read_pyramid
+from pyramid.synthetic import LEVELS, make_pyramid
 from pyramid.writer import save_atomic
-from synthetic_trees import LEVELS, make_pyramid
 
 
 def assert_same_as_torch_load(path, levels=None):

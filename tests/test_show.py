@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import REPO, needs_torchvision, write_images
 from pyramid import show
-from pyramid.random_models import DINOV2_PREPROCESSOR, DINOV3_PREPROCESSOR
+from pyramid.synthetic import DINOV2_PREPROCESSOR, DINOV3_PREPROCESSOR
 
 D = 48
 

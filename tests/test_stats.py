@@ -10,8 +10,8 @@ import torch
 from conftest import REPO
 from pyramid import PyramidDataset
 from pyramid.pack import build_pack
-from pyramid.readbench import write_synthetic_tree
 from pyramid.stats import BLOCK, compute_stats
+from pyramid.synthetic import numbered_names, write_tree
 
 COUNT = BLOCK + 6  # two blocks, the second one short
 LEVELS = ["16x16", "8x8", "4x4", "2x2", "1x1"]
@@ -20,7 +20,7 @@ ALL_LEVELS = LEVELS + [f"flip/{level}" for level in LEVELS]
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    root = write_synthetic_tree(tmp_path_factory.mktemp("stats") / "tree", COUNT, hidden=8, flip=True)
+    root = write_tree(tmp_path_factory.mktemp("stats") / "tree", numbered_names(COUNT), flip=True)
     # Large means and small spreads in some channels, as DINOv2 features have: the sums must not cancel.
     for path in sorted(root.glob("*.pt")):
         pyramid = torch.load(path, weights_only=True)

@@ -26,11 +26,11 @@ from pyramid.show import get_args_parser as show_parser
 from pyramid.show import main as show_main
 from pyramid.stats import get_args_parser as stats_parser
 from pyramid.stats import main as stats_main
+from pyramid.synthetic import LEVELS, make_pyramid, write_tree
 from pyramid.tree import LOCK_NAME, is_level_name, pack_dir, pack_level_path, read_manifest
 from pyramid.verify import get_args_parser as verify_parser
 from pyramid.verify import main as verify_main
 from pyramid.writer import save_atomic
-from synthetic_trees import LEVELS, make_pyramid, write_tree
 
 NAMES = ["00000", "00001", "00002", "00003"]
 
@@ -38,9 +38,7 @@ NAMES = ["00000", "00001", "00002", "00003"]
 @pytest.fixture(scope="module")
 def real_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("real") / "tree"
-    write_tree(root, NAMES)
-    for index, name in enumerate(NAMES):  # the extractor's bytes: one layout for every file
-        save_atomic(make_pyramid(index), root / f"{name}.pt")
+    write_tree(root, NAMES)  # the extractor's bytes: one layout for every file
     build_pack(root, LEVELS)
     return root
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, run_cli, save_tiny_dinov2, write_images
+from pyramid.synthetic import GRID, HIDDEN, LEVELS, make_pyramid, write_tree
 from pyramid.verify import (
     RECOMPUTE_TOLERANCE,
     check_pyramid,
@@ -21,7 +22,6 @@ from pyramid.verify import (
     relative_error,
     sample_images,
 )
-from synthetic_trees import GRID, HIDDEN, LEVELS, make_pyramid, write_tree
 
 NAMES = ["00000", "00001", "sub/00002"]
 
