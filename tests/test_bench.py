@@ -106,7 +106,7 @@ def test_reader_rows_pack_with_the_threads_this_process_may_use(tmp_path, monkey
     import argparse
 
     from pyramid import readbench
-    from synthetic_trees import write_tree
+    from pyramid.synthetic import write_tree
 
     tree = write_tree(tmp_path / "tree", ["a", "b"])
     monkeypatch.setattr("os.cpu_count", lambda: 128)
