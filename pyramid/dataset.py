@@ -23,14 +23,13 @@ from pyramid.tree import (
     current_pack,
     flip_twin,
     item_name,
-    pack_arrays,
     pack_command,
     pack_dir,
     stats_current,
     stored_dtype,
     tree_state,
 )
-from pyramid.validate import open_regular
+from pyramid.validate import open_regular, pack_arrays
 
 FLIP_CHOICES = (False, "random")
 PRELOAD_CHUNK_BYTES = 32 << 20  # the items read per step of a preload, as bytes

@@ -36,7 +36,6 @@ from pyramid.tree import (
     available_levels,
     is_abandoned_temporary,
     item_name,
-    pack_arrays,
     pack_dir,
     pack_level_path,
     pack_staleness,
@@ -45,6 +44,7 @@ from pyramid.tree import (
     tree_state,
     writer_tag,
 )
+from pyramid.validate import pack_arrays
 
 
 def build_pack(root, levels, workers=4, progress=None):

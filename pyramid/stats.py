@@ -33,11 +33,11 @@ from pyramid.tree import (
     STATS_NAME,
     available_levels,
     current_pack,
-    pack_arrays,
     pack_stored_dtype,
     stats_source,
     tree_state,
 )
+from pyramid.validate import pack_arrays
 from pyramid.writer import save_atomic
 
 BLOCK = 64  # files summed per block: fixed, so the sums never depend on the worker count

@@ -503,34 +503,13 @@ def current_pack(root, manifest, records, levels):
     if missing:
         reasons.append(f"level(s) {missing} not packed")
     if not reasons:
+        from pyramid.validate import pack_arrays  # validate imports tree
+
         try:
             pack_arrays(root, record, manifest, levels)
         except DamagedFile as error:
             reasons.append(str(error))
     return (None if reasons else record), reasons
-
-
-def pack_arrays(root, record, manifest, levels):
-    """{level: (path, byte offset of row 0, shape (N, s*s, D), numpy dtype)} of a current pack's arrays of
-    `levels`, each checked against pack.json and the manifest (dtype, C order, shape, the file's size) before a
-    row is served; DamagedFile naming the first array that is not so."""
-    from pyramid.validate import PACK_NUMPY_DTYPES, check_pack_array  # validate imports tree
-
-    name = pack_stored_dtype(record)
-    if manifest is not None and name != stored_dtype(manifest):
-        raise DamagedFile(pack_dir(root) / PACK_RECORD_NAME, f"says dtype {name!r}, the manifest's store_dtype is "
-                                                             f"{stored_dtype(manifest)!r}")
-    dtype = PACK_NUMPY_DTYPES[name]
-    hidden_size = manifest["hidden_size"] if manifest is not None else None
-    arrays = {}
-    for level in levels:
-        shape = tuple(record["shapes"][level])  # (N, s*s, D), as check_pack_record found it
-        path = pack_level_path(pack_dir(root), level)
-        if hidden_size is not None and shape[2] != hidden_size:
-            raise DamagedFile(pack_dir(root) / PACK_RECORD_NAME, f"shape of {level} is {list(shape)}, the manifest's "
-                                                                 f"hidden size is {hidden_size}")
-        arrays[level] = (path, check_pack_array(path, shape, dtype), shape, dtype)
-    return arrays
 
 
 def pack_command(root, also=()):

@@ -11,7 +11,18 @@ import os
 import stat
 
 from pyramid.exits import DamagedFile
-from pyramid.tree import FLIP_PREFIX, STORE_BYTES, STORE_DTYPES, flip_twin, is_level_name
+from pyramid.tree import (
+    FLIP_PREFIX,
+    PACK_RECORD_NAME,
+    STORE_BYTES,
+    STORE_DTYPES,
+    flip_twin,
+    is_level_name,
+    pack_dir,
+    pack_level_path,
+    pack_stored_dtype,
+    stored_dtype,
+)
 from pyramid.tree import level_name_side as level_side
 
 # numpy's dtype of a pack array per stored dtype (numpy has no bfloat16: its raw 16 bits, as uint16).
@@ -201,11 +212,11 @@ def check_pack_array(path, shape, dtype):
                       else np.lib.format.read_array_header_2_0)(file, max_header_size=NPY_HEADER_MAX_BYTES)
         except (ValueError, OSError, SyntaxError, TypeError) as error:
             raise DamagedFile(path, f"is not a readable .npy array ({error}); {rerun}") from None
-        stored_shape, fortran_order, stored_dtype = header
+        stored_shape, fortran_order, array_dtype = header
         offset, size = file.tell(), os.fstat(file.fileno()).st_size
     expected = np.dtype(dtype)
-    if stored_dtype != expected:
-        raise DamagedFile(path, f"holds {stored_dtype}, the tree's files hold {expected}; {rerun}")
+    if array_dtype != expected:
+        raise DamagedFile(path, f"holds {array_dtype}, the tree's files hold {expected}; {rerun}")
     if fortran_order:
         raise DamagedFile(path, f"is in Fortran order, its rows are not contiguous; {rerun}")
     if tuple(stored_shape) != tuple(shape):
@@ -215,3 +226,24 @@ def check_pack_array(path, shape, dtype):
     if size != offset + data:
         raise DamagedFile(path, f"is {size} bytes, its header and shape make {offset + data}; {rerun}")
     return offset
+
+
+def pack_arrays(root, record, manifest, levels):
+    """{level: (path, byte offset of row 0, shape (N, s*s, D), numpy dtype)} of a current pack's arrays of
+    `levels`, each checked against pack.json and the manifest (dtype, C order, shape, the file's size) before a
+    row is served; DamagedFile naming the first array that is not so."""
+    name = pack_stored_dtype(record)
+    if manifest is not None and name != stored_dtype(manifest):
+        raise DamagedFile(pack_dir(root) / PACK_RECORD_NAME, f"says dtype {name!r}, the manifest's store_dtype is "
+                                                             f"{stored_dtype(manifest)!r}")
+    dtype = PACK_NUMPY_DTYPES[name]
+    hidden_size = manifest["hidden_size"] if manifest is not None else None
+    arrays = {}
+    for level in levels:
+        shape = tuple(record["shapes"][level])  # (N, s*s, D), as check_pack_record found it
+        path = pack_level_path(pack_dir(root), level)
+        if hidden_size is not None and shape[2] != hidden_size:
+            raise DamagedFile(pack_dir(root) / PACK_RECORD_NAME, f"shape of {level} is {list(shape)}, the manifest's "
+                                                                 f"hidden size is {hidden_size}")
+        arrays[level] = (path, check_pack_array(path, shape, dtype), shape, dtype)
+    return arrays

@@ -27,7 +27,6 @@ from pyramid.tree import (
     STORE_DTYPES,
     manifest_resolution,
     model_family,
-    pack_arrays,
     pack_command,
     pack_dir,
     pack_level_path,
@@ -40,7 +39,7 @@ from pyramid.tree import (
     tree_state,
     with_twins,
 )
-from pyramid.validate import most_file_bytes, open_regular
+from pyramid.validate import most_file_bytes, open_regular, pack_arrays
 
 torch = LazyModule("torch")  # loaded by the first check, so --help and bad arguments answer at once
 
