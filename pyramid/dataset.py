@@ -13,7 +13,8 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from pyramid.exits import DamagedFile
 from pyramid.loader import PyramidLoader
-from pyramid.reader import STORED_DTYPES, as_numpy, expected_from, from_numpy, read_ahead, read_pyramid
+from pyramid.readahead import read_ahead
+from pyramid.reader import STORED_DTYPES, as_numpy, expected_from, from_numpy, read_pyramid
 from pyramid.team import cpus_per_process, usable_memory
 from pyramid.tree import (
     FLIP_PREFIX,

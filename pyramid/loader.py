@@ -30,7 +30,8 @@ from collections import deque
 import numpy as np
 import torch
 
-from pyramid.reader import READ_TIMEOUT, ReadThreads, as_numpy, from_numpy, numpy_dtype
+from pyramid.readahead import READ_TIMEOUT, ReadThreads
+from pyramid.reader import as_numpy, from_numpy, numpy_dtype
 from pyramid.team import cpus_per_process
 
 PREFETCH = 2  # batches read ahead of the one in use

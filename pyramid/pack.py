@@ -55,7 +55,8 @@ def build_pack(root, levels, workers=4, progress=None):
     """
     import numpy as np
 
-    from pyramid.reader import STORED_DTYPES, as_numpy, expected_from, numpy_dtype, read_ahead, read_pyramid
+    from pyramid.readahead import read_ahead
+    from pyramid.reader import STORED_DTYPES, as_numpy, expected_from, numpy_dtype, read_pyramid
 
     root = Path(root)
     started = time.monotonic()

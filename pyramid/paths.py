@@ -2,20 +2,14 @@
 
 import heapq
 import os
-import stat
-import struct
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
+from pyramid.ptzip import is_complete_archive
 from pyramid.tree import OUTPUT_SUFFIX
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
-# A .pt file is a zip archive; its last bytes hold the end-of-central-directory records.
-TAIL_BYTES = 4096
-ZIP_END = struct.Struct("<4s4H2LH")  # signature, disk numbers, entry counts, directory size, offset, comment
-ZIP64_LOCATOR = struct.Struct("<4sLQL")  # signature, disk, offset of the zip64 end record, disks
-ZIP64_END = struct.Struct("<4sQ2H2L4Q")  # ..., entries here, entries, directory size, directory offset
 # Checking footers is a stat and a small read per file: on a network filesystem each waits a round
 # trip, so several run at once.
 FOOTER_THREADS = 16
@@ -96,49 +90,9 @@ def images_to_do(relative_image_paths, finished_outputs):
     return [path for path in relative_image_paths if output_path_for(path) not in finished_outputs]
 
 
-def is_complete_archive(path):
-    """True when the regular file at `path` ends with a consistent zip footer, as every file torch.save wrote does.
-
-    A file that a crash cut short (size 0, or data missing at its end) or whose last blocks never
-    reached the disk (zeros) fails: the end record must sit in the last bytes, and the central
-    directory it points to must end exactly where the end records begin, so the footer itself says
-    how long the file must be. Reads at most TAIL_BYTES, never the whole file.
-    """
-    try:
-        # Not blocking, not through a link: a FIFO swapped in since the scan is no archive, not a wait.
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW), "rb") as file:
-            status = os.fstat(file.fileno())
-            size = status.st_size
-            if not stat.S_ISREG(status.st_mode) or size < ZIP_END.size:
-                return False
-            start = max(0, size - TAIL_BYTES)
-            file.seek(start)
-            tail = file.read()
-    except OSError:
-        return False
-    end_at = len(tail) - ZIP_END.size
-    signature, _, _, _, entries, directory_size, directory_offset, comment = ZIP_END.unpack_from(tail, end_at)
-    if signature != b"PK\x05\x06" or comment != 0:
-        return False
-    records_start = start + end_at
-    locator_at = end_at - ZIP64_LOCATOR.size
-    if locator_at >= 0 and tail[locator_at:locator_at + 4] == b"PK\x06\x07":
-        zip64_end = ZIP64_LOCATOR.unpack_from(tail, locator_at)[2]
-        if zip64_end - start < 0 or tail[zip64_end - start:zip64_end - start + 4] != b"PK\x06\x06":
-            return False
-        fields = ZIP64_END.unpack_from(tail, zip64_end - start)
-        entries, directory_size, directory_offset = fields[7], fields[8], fields[9]
-        records_start = zip64_end
-    if entries == 0 or directory_offset + directory_size != records_start:
-        return False
-    if directory_offset >= start and tail[directory_offset - start:directory_offset - start + 4] != b"PK\x01\x02":
-        return False
-    return True
-
-
 def find_damaged_outputs(output_dir, relative_outputs):
-    """The relative outputs (of those given) whose file is not a complete archive: files a node crash
-    left empty or short. A rerun does them again."""
+    """The relative outputs (of those given) whose file is not a complete archive (ptzip.is_complete_archive):
+    files a node crash left empty or short. A rerun does them again."""
     root = Path(output_dir)
     relative_outputs = sorted(relative_outputs)
     with ThreadPoolExecutor(FOOTER_THREADS) as pool:

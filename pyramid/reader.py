@@ -1,10 +1,10 @@
-"""Read the levels of pyramid files fast: each by its own bytes, parsed directly (no torch.load), many ahead.
+"""Read the levels of pyramid files fast: each by its own bytes, parsed directly (no torch.load).
 
 A file the extractor writes is torch.save's zip archive, stored uncompressed: a small pickle
 (`data.pkl`) that names, per key, a storage record and its shape, then one record per storage.
 torch.load spends most of its time on machinery around those few hundred bytes (about a tenth of the
-rate a plain read() of the files gives). Here the zip directory and the pickle are parsed with the
-standard library, once per layout (the files of one run share it). The levels asked for are then read
+rate a plain read() of the files gives). Here the zip directory (pyramid/ptzip.py) and the pickle are parsed
+with the standard library, once per layout (the files of one run share it). The levels asked for are then read
 straight into their tensors, records that lie next to each other by one preadv() (every level of a
 file is one call; the few bytes between records go to a scratch buffer): no copy, no mapping, hardly
 a byte beyond the levels asked for. The head of the file, each record's header and the zip directory at its
@@ -26,18 +26,15 @@ import io
 import math
 import os
 import pickle
-import queue
 import stat
 import struct
-import threading
-import time
-import weakref
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from pyramid.exits import DamagedFile
+from pyramid.ptzip import LOCAL_CRC, NotPlain, PastTheEnd, local_header, read_directory
 from pyramid.tree import level_name_side
 from pyramid.validate import OPEN_FLAGS, expected_tensors, most_file_bytes, not_regular
 
@@ -71,18 +68,9 @@ def from_numpy(array, dtype):
     """The tensor of `dtype` over a numpy array's memory (no copy): the inverse of `as_numpy`."""
     tensor = torch.from_numpy(array)
     return tensor.view(dtype) if dtype == torch.bfloat16 else tensor
-END_OF_DIRECTORY = b"PK\x05\x06"
-DIRECTORY_ENTRY = b"PK\x01\x02"
-LOCAL_HEADER = b"PK\x03\x04"
-CRC_FIELD = slice(14, 18)  # of a local header: differs from file to file, so never compared
-DIRECTORY_CRC_FIELD = 16  # offset of the CRC in a zip directory entry: the same
 # Records less than this apart are read by one preadv, the bytes between them into a scratch buffer:
 # the gaps between the records of a pyramid are a few dozen bytes (a data descriptor, the next header).
 MERGE_GAP = 4096
-
-
-class NotPlain(Exception):
-    """The file is not the plain layout this reader parses; torch.load reads it instead."""
 
 
 class OutMismatch(Exception):
@@ -90,8 +78,9 @@ class OutMismatch(Exception):
 
 
 class _Damage(Exception):
-    """The file claims what it cannot hold (sizes past its end, negative shapes, other keys or shapes than
-    the manifest's): read_pyramid raises DamagedFile naming it, without asking torch.load."""
+    """The file holds what no pyramid holds (negative shapes, other keys or shapes than the manifest's, more
+    bytes than they take): read_pyramid raises DamagedFile naming it, as for ptzip.PastTheEnd, without asking
+    torch.load."""
 
 
 class Expected:
@@ -157,54 +146,6 @@ class _Unpickler(pickle.Unpickler):
         return key, dtype, numel
 
 
-def _directory(tail, size):
-    """({name: (offset of the record's local header, stored size)}, offset of the zip directory, the positions
-    of its CRC fields within the file's last bytes from there) from the end-of-directory record. Every record
-    must lie before the directory, and the directory inside the file."""
-    at = tail.rfind(END_OF_DIRECTORY)
-    if at < 0 or len(tail) - at < 22:
-        raise NotPlain("no end of zip directory in the last bytes")
-    entries, directory_size, directory_offset = struct.unpack_from("<HII", tail, at + 10)
-    tail_start = size - len(tail)
-    if directory_offset + directory_size > tail_start + at:
-        raise _Damage(f"its zip directory claims {directory_size} bytes at {directory_offset}, past its end "
-                      f"at {tail_start + at}")
-    if directory_offset < tail_start:
-        raise NotPlain("zip directory larger than the bytes read")
-    records, crcs, position = {}, [], directory_offset - tail_start
-    for _ in range(entries):
-        if tail[position:position + 4] != DIRECTORY_ENTRY:
-            raise NotPlain("bad zip directory entry")
-        method, = struct.unpack_from("<H", tail, position + 10)
-        stored, _, name_length, extra_length, comment_length = struct.unpack_from("<IIHHH", tail, position + 20)
-        local_offset, = struct.unpack_from("<I", tail, position + 42)
-        if method != 0 or stored == 0xFFFFFFFF or local_offset == 0xFFFFFFFF:
-            raise NotPlain("compressed or zip64 record")
-        name = bytes(tail[position + 46:position + 46 + name_length]).decode("utf-8")
-        if local_offset + 30 + stored > directory_offset:
-            raise _Damage(f"record {name!r} claims {stored} bytes at {local_offset}, past its records' end at "
-                          f"{directory_offset} (a file of {size} bytes)")
-        records[name] = (local_offset, stored)
-        crcs.append(position - (directory_offset - tail_start) + DIRECTORY_CRC_FIELD)
-        position += 46 + name_length + extra_length + comment_length
-    return records, directory_offset, crcs
-
-
-def _local_header(file, head, local_offset):
-    """The local header of a zip record (signature to extra field) with its CRC zeroed: the bytes that
-    say where the record's data starts and which record it is, the same in every file of one layout."""
-    fixed = head[local_offset:local_offset + 30] if local_offset + 30 <= len(head) else os.pread(
-        file, 30, local_offset)
-    if fixed[:4] != LOCAL_HEADER:
-        raise NotPlain("bad local zip header")  # read by torch.load, which names what is wrong
-    name_length, extra_length = struct.unpack_from("<HH", fixed, 26)
-    length = 30 + name_length + extra_length
-    header = bytearray(head[local_offset:local_offset + length] if local_offset + length <= len(head)
-                       else os.pread(file, length, local_offset))
-    header[CRC_FIELD] = bytes(4)
-    return bytes(header)
-
-
 class Layout:
     """Where a file keeps what: its first bytes up to the end of data.pkl (the pickle, hence the keys,
     dtypes and shapes), per storage record its local header and position, and its zip directory to the end
@@ -237,12 +178,12 @@ class Layout:
         spans = [(0, self.head, ())]  # (offset, expected bytes or a level, CRC fields within them)
         if self.byteorder is not None:
             offset, header = self.byteorder
-            spans.append((offset, header + b"little", (CRC_FIELD,)))
+            spans.append((offset, header + b"little", (LOCAL_CRC,)))
         for level in dict.fromkeys(levels):
             offset, header, dtype, shape = self.tensors[level]
             if header is None:
                 raise NotPlain(f"the local zip header of {level} is damaged")
-            spans += [(offset, header, (CRC_FIELD,)), (offset + len(header), level, math.prod(shape) * dtype.itemsize)]
+            spans += [(offset, header, (LOCAL_CRC,)), (offset + len(header), level, math.prod(shape) * dtype.itemsize)]
         spans.append(self.directory)
         runs = []
         for span in sorted(spans, key=lambda span: span[0]):
@@ -294,20 +235,18 @@ class _Read:
 def _parse_layout(file, size):
     head = os.pread(file, min(size, EDGE_BYTES), 0)
     tail = head if size <= EDGE_BYTES else os.pread(file, EDGE_BYTES, size - EDGE_BYTES)
-    records, directory_offset, crcs = _directory(tail, size)
-    directory = bytearray(tail[directory_offset - (size - len(tail)):])
-    for crc in crcs:
-        directory[crc:crc + 4] = bytes(4)
+    records, directory = read_directory(tail, size)  # directory: (offset, bytes, CRC fields), a span of each plan
+    directory_offset = directory[0]
     prefix = next((name[:-len("data.pkl")] for name in records if name.endswith("/data.pkl")), None)
     if prefix is None or prefix.count("/") != 1:
         raise NotPlain("no data.pkl")
     byteorder = None
     if (record := records.get(prefix + "byteorder")) is not None:
-        byteorder = (record[0], _local_header(file, head, record[0]))
+        byteorder = (record[0], local_header(file, head, record[0]))
     pickle_offset, pickle_size = records[prefix + "data.pkl"]
-    start = pickle_offset + len(_local_header(file, head, pickle_offset))
+    start = pickle_offset + len(local_header(file, head, pickle_offset))
     if start + pickle_size > directory_offset:  # checked before a byte of it is read: it sizes the read
-        raise _Damage(f"data.pkl claims {pickle_size} bytes at {start}, past its records' end at {directory_offset}")
+        raise PastTheEnd(f"data.pkl claims {pickle_size} bytes at {start}, past its records' end at {directory_offset}")
     if start + pickle_size > len(head):
         head = os.pread(file, start + pickle_size, 0)
     head = head[:start + pickle_size]
@@ -324,15 +263,14 @@ def _parse_layout(file, size):
         if stored != record.numel * record.dtype.itemsize:
             raise NotPlain("storage size differs from the tensor's")
         try:
-            header = _local_header(file, head, local_offset)
+            header = local_header(file, head, local_offset)
         except NotPlain:  # a damaged header: only a read of this level goes to torch.load
             header = None
         if header is not None and local_offset + len(header) + stored > directory_offset:
-            raise _Damage(f"{key} claims {stored} bytes at {local_offset + len(header)}, past its records' end at "
-                          f"{directory_offset}")
+            raise PastTheEnd(f"{key} claims {stored} bytes at {local_offset + len(header)}, past its records' end "
+                             f"at {directory_offset}")
         tensors[key] = (local_offset, header, record.dtype, record.shape)
-    return Layout(head, list(content), tensors, byteorder, size, (directory_offset, bytes(directory),
-                                                                  tuple(slice(crc, crc + 4) for crc in crcs)))
+    return Layout(head, list(content), tensors, byteorder, size, directory)
 
 
 def _target(out, level, dtype, shape):
@@ -468,7 +406,7 @@ def read_pyramid(path, levels=None, out=None, expect=None):
         except (NotPlain, KeyError, ValueError, EOFError, pickle.UnpicklingError, struct.error,
                 TypeError, AttributeError, RecursionError):
             pass
-    except _Damage as damage:
+    except (_Damage, PastTheEnd) as damage:
         raise DamagedFile(path, str(damage)) from None
     except OutMismatch as error:
         raise OutMismatch(f"{path}: {error}") from None
@@ -505,102 +443,3 @@ def read_pyramid(path, levels=None, out=None, expect=None):
                 target.copy_(pyramid[level].reshape(target.shape))
             pyramid[level] = target
     return pyramid, keys
-
-
-# How long a waiter waits for one read before it gives up: a hung file system (an NFS server gone), not
-# a slow one, since one read is one file or one batch.
-READ_TIMEOUT = 600.0
-# How often an idle read thread checks that its owner still exists.
-IDLE_CHECK_SECONDS = 1.0
-
-
-class Call:
-    """One call handed to ReadThreads: its result, or the error it raised, once `done` is set."""
-
-    __slots__ = ("function", "args", "done", "result", "error")
-
-    def __init__(self, function, args):
-        self.function, self.args = function, args
-        self.done = threading.Event()
-        self.result = self.error = None
-
-    def run(self):
-        try:
-            self.result = self.function(*self.args)
-        except BaseException as error:  # noqa: BLE001 - raised by whoever waits for the call
-            self.error = error
-        finally:
-            self.function = self.args = None  # the buffers it read into are the caller's again
-            self.done.set()
-
-    def outcome(self):
-        """The result of a done call, or its error raised here."""
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-class ReadThreads:
-    """`count` daemon threads that run the calls handed to them. Daemon threads, not a ThreadPoolExecutor's:
-    a read stuck for ever (a hung file system) then holds one thread, never the process's exit, and
-    whoever waits for a call waits with a bound. The threads end on close(), or by themselves once
-    this object is garbage collected (a loader dropped in the middle of an epoch)."""
-
-    def __init__(self, count, name="pyramid-read"):
-        self._calls = queue.SimpleQueue()
-        owner = weakref.ref(self)
-        self.threads = [threading.Thread(target=_serve, args=(self._calls, owner), name=f"{name}-{index}", daemon=True)
-                        for index in range(count)]
-        for thread in self.threads:
-            thread.start()
-
-    def submit(self, function, *args):
-        call = Call(function, args)
-        self._calls.put(call)
-        return call
-
-    def close(self, wait=0.0):
-        """End the threads once their calls are done; wait at most `wait` seconds for them to end."""
-        for _ in self.threads:
-            self._calls.put(None)
-        deadline = time.monotonic() + wait
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-
-def _serve(calls, owner):
-    while True:
-        try:
-            call = calls.get(timeout=IDLE_CHECK_SECONDS)
-        except queue.Empty:
-            if owner() is None:
-                return
-            continue
-        if call is None:
-            return
-        call.run()
-
-
-def read_ahead(function, items, workers, window, timeout=READ_TIMEOUT, describe=str):
-    """function(item) for every item, in order, on `workers` threads, at most `window` results ahead: the
-    reads of many files (read_pyramid releases the GIL in its preadv) overlapped. An item whose call
-    raises raises here; one not done within `timeout` seconds of being waited for raises TimeoutError
-    naming it (`describe(item)`). Leaving early (an error, a break) leaves the calls still running to
-    finish on their own."""
-    threads = ReadThreads(workers)
-    try:
-        pending = deque()
-        for item in items:
-            pending.append((item, threads.submit(function, item)))
-            if len(pending) >= window:
-                yield _outcome(*pending.popleft(), timeout, describe)
-        while pending:
-            yield _outcome(*pending.popleft(), timeout, describe)
-    finally:
-        threads.close()
-
-
-def _outcome(item, call, timeout, describe):
-    if not call.done.wait(timeout):
-        raise TimeoutError(f"reading {describe(item)} has not returned in {timeout:g} s; is its file system hung?")
-    return call.outcome()

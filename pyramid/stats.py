@@ -105,7 +105,8 @@ def _blocks_from_files(root, names, levels, workers, manifest):
     """The same blocks as _blocks_from_pack, read from the files on `workers` threads."""
     import numpy as np
 
-    from pyramid.reader import expected_from, read_ahead, read_pyramid
+    from pyramid.readahead import read_ahead
+    from pyramid.reader import expected_from, read_pyramid
 
     expect = expected_from(manifest)
 

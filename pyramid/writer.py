@@ -2,15 +2,13 @@
 
 import errno
 import io
-import math
 import os
 import queue
 import stat
-import struct
 import threading
-import zlib
 from pathlib import Path
 
+from pyramid.ptzip import ArchiveLayout, NotPlain
 from pyramid.team import cpus_per_process
 from pyramid.tree import (
     FAILURES_NAME,
@@ -125,139 +123,6 @@ def _write_all(fd, pieces):
             views[0] = views[0][written:]
 
 
-class NotTorchSaveLayout(Exception):
-    """torch.save's archive is not laid out as ArchiveLayout expects (another torch): use torch.save."""
-
-
-DIRECTORY_ENTRY = struct.Struct("<4s6H3L5H2L")  # signature ... crc, sizes, name/extra/comment lengths ... offset
-LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # signature, version, flags, method, time, date, crc, sizes, lengths
-END_OF_DIRECTORY = struct.Struct("<4s4H2LH")  # signature, disks, entries, directory size and offset, comment
-HAS_DESCRIPTOR = 0x08  # flag bit 3: the CRC and sizes follow the data, in a data descriptor
-MASK64 = (1 << 64) - 1
-ID_DIGITS = 20  # the serialization id: 20 digits of the record names' hash, then 20 of the folded CRC32s
-
-
-def _hash_combine(seed, value):
-    """c10::hash_combine on 64-bit size_t: how torch.save folds each record's CRC32 into the serialization id."""
-    return seed ^ ((value + 0x9E3779B9 + (seed << 6) + (seed >> 2)) & MASK64)
-
-
-def _zip_records(data):
-    """[(name, data start, data size, CRC32, (offsets of its CRC32 fields))] of an uncompressed zip, in
-    order; a layout other than torch.save's (compressed, zip64 offsets, a comment) raises NotTorchSaveLayout."""
-    end = END_OF_DIRECTORY.unpack_from(data, len(data) - END_OF_DIRECTORY.size)
-    signature, _, _, _, entries, _, directory_at, comment = end
-    if signature != b"PK\x05\x06" or comment or directory_at == 0xFFFFFFFF:
-        raise NotTorchSaveLayout("zip end record")
-    records, position = [], directory_at
-    for _ in range(entries):
-        fields = DIRECTORY_ENTRY.unpack_from(data, position)
-        signature, flags, method, crc, stored, size = fields[0], fields[3], fields[4], fields[7], fields[8], fields[9]
-        name_length, extra_length, comment_length, local_at = fields[10], fields[11], fields[12], fields[16]
-        if signature != b"PK\x01\x02" or method != 0 or stored != size or 0xFFFFFFFF in (size, local_at):
-            raise NotTorchSaveLayout("zip directory entry")
-        name = data[position + DIRECTORY_ENTRY.size:position + DIRECTORY_ENTRY.size + name_length].decode()
-        local = LOCAL_HEADER.unpack_from(data, local_at)
-        start = local_at + LOCAL_HEADER.size + local[9] + local[10]
-        if flags & HAS_DESCRIPTOR:
-            if data[start + size:start + size + 4] != b"PK\x07\x08":
-                raise NotTorchSaveLayout("data descriptor")
-            local_crc_at = start + size + 4
-        else:
-            local_crc_at = local_at + 14
-        records.append((name, start, size, crc, (local_crc_at, position + 16)))
-        position += DIRECTORY_ENTRY.size + name_length + extra_length + comment_length
-    return records
-
-
-class ArchiveLayout:
-    """torch.save's bytes for a pyramid of given level shapes, with the level data and the CRC32s left
-    to fill in per file: the same file, byte for byte, without torch.save.
-
-    torch.save holds the GIL for the whole file (the pickle, the zip records, the CRC32 of every byte):
-    about 0.3 ms of each 1 MB pyramid, for which writer threads and the run loop then queue. But the
-    archives of pyramids of one shape differ only in the level bytes, their CRC32s (in each record's
-    data descriptor and central directory entry) and the serialization id (which folds the CRC32s of
-    every record). So torch.save makes the archive once, of zeros, and each file is its fixed pieces
-    around the level bytes, patched: zlib.crc32 (which releases the GIL on buffers over 5 KiB) reads
-    the levels where they lie, and one os.writev writes them. Files load with torch.load and pass zip
-    tools as torch.save's do, being the same bytes; `Writer` checks that on the first file of each
-    layout and uses torch.save for a layout that differs.
-    """
-
-    def __init__(self, shapes, dtypes=None):
-        """`shapes`: {key: the shape of one image's level, (1, S*S, D)}, in the file's key order; `dtypes`:
-        {key: its torch dtype} (float32 where not given): any dtype, the values' bytes are laid in as they are."""
-        import torch
-
-        dtypes = {key: (dtypes or {}).get(key, torch.float32) for key in shapes}
-        template = io.BytesIO()
-        torch.save({key: torch.zeros(shape, dtype=dtypes[key]) for key, shape in shapes.items()}, template)
-        data = template.getvalue()
-        records = _zip_records(data)
-        names = [name for name, *_ in records]
-        self.level_records = []  # per key, the index of its storage record
-        for number, (key, shape) in enumerate(shapes.items()):
-            found = [index for index, name in enumerate(names) if name.endswith(f"/data/{number}")]
-            if len(found) != 1 or records[found[0]][2] != dtypes[key].itemsize * math.prod(shape):
-                raise NotTorchSaveLayout(f"storage record of {key}")
-            self.level_records.append(found[0])
-        found = [index for index, name in enumerate(names) if name.endswith("/.data/serialization_id")]
-        if len(found) != 1 or found[0] != len(records) - 1 or records[found[0]][2] != 2 * ID_DIGITS:
-            raise NotTorchSaveLayout("serialization id record")
-        self.id_record = found[0]
-        id_start = records[self.id_record][1]
-        self.id_prefix = data[id_start:id_start + ID_DIGITS]
-        self.crcs = [crc for *_, crc, _ in records]
-        if self._folded(self.crcs) != data[id_start + ID_DIGITS:id_start + 2 * ID_DIGITS]:
-            raise NotTorchSaveLayout("serialization id")
-        # The fixed pieces between the level data, and where in them each CRC32 and the id digits go.
-        cuts = sorted((records[index][1], records[index][1] + records[index][2]) for index in self.level_records)
-        bounds = [0] + [edge for cut in cuts for edge in cut] + [len(data)]
-        self.gaps = [data[bounds[i]:bounds[i + 1]] for i in range(0, len(bounds), 2)]
-        self.order = sorted(range(len(shapes)), key=lambda number: records[self.level_records[number]][1])
-        self.patches = [[] for _ in self.gaps]  # per gap: [(offset in it, record index or None for the id)]
-        for index, (*_, crc_at) in enumerate(records):
-            if index in self.level_records or index == self.id_record:
-                for offset in crc_at:
-                    self._add_patch(bounds, offset, index)
-        self._add_patch(bounds, id_start + ID_DIGITS, None)
-        self.size = len(data)
-
-    def _add_patch(self, bounds, offset, what):
-        gap = next(i for i in range(len(self.gaps)) if bounds[2 * i] <= offset < bounds[2 * i + 1])
-        self.patches[gap].append((offset - bounds[2 * gap], what))
-
-    def _folded(self, crcs):
-        """The id's last 20 digits: the CRC32s of every record before the id, folded in archive order."""
-        combined = 0
-        for crc in crcs[:self.id_record]:
-            combined = _hash_combine(combined, crc)
-        return b"%020d" % combined
-
-    def pieces(self, rows):
-        """The file of one image as a list of buffers: `rows` holds, per key in the file's order, the
-        bytes of its level (any contiguous buffer: a row of the batch, read in place)."""
-        crcs = list(self.crcs)
-        for index, row in zip(self.level_records, rows):
-            crcs[index] = zlib.crc32(row)
-        digits = self._folded(crcs)
-        crcs[self.id_record] = zlib.crc32(self.id_prefix + digits)
-        pieces = []
-        for number, (gap, patches) in enumerate(zip(self.gaps, self.patches)):
-            if patches:
-                gap = bytearray(gap)
-                for offset, what in patches:
-                    if what is None:
-                        gap[offset:offset + ID_DIGITS] = digits
-                    else:
-                        struct.pack_into("<L", gap, offset, crcs[what])
-            pieces.append(gap)
-            if number < len(self.order):
-                pieces.append(rows[self.order[number]])
-        return pieces
-
-
 def _fsync_directory(directory):
     """Make a rename in `directory` durable: its entry is data of the directory, not of the file."""
     fd = os.open(directory, os.O_RDONLY)
@@ -301,7 +166,7 @@ def checked_layout(levels):
     try:
         layout = ArchiveLayout({key: (1, *value.shape[1:]) for key, value in levels.items()},
                                {key: value.dtype for key, value in levels.items()})
-    except NotTorchSaveLayout:
+    except NotPlain:
         return None
     expected = io.BytesIO()
     torch.save({key: value[0:1].clone() for key, value in levels.items()}, expected)

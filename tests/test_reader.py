@@ -1,15 +1,13 @@
 """pyramid/reader.py: read_pyramid gives torch.load's values, for every layout, or torch.load's error."""
 
 import os
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from pyramid.exits import DamagedFile
-from pyramid.reader import OutMismatch, read_ahead, read_pyramid
+from pyramid.reader import OutMismatch, read_pyramid
 from pyramid.synthetic import LEVELS, make_pyramid
 from pyramid.writer import save_atomic
 
@@ -97,33 +95,6 @@ def test_adjacent_records_are_one_read_and_numpy_rows_are_read_into(tmp_path, mo
     assert len(calls) == 2 and torch.equal(got["1x1"], make_pyramid(1)["1x1"])
     with pytest.raises(OutMismatch):
         read_pyramid(tmp_path / "1.pt", ["1x1"], out={"1x1": np.zeros((1, 8), np.float64)})
-
-
-def test_read_ahead_raises_a_failed_or_stuck_read_within_its_timeout():
-    release = threading.Event()
-
-    def read(item):
-        if item == "broken.pt":
-            raise OSError("Input/output error")
-        if item == "stuck.pt":
-            release.wait(60)
-        return item.upper()
-
-    threads = threading.active_count()
-    assert list(read_ahead(read, ["a.pt", "b.pt", "c.pt"], 2, 2)) == ["A.PT", "B.PT", "C.PT"]
-    results = read_ahead(read, ["a.pt", "broken.pt", "c.pt"], 2, 2)
-    assert next(results) == "A.PT"
-    with pytest.raises(OSError, match="Input/output error"):
-        next(results)
-    started = time.monotonic()
-    with pytest.raises(TimeoutError, match="reading stuck.pt has not returned in 0.2 s"):
-        list(read_ahead(read, ["a.pt", "stuck.pt", "c.pt"], 2, 2, timeout=0.2))
-    assert time.monotonic() - started < 5
-    release.set()  # the stuck read returns: its thread ends, as the others did
-    deadline = time.monotonic() + 10
-    while threading.active_count() > threads and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert threading.active_count() == threads
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

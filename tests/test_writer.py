@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pyramid.levels import build_pyramid, split_pyramids, split_twins
-from pyramid.paths import is_complete_archive
+from pyramid.ptzip import is_complete_archive
 from pyramid.tree import scan_outputs, temporary_name, writer_tag
 from pyramid.writer import Writer, WriterGone, record_failure, save_atomic, write_atomic
 
