@@ -3,7 +3,6 @@
 import importlib.util
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Tests import the package from the checkout, with no install step.
 sys.path.insert(0, str(REPO))
 
+import warm  # noqa: E402
 from pyramid.synthetic import RANDOM_SIZES, save_random_dinov2, save_random_dinov3  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -72,7 +72,7 @@ def write_images(directory, count, size=(64, 48), suffix=".png", seed=0, names=N
 def run_cli(*args, cwd=REPO, timeout=600, env=None):
     """Run `python extract_distributed.py ARGS` in a subprocess; return the CompletedProcess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, str(REPO / "extract_distributed.py"), *map(str, args)],
+    return warm.run([sys.executable, str(REPO / "extract_distributed.py"), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

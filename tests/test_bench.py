@@ -1,13 +1,13 @@
 """pyramid/bench.py: the benchmark runs on a tiny model and reports sane figures (no timing thresholds)."""
 
 import json
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
+import warm
 from conftest import REPO
 from pyramid.bench import get_args_parser, ideal_rate, main, run_child
 
@@ -49,7 +49,7 @@ def test_bench_refuses_mixed_or_missing_sources_before_work(capsys):
 
 
 def test_bench_reports_positive_consistent_figures():
-    result = subprocess.run(
+    result = warm.run(
         [sys.executable, "-m", "pyramid.bench", "--random", "tiny", "--synthetic", "8", "--batch_size", "4",
          "--num_workers", "1", "--baseline", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -66,7 +66,7 @@ def test_bench_reports_positive_consistent_figures():
 
 
 def test_reader_figures_side_by_side_on_a_synthetic_tree():
-    result = subprocess.run(
+    result = warm.run(
         [sys.executable, "-m", "pyramid.bench", "--reader", "--synthetic_tree", "12", "--reader_items", "12",
          "--rounds", "1", "--num_workers", "0", "--batch_size", "4", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -90,7 +90,7 @@ def test_save_random_model_gives_a_model_the_tools_load(tmp_path):
     from pyramid.encoder import load_model_info
 
     directory = tmp_path / "models" / "random-tiny"
-    result = subprocess.run([sys.executable, "-m", "pyramid.bench", "--save_random_model", str(directory),
+    result = warm.run([sys.executable, "-m", "pyramid.bench", "--save_random_model", str(directory),
                              "--random", "tiny"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"saved a random-weight DINOv2 (tiny: hidden size 32, 2 layers, 2 heads) to "

@@ -2,13 +2,13 @@
 
 import json
 import os
-import subprocess
 import time
 from datetime import datetime
 
 import torch
 from PIL import Image
 
+import warm
 from conftest import REPO, accelerate_launch, run_cli, write_images
 
 TWO_CPU_PROCESSES = REPO / "tests" / "accelerate_cpu_2proc.yaml"
@@ -18,7 +18,7 @@ def launch_two(*args, timeout=600, env=None):
     """`accelerate launch` with two real CPU processes."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     command = [*accelerate_launch(TWO_CPU_PROCESSES), str(REPO / "extract_distributed.py"), *map(str, args)]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    return warm.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def outputs(directory):

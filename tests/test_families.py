@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+import warm
 from conftest import REPO, TORCHVISION, write_images
 from pyramid.exits import UsageError
 from pyramid.families import check_model_up_front, family_of, peek_config, processor_overrides, resolution_error
@@ -77,7 +78,7 @@ def test_the_extractor_refuses_a_dinov3_without_torchvision_before_torch_loads(t
 def test_without_torchvision_the_cli_says_what_to_install(tmp_path, tiny_dinov3):
     images = tmp_path / "images"
     write_images(images, 1)
-    result = subprocess.run([sys.executable, str(REPO / "extract_distributed.py"), "--input_dir", images,
+    result = warm.run([sys.executable, str(REPO / "extract_distributed.py"), "--input_dir", images,
                              "--output_dir", tmp_path / "out", "--model", tiny_dinov3],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import warm
 from conftest import REPO, accelerate_launch, run_cli, save_tiny_dinov2, write_images
 from pyramid.tree import is_temporary_name, temporary_name
 
@@ -51,7 +52,7 @@ def start(command, log_path):
     """Start a run in a session of its own: os.killpg then reaches it and its decode workers, as Ctrl-C would."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     with open(log_path, "w") as log:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        return warm.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
@@ -85,7 +86,7 @@ def assert_complete_and_equal(directory, reference):
 
 
 def assert_verify_passes(output_dir, input_dir):
-    result = subprocess.run([sys.executable, "-m", "pyramid.verify", str(output_dir), "--input_dir", str(input_dir),
+    result = warm.run([sys.executable, "-m", "pyramid.verify", str(output_dir), "--input_dir", str(input_dir),
                              "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 problems in all" in result.stdout
@@ -93,7 +94,7 @@ def assert_verify_passes(output_dir, input_dir):
 
 def rerun_finishes_like_reference(command, output_dir, input_dir, reference):
     """Run `command` again: it must exit 0 and leave the tree an uninterrupted run leaves."""
-    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+    rerun = warm.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert_finished_like_reference(output_dir, input_dir, reference)
@@ -523,7 +524,7 @@ def runs_of(output_dir):
 def test_a_stuck_process_ends_with_its_stacks_and_its_record(tmp_path, tiny_model, corpus):
     input_dir, reference = corpus
     out = tmp_path / "out"
-    result = subprocess.run(faulty_command(1, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+    result = warm.run(faulty_command(1, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
                                            "--batch_size", 2, "--num_workers", 0, "--stall_timeout", 2),
                             cwd=REPO, capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, FAULT_STUCK_AT="3", OMP_NUM_THREADS="1"))
@@ -547,7 +548,7 @@ def test_sigterm_ends_every_process_within_the_grace_though_one_is_stuck_with_si
                              "--batch_size", 1, "--num_workers", 0)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", FAULT_RANK="1", FAULT_STUCK_AT="2")
     with open(tmp_path / "launch.log", "w") as log:
-        launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        launcher = warm.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
     ranks = []
     try:
@@ -583,7 +584,7 @@ def test_a_process_that_raises_is_recorded_and_torchruns_restart_finishes_the_ru
     out = tmp_path / "out"
     command = faulty_command(2, "--max_restarts", 1, "--", "--input_dir", input_dir, "--output_dir", out,
                              "--model", tiny_model, "--batch_size", 1, "--num_workers", 0)
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+    result = warm.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1", PYRAMID_RUN_ID="restarted", FAULT_RANK="1",
                                      FAULT_RAISE_AT="2", FAULT_FIRST_ATTEMPT="1"))
     assert result.returncode == 0, result.stderr
@@ -596,7 +597,7 @@ def test_a_process_that_raises_is_recorded_and_torchruns_restart_finishes_the_ru
     assert first["written"] + first["failed"] < NUM_IMAGES
     assert (restarted["run_id"], restarted["status"]) == ("restarted", 0)
     assert restarted["written"] + restarted["skipped"] == NUM_IMAGES and restarted["skipped"] == first["written"]
-    assert subprocess.run([sys.executable, "-m", "pyramid.runs", "status", str(out), "restarted"], cwd=REPO,
+    assert warm.run([sys.executable, "-m", "pyramid.runs", "status", str(out), "restarted"], cwd=REPO,
                           capture_output=True, text=True, timeout=60).stdout == "0\n"
     assert outputs(out) == outputs(reference) and temporaries(out) == []
     assert_complete_and_equal(out, reference)

@@ -31,6 +31,7 @@ import time
 import pytest
 import torch
 
+import warm
 from conftest import REPO, accelerate_launch, run_cli, write_images
 from pyramid.encoder import HostCopies
 from pyramid.synthetic import save_random_dinov2, write_synthetic_faces
@@ -69,7 +70,7 @@ def summary(stderr):
 
 
 def verify(directory):
-    return subprocess.run([sys.executable, "-m", "pyramid.verify", str(directory)], cwd=REPO,
+    return warm.run([sys.executable, "-m", "pyramid.verify", str(directory)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -371,7 +372,7 @@ def test_two_processes_on_one_gpu_write_each_image_once(device, tiny_model, tmp_
     count = 600 if device == "cuda" else 6  # CPU: two real processes, a check of this test's code (~20 s)
     write_images(tmp_path / "in", count, size=(40, 32))
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(
+    result = warm.run(
         [*accelerate_launch(TWO_PROCESSES), str(REPO / "extract_distributed.py"),
          "--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
          "--model", str(tiny_model), "--batch_size", "16", "--num_workers", "2"],

@@ -15,6 +15,7 @@ import torch
 import pyramid.dataset
 import pyramid.loader
 import pyramid.team
+import warm
 from conftest import REPO
 from pyramid import PyramidDataset
 from pyramid.pack import build_pack
@@ -116,7 +117,7 @@ def test_torch_distributed_gives_each_rank_its_part(tree, tmp_path):
         f"loader = PyramidDataset({str(tree)!r}, levels=['1x1']).loader(4, shuffle=True, seed=5)\n"
         "print(len(loader), ' '.join(name for batch in loader for name in batch['name']))\n"
         "dist.destroy_process_group()\n")
-    ranks = [subprocess.Popen([sys.executable, "-c", script, str(rank)], cwd=REPO, stdout=subprocess.PIPE,
+    ranks = [warm.Popen([sys.executable, "-c", script, str(rank)], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in range(2)]
     outputs = [rank.communicate(timeout=120) for rank in ranks]
     assert all(rank.returncode == 0 for rank in ranks), [error for _, error in outputs]

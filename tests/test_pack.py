@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import subprocess
 import sys
 import warnings
 
@@ -13,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import pyramid.reader
+import warm
 from conftest import REPO
 from pyramid import PyramidDataset
 from pyramid.pack import build_pack
@@ -33,7 +33,7 @@ def tree(tmp_path):
 
 
 def run_pack(*args):
-    return subprocess.run([sys.executable, "-m", "pyramid.pack", *map(str, args)], cwd=REPO,
+    return warm.run([sys.executable, "-m", "pyramid.pack", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import warm
 from conftest import REPO, write_images
 from pyramid import prepare
 from pyramid.tree import temporary_name, writer_tag
@@ -58,7 +59,7 @@ def run(*argv):
 
 def run_cli(*argv, env=None):
     """`python -m pyramid.prepare ARGS` in a subprocess; the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "pyramid.prepare", *map(str, argv)], cwd=REPO,
+    return warm.run([sys.executable, "-m", "pyramid.prepare", *map(str, argv)], cwd=REPO,
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, **(env or {})))
 
 

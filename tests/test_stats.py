@@ -1,12 +1,12 @@
 """pyramid/stats.py: exact float64 statistics against numpy, the same bits whatever the workers, order or source."""
 
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+import warm
 from conftest import REPO
 from pyramid import PyramidDataset
 from pyramid.pack import build_pack
@@ -45,7 +45,7 @@ def assert_identical(a, b):
 
 
 def test_cli_writes_the_contracts_stats_equal_to_numpy(tree):
-    result = subprocess.run([sys.executable, "-m", "pyramid.stats", str(tree), "--workers", "2"], cwd=REPO,
+    result = warm.run([sys.executable, "-m", "pyramid.stats", str(tree), "--workers", "2"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     stats = torch.load(tree / "stats.pt", weights_only=True)

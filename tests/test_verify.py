@@ -2,13 +2,13 @@
 test_recompute.py)."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import warm
 from conftest import REPO, write_images
 from pyramid.synthetic import GRID, HIDDEN, LEVELS, make_pyramid, write_tree
 from pyramid.verify import check_pyramid, get_args_parser, main, pool_2x2
@@ -18,7 +18,7 @@ NAMES = ["00000", "00001", "sub/00002"]
 
 def run_verify(*args):
     """`python -m pyramid.verify ARGS` in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "pyramid.verify", *map(str, args)],
+    return warm.run([sys.executable, "-m", "pyramid.verify", *map(str, args)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
