@@ -2,25 +2,25 @@
 
 `warm.run` and `warm.Popen` take what `subprocess.run` and `subprocess.Popen` take. A command line
 `[sys.executable, SCRIPT | -m MODULE | -c CODE, ARGS...]` becomes a process forked from this test process's zygote
-(started on first use, one per xdist worker) instead of a new interpreter: it is still a real process, a child of the
-test process with its own pid (signals, /proc, `os.killpg` with `start_new_session`), exit status (negative for a
-signal), stdin, stdout and stderr (pipes, files or inherited), cwd and environment, and it sees `sys.argv`,
-`__main__`, `sys.path`, line buffering and exit handling (threads joined, atexit run) as a fresh interpreter would;
-only the imports are already done, which is most of a run's CPU time here (about 3 s of a 4 s tiny extraction).
+(started on first use, one per xdist worker) instead of a new interpreter: it is still a real process with its own
+pid (signals, /proc, `os.killpg` with `start_new_session`), exit status (negative for a signal), stdin, stdout and
+stderr (pipes, files or inherited), cwd and environment, and it sees `sys.argv`, `__main__`, `sys.path`, line
+buffering, seeds and exit handling (threads joined, atexit run) as a fresh interpreter would; only the imports are
+already done, which is most of a run's CPU time here (about 3 s of a 4 s tiny extraction).
 
 What a fork cannot give starts cold as before, through the real `subprocess.Popen`: another program (`bash`,
 `taskset`, a venv's python), interpreter flags other than `-u`, `preexec_fn`, `pass_fds`, users and groups, and an
-environment that would change what an import does (PYTHONPATH hiding a module, HF_*, LD_*, thread-pool settings other
-than OMP_NUM_THREADS, which is applied with torch.set_num_threads as torch itself would at start).
+environment that would change what an import does (PYTHONPATH hiding a module, HF_*, LD_*, CXX, thread-pool settings
+other than OMP_NUM_THREADS, which is applied with torch.set_num_threads as torch itself would at start). Code that
+checks what a fresh interpreter has imported (`'torch' in sys.modules`) must start cold: use subprocess there.
 `PYRAMID_TESTS_COLD=1` starts every process cold, to compare.
 
-How a forked process becomes the test's child: the test process is a child subreaper (prctl), the zygote forks an
-intermediate process that forks the run and exits at once, and the orphaned run is handed to the nearest subreaper,
-the test process, which waits for it with `os.waitpid` like any child (the zygote answers only after the intermediate
-has exited, so the run is already ours when its pid is returned).
+How it waits for them: the zygote is the runs' parent (it forks each directly and runs nothing itself); it watches
+each run through a pidfd, reaps it and sends its raw wait status back, which `warm.Popen` hands to subprocess's own
+status handling, so `wait`, `poll`, `communicate`, `kill` and their timeouts behave as for any child. A run's own
+children are the kernel's business as usual (an orphan goes to init, which reaps it).
 """
 
-import array
 import atexit
 import inspect
 import os
@@ -48,41 +48,57 @@ PRELOAD = (
 # OMP_NUM_THREADS is applied in the fork instead; the rest of the environment is read at run time.
 IMPORT_TIME_PREFIXES = ("PYTHON", "LD_", "HF_", "HUGGINGFACE", "TRANSFORMERS", "MKL_", "KMP_", "GOMP_", "OMP_",
                         "OPENBLAS", "TORCH_HOME", "TOKENIZERS", "ACCELERATE_", "XDG_CACHE_HOME", "HOME")
+IMPORT_TIME_NAMES = {"CC", "CXX"}  # torch._inductor reads the compiler when its config module is imported
 RUNTIME_ONLY = {"PYTHONUNBUFFERED", "OMP_NUM_THREADS", "PYTHONFAULTHANDLER"}
-PR_SET_CHILD_SUBREAPER = 36
 
 
 def cold():
-    return os.environ.get("PYRAMID_TESTS_COLD") == "1" or not sys.platform.startswith("linux")
+    return os.environ.get("PYRAMID_TESTS_COLD") == "1" or not hasattr(os, "pidfd_open")
 
 
 # --- In the test process ------------------------------------------------------------------------------------------
 
 class _Zygote:
-    """The forking process of this test process, started on first use."""
+    """The forking process of this test process, started on first use, and what it has said about its runs."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one request at a time
+        self.said = threading.Condition()
+        self.started = []  # answers to requests, in order: a pid, or why the fork failed
+        self.ended = {}  # pid -> raw wait status
         self.sock = None
         self.process = None
         self.environ = None  # the environment the zygote imported under
 
     def _start(self):
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.environ = dict(os.environ)
         self.process = subprocess.Popen([sys.executable, __file__, str(theirs.fileno())], pass_fds=[theirs.fileno()],
                                         stdin=subprocess.DEVNULL, cwd=REPO)
         theirs.close()
         self.sock = ours
+        threading.Thread(target=self._listen, args=(ours,), name="warm-zygote", daemon=True).start()
         atexit.register(self.stop)
+
+    def _listen(self, sock):
+        """Sort the zygote's messages: answers to requests, and runs that ended."""
+        try:
+            while True:
+                kind, *values = pickle.loads(_read_frame(sock))
+                with self.said:
+                    if kind == "ended":
+                        self.ended[values[0]] = values[1]
+                    else:
+                        self.started.append(values[0])
+                    self.said.notify_all()
+        except (EOFError, OSError):
+            with self.said:
+                self.started.append("the zygote ended")
+                self.said.notify_all()
 
     def stop(self):
         if self.sock is not None:
-            self.sock.close()
+            self.sock.shutdown(socket.SHUT_RDWR)
             self.sock = None
         if self.process is not None:
             try:
@@ -92,21 +108,30 @@ class _Zygote:
             self.process = None
 
     def fork(self, request, fds):
-        """Send one run's request and its three standard fds; the forked run's pid once it is our child."""
+        """Send one run's request and its three standard fds; the forked run's pid."""
         with self.lock:
             if self.sock is None:
                 self._start()
             socket.send_fds(self.sock, [_frame(pickle.dumps(request))], fds)
-            answer = pickle.loads(_read_frame(self.sock))
+            with self.said:
+                self.said.wait_for(lambda: self.started)
+                answer = self.started.pop(0)
         if isinstance(answer, str):
             raise RuntimeError(f"the test zygote could not fork: {answer}")
         return answer
+
+    def status(self, pid, block):
+        """The raw wait status of run `pid` once it ended; None while it runs and `block` is False."""
+        with self.said:
+            if block:
+                self.said.wait_for(lambda: pid in self.ended)
+            return self.ended.pop(pid, None)
 
     def differs_at_import(self, env):
         """Whether `env` sets an import-time variable otherwise than the zygote's environment."""
         base = self.environ if self.environ is not None else os.environ
         for key in set(env) | set(base):
-            if key in RUNTIME_ONLY or not key.startswith(IMPORT_TIME_PREFIXES):
+            if key in RUNTIME_ONLY or not (key.startswith(IMPORT_TIME_PREFIXES) or key in IMPORT_TIME_NAMES):
                 continue
             if env.get(key) != base.get(key):
                 return True
@@ -155,6 +180,8 @@ def _program(args):
 class Popen(subprocess.Popen):
     """subprocess.Popen whose `[sys.executable, ...]` children are forked from the warm zygote (see the module)."""
 
+    _warm = False
+
     def _execute_child(self, *args, **kwargs):
         bound = inspect.signature(subprocess.Popen._execute_child).bind(self, *args, **kwargs).arguments
         program = None if cold() else _program(bound["args"])
@@ -177,6 +204,7 @@ class Popen(subprocess.Popen):
         try:
             self.pid = _ZYGOTE.fork(request, fds)
             self._child_created = True
+            self._warm = True
         finally:
             # What subprocess closes after a fork: the child's ends of the pipes it made.
             if p2cread != -1 and p2cwrite != -1:
@@ -186,6 +214,25 @@ class Popen(subprocess.Popen):
             if errwrite != -1 and errread != -1 and errwrite != c2pwrite:
                 os.close(errwrite)
             self._closed_child_pipe_fds = True
+
+    def _try_wait(self, wait_flags):
+        """(pid, raw status) from the zygote, which reaps the run; (0, 0) while it runs under WNOHANG."""
+        if not self._warm:
+            return super()._try_wait(wait_flags)
+        status = _ZYGOTE.status(self.pid, block=not wait_flags & os.WNOHANG)
+        return (0, 0) if status is None else (self.pid, status)
+
+    def _internal_poll(self, *args, **kwargs):
+        if not self._warm:
+            return super()._internal_poll(*args, **kwargs)
+        if self.returncode is None and self._waitpid_lock.acquire(False):
+            try:
+                status = _ZYGOTE.status(self.pid, block=False)
+                if status is not None:
+                    self._handle_exitstatus(status)
+            finally:
+                self._waitpid_lock.release()
+        return self.returncode
 
 
 def run(*popenargs, input=None, capture_output=False, timeout=None, check=False, **kwargs):
@@ -229,61 +276,57 @@ def serve(fd):
                 pass  # an optional part (torchvision's processors, a model another transformers lacks)
         for module in sorted(path.stem for path in (REPO / "pyramid").glob("*.py")):
             importlib.import_module(f"pyramid.{module}")
+    import select
     sock = socket.socket(fileno=fd)
+    watched = {}  # pidfd -> pid of a run
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
     while True:
-        try:
-            # The fds come with the request's first bytes, so the first read is recvmsg's (a plain recv drops them).
-            payload, fds, _, _ = socket.recv_fds(sock, 1 << 16, 3)
-            if not payload:
+        for ready, _ in poller.poll():
+            if ready in watched:
+                pid = watched.pop(ready)
+                poller.unregister(ready)
+                os.close(ready)
+                _, status = os.waitpid(pid, 0)
+                sock.sendall(_frame(pickle.dumps(("ended", pid, status))))
+                continue
+            try:
+                request, fds = _read_request(sock)
+            except (EOFError, ConnectionError):
                 return
-            while len(payload) < 8 or len(payload) < 8 + int.from_bytes(payload[:8], "little"):
-                payload += _read_exactly(sock, 8 + int.from_bytes(payload[:8], "little") - len(payload)
-                                         if len(payload) >= 8 else 8 - len(payload))
-            payload = payload[8:]
-        except (EOFError, ConnectionError):
-            return
-        request = pickle.loads(payload)
-        try:
-            answer = _fork_run(sock, request, fds, base_path)
-        except Exception as error:  # noqa: BLE001 (told to the test process, which raises it)
-            answer = f"{type(error).__name__}: {error}"
-        for received in fds:
-            os.close(received)
-        sock.sendall(_frame(pickle.dumps(answer)))
+            try:
+                pid = _fork_run(sock, request, fds, base_path)
+                pidfd = os.pidfd_open(pid)
+                watched[pidfd] = pid
+                poller.register(pidfd, select.POLLIN)
+                answer = pid
+            except Exception as error:  # noqa: BLE001 (told to the test process, which raises it)
+                answer = f"{type(error).__name__}: {error}"
+            for received in fds:
+                os.close(received)
+            sock.sendall(_frame(pickle.dumps(("started", answer))))
+
+
+def _read_request(sock):
+    """One request and the fds that came with its first bytes (a plain recv would drop them)."""
+    payload, fds, _, _ = socket.recv_fds(sock, 1 << 16, 3)
+    if not payload:
+        raise EOFError("the test process closed its socket")
+    while len(payload) < 8:
+        payload += _read_exactly(sock, 8 - len(payload))
+    length = 8 + int.from_bytes(payload[:8], "little")
+    if len(payload) < length:
+        payload += _read_exactly(sock, length - len(payload))
+    return pickle.loads(payload[8:]), fds
 
 
 def _fork_run(sock, request, fds, base_path):
-    """Fork an intermediate that forks the run and exits; the run's pid, once the intermediate is gone."""
-    read_end, write_end = os.pipe()
-    intermediate = os.fork()
-    if intermediate == 0:
-        try:
-            os.close(read_end)
-            parent = os.getpid()
-            run_pid = os.fork()
-            if run_pid == 0:
-                os.close(write_end)
-                sock.close()
-                _wait_for_adoption(parent)
-                _become_run(request, fds, base_path)  # never returns
-            os.write(write_end, array.array("q", [run_pid]).tobytes())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    os.waitpid(intermediate, 0)
-    if len(data) != 8:
-        raise RuntimeError("the intermediate process died before forking the run")
-    return array.array("q", data)[0]
-
-
-def _wait_for_adoption(intermediate):
-    """Start only once the test process is the parent (os.getppid, PR_SET_PDEATHSIG then see what they would)."""
-    import time
-    deadline = time.monotonic() + 10
-    while os.getppid() == intermediate and time.monotonic() < deadline:
-        time.sleep(0.0002)
+    """Fork the run; its pid."""
+    pid = os.fork()
+    if pid == 0:
+        sock.close()
+        _become_run(request, fds, base_path)  # never returns
+    return pid
 
 
 def _become_run(request, fds, base_path):
@@ -357,6 +400,7 @@ def _run_main(request, base_path):
         elif how == "-m":
             sys.argv = ["-m", *argv]
             sys.path[:] = [os.getcwd(), *base_path]
+            sys.modules.pop(what, None)  # imported by the zygote; a new interpreter runs it once, as __main__
             runpy.run_module(what, run_name="__main__", alter_sys=True)
         else:
             sys.argv = ["-c", *argv]
