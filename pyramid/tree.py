@@ -192,14 +192,24 @@ def writer_tag():
 
 
 def pid_alive(pid):
-    """True while process `pid` exists on this host (also when another user owns it)."""
+    """True while process `pid` runs on this host (also when another user owns it); a zombie is dead.
+
+    A killed run's processes can stay zombies for a while, or for good: orphans go to PID 1, and a container's
+    PID 1 that is not an init reaps them late or never. Its lock and temporaries are still a dead run's.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, owned by another user
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except FileNotFoundError:  # ended just now; where there is no /proc at all (macOS), kill's answer stands
+        return not os.path.isdir("/proc/self")
+    except OSError:
         return True
-    return True
 
 
 def is_abandoned_temporary(path, now=None):

@@ -8,6 +8,8 @@ import json
 import multiprocessing
 import os
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import hostile_names
@@ -193,3 +195,18 @@ def test_a_manifest_from_before_dinov3_and_resolution_reads_as_a_dinov2_at_its_c
     assert tree.tree_digest(old, records) == tree.tree_digest({**old, "model_family": "dinov2", "resolution": 224},
                                                               records)
     assert tree.tree_digest(old, records) != tree.tree_digest({**old, "model_family": "dinov3"}, records)
+
+
+def test_a_zombie_is_a_dead_process_whose_lock_and_temporaries_are_free():
+    """A killed run's orphans wait for PID 1 to reap them, which in a container may be late or never."""
+    assert tree.pid_alive(os.getpid())
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not tree.pid_alive(child.pid)
+    finally:
+        child.wait()
+    assert not tree.pid_alive(child.pid)
