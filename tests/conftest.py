@@ -73,7 +73,7 @@ def run_cli(*args, cwd=REPO, timeout=600, env=None):
     """Run `python extract_distributed.py ARGS` in a subprocess; return the CompletedProcess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return warm.run([sys.executable, str(REPO / "extract_distributed.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+                    cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 def free_port():

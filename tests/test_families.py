@@ -80,6 +80,6 @@ def test_without_torchvision_the_cli_says_what_to_install(tmp_path, tiny_dinov3)
     write_images(images, 1)
     result = warm.run([sys.executable, str(REPO / "extract_distributed.py"), "--input_dir", images,
                              "--output_dir", tmp_path / "out", "--model", tiny_dinov3],
-                            capture_output=True, text=True, timeout=120)
+                      capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert "pip install 'dinov2-feature-pyramids[dinov3]'" in result.stderr

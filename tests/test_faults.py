@@ -21,7 +21,7 @@ import torch
 
 import warm
 from conftest import REPO, accelerate_launch, run_cli, save_tiny_dinov2, write_images
-from pyramid.tree import is_temporary_name, temporary_name
+from pyramid.tree import LOCK_NAME, is_temporary_name, temporary_name
 
 TWO_CPU_PROCESSES = REPO / "tests" / "accelerate_cpu_2proc.yaml"
 NUM_IMAGES = 40
@@ -48,12 +48,12 @@ def extractor_command(processes, *args):
     return [*accelerate_launch(TWO_CPU_PROCESSES), *script]
 
 
-def start(command, log_path):
+def start(command, log_path, env=None):
     """Start a run in a session of its own: os.killpg then reaches it and its decode workers, as Ctrl-C would."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     with open(log_path, "w") as log:
         return warm.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                          start_new_session=True)
 
 
 def outputs(directory):
@@ -95,7 +95,7 @@ def assert_verify_passes(output_dir, input_dir):
 def rerun_finishes_like_reference(command, output_dir, input_dir, reference):
     """Run `command` again: it must exit 0 and leave the tree an uninterrupted run leaves."""
     rerun = warm.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+                     env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert_finished_like_reference(output_dir, input_dir, reference)
 
@@ -151,10 +151,15 @@ def alive(pid):
         return False
 
 
-def rank_of(pid):
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    ranks = [entry[5:] for entry in environ if entry.startswith(b"RANK=")]
-    return int(ranks[0]) if ranks else None
+def ranks_of(launcher, output_dir):
+    """{rank: pid} of a launch of two ranks with no decode workers: the launcher's descendants, less the zygote that
+    tests/warm.py forks them from; rank 0 is the one whose pid the output's lock holds. (Not RANK in
+    /proc/PID/environ: a forked process shows its zygote's environment there.)"""
+    ranks = [pid for pid in process_tree(launcher)[1:]
+             if Path(f"/proc/{pid}/comm").read_text().strip() != warm.ZYGOTE_NAME]
+    holder = json.loads((Path(output_dir) / LOCK_NAME).read_text())["pid"]
+    assert len(ranks) == 2 and holder in ranks, (ranks, holder)
+    return {0: holder, 1: sum(ranks) - holder}
 
 
 @pytest.mark.parametrize("processes, kills", [(1, 3), (2, 2)])
@@ -203,8 +208,7 @@ def test_killing_one_rank_ends_the_launch_soon_and_a_rerun_completes(tmp_path, t
     launcher = start(command, tmp_path / "launch.log")
     try:
         assert wait_for_outputs(out, 2, launcher), (tmp_path / "launch.log").read_text()
-        ranks = {rank_of(pid): pid for pid in children(launcher.pid)}
-        assert sorted(ranks) == [0, 1], ranks
+        ranks = ranks_of(launcher.pid, out)
         os.kill(ranks[victim], signal.SIGKILL)
         killed = time.monotonic()
         launcher.wait(timeout=120)  # the bound that matters is asserted below; this one only ends a hang
@@ -412,7 +416,9 @@ def test_killing_only_the_launcher_stops_its_ranks_cleanly(tmp_path, tiny_model,
     out = tmp_path / "out"
     command = extractor_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
                                 "--batch_size", 1, "--num_workers", 0)
-    launcher = start(command, tmp_path / "launch.log")
+    # The ranks are the launcher's own children here, started cold, as in a real launch: their parent's death is
+    # what this test is about.
+    launcher = start(command, tmp_path / "launch.log", env={warm.COLD_RANKS: "1"})
     ranks = []
     try:
         assert wait_for_outputs(out, 2, launcher), (tmp_path / "launch.log").read_text()
@@ -526,8 +532,8 @@ def test_a_stuck_process_ends_with_its_stacks_and_its_record(tmp_path, tiny_mode
     out = tmp_path / "out"
     result = warm.run(faulty_command(1, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
                                            "--batch_size", 2, "--num_workers", 0, "--stall_timeout", 2),
-                            cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, FAULT_STUCK_AT="3", OMP_NUM_THREADS="1"))
+                      cwd=REPO, capture_output=True, text=True, timeout=120,
+                      env=dict(os.environ, FAULT_STUCK_AT="3", OMP_NUM_THREADS="1"))
     assert result.returncode == 4, result.stderr
     assert "error: no batch finished in 2 s (--stall_timeout 2); stuck; every thread's stack follows" \
            in result.stderr
@@ -549,11 +555,11 @@ def test_sigterm_ends_every_process_within_the_grace_though_one_is_stuck_with_si
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", FAULT_RANK="1", FAULT_STUCK_AT="2")
     with open(tmp_path / "launch.log", "w") as log:
         launcher = warm.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                              start_new_session=True)
     ranks = []
     try:
         assert wait_for_outputs(out, 3, launcher), (tmp_path / "launch.log").read_text()
-        ranks = children(launcher.pid)
+        ranks = list(ranks_of(launcher.pid, out).values())
         time.sleep(1)  # rank 1 is in its second forward pass by now, for good
         launcher.send_signal(signal.SIGTERM)  # as `kill`, or scancel: the launcher SIGTERMs every rank
         sent = time.monotonic()
@@ -585,7 +591,7 @@ def test_a_process_that_raises_is_recorded_and_torchruns_restart_finishes_the_ru
     command = faulty_command(2, "--max_restarts", 1, "--", "--input_dir", input_dir, "--output_dir", out,
                              "--model", tiny_model, "--batch_size", 1, "--num_workers", 0)
     result = warm.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", PYRAMID_RUN_ID="restarted", FAULT_RANK="1",
+                      env=dict(os.environ, OMP_NUM_THREADS="1", PYRAMID_RUN_ID="restarted", FAULT_RANK="1",
                                      FAULT_RAISE_AT="2", FAULT_FIRST_ATTEMPT="1"))
     assert result.returncode == 0, result.stderr
     error = f"process 1 on {socket.gethostname()}: RuntimeError: injected failure at forward pass 2"
@@ -598,6 +604,6 @@ def test_a_process_that_raises_is_recorded_and_torchruns_restart_finishes_the_ru
     assert (restarted["run_id"], restarted["status"]) == ("restarted", 0)
     assert restarted["written"] + restarted["skipped"] == NUM_IMAGES and restarted["skipped"] == first["written"]
     assert warm.run([sys.executable, "-m", "pyramid.runs", "status", str(out), "restarted"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60).stdout == "0\n"
+                    capture_output=True, text=True, timeout=60).stdout == "0\n"
     assert outputs(out) == outputs(reference) and temporaries(out) == []
     assert_complete_and_equal(out, reference)

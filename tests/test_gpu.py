@@ -71,7 +71,7 @@ def summary(stderr):
 
 def verify(directory):
     return warm.run([sys.executable, "-m", "pyramid.verify", str(directory)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                    capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

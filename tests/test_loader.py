@@ -118,7 +118,7 @@ def test_torch_distributed_gives_each_rank_its_part(tree, tmp_path):
         "print(len(loader), ' '.join(name for batch in loader for name in batch['name']))\n"
         "dist.destroy_process_group()\n")
     ranks = [warm.Popen([sys.executable, "-c", script, str(rank)], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+                        stderr=subprocess.PIPE, text=True) for rank in range(2)]
     outputs = [rank.communicate(timeout=120) for rank in ranks]
     assert all(rank.returncode == 0 for rank in ranks), [error for _, error in outputs]
     lengths, parts = zip(*(output.split(" ", 1) for output, _ in outputs))

@@ -34,7 +34,7 @@ def tree(tmp_path):
 
 def run_pack(*args):
     return warm.run([sys.executable, "-m", "pyramid.pack", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                    capture_output=True, text=True, timeout=120)
 
 
 def items(dataset):

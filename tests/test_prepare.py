@@ -60,7 +60,7 @@ def run(*argv):
 def run_cli(*argv, env=None):
     """`python -m pyramid.prepare ARGS` in a subprocess; the CompletedProcess."""
     return warm.run([sys.executable, "-m", "pyramid.prepare", *map(str, argv)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, env=dict(os.environ, **(env or {})))
+                    capture_output=True, text=True, timeout=120, env=dict(os.environ, **(env or {})))
 
 
 def listing(directory):

@@ -278,7 +278,7 @@ def test_a_pickle_that_is_not_a_pyramid_is_refused_in_one_short_line(tmp_path):
                                 "GLOBAL argparse.Namespace)"),
                          (tmp_path / "plain.pt", "not a readable torch file (Unsupported operand 149)")]:
         result = warm.run([sys.executable, "-m", "pyramid.show", str(bad)], cwd=REPO, capture_output=True,
-                                text=True, timeout=120)
+                          text=True, timeout=120)
         assert result.returncode == 2
         assert result.stderr.splitlines() == [f"error: {bad}: {message}"], result.stderr
 
@@ -286,7 +286,7 @@ def test_a_pickle_that_is_not_a_pyramid_is_refused_in_one_short_line(tmp_path):
 def test_python_dash_m_runs(tmp_path):
     path = save_pyramids(tmp_path, 1)[0]
     result = warm.run([sys.executable, "-m", "pyramid.show", str(path), "--cell", "16"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+                      cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert path.with_suffix(".png").is_file() and "wrote" in result.stdout
 

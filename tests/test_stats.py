@@ -46,7 +46,7 @@ def assert_identical(a, b):
 
 def test_cli_writes_the_contracts_stats_equal_to_numpy(tree):
     result = warm.run([sys.executable, "-m", "pyramid.stats", str(tree), "--workers", "2"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+                      capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     stats = torch.load(tree / "stats.pt", weights_only=True)
     assert stats["count"] == COUNT and [key for key in stats if key not in ("count", "source")] == ALL_LEVELS

@@ -19,7 +19,7 @@ NAMES = ["00000", "00001", "sub/00002"]
 def run_verify(*args):
     """`python -m pyramid.verify ARGS` in a subprocess, as a user runs it."""
     return warm.run([sys.executable, "-m", "pyramid.verify", *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                    cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def verify(capsys, *args):

@@ -47,7 +47,14 @@ PRELOAD = (
 # Environment variables whose value a module reads when it is imported (so a fork would not see a new value).
 # OMP_NUM_THREADS is applied in the fork instead; the rest of the environment is read at run time.
 IMPORT_TIME_PREFIXES = ("PYTHON", "LD_", "HF_", "HUGGINGFACE", "TRANSFORMERS", "MKL_", "KMP_", "GOMP_", "OMP_",
-                        "OPENBLAS", "TORCH_HOME", "TOKENIZERS", "ACCELERATE_", "XDG_CACHE_HOME", "HOME")
+                        "OPENBLAS", "TORCH_HOME", "TOKENIZERS", "XDG_CACHE_HOME", "HOME")
+# Launchers whose ranks are forked too (see _warm_ranks), unless the launch's environment sets COLD_RANKS=1 (a test
+# of what happens to ranks whose parent, the launcher itself, dies).
+LAUNCHERS = {"accelerate.commands.launch", "torch.distributed.run"}
+COLD_RANKS = "PYRAMID_TESTS_COLD_RANKS"
+ZYGOTE_NAME = "warm-zygote"
+PR_SET_NAME = 15
+PR_SET_PDEATHSIG = 1
 IMPORT_TIME_NAMES = {"CC", "CXX"}  # torch._inductor reads the compiler when its config module is imported
 RUNTIME_ONLY = {"PYTHONUNBUFFERED", "OMP_NUM_THREADS", "PYTHONFAULTHANDLER"}
 
@@ -76,9 +83,13 @@ class _Zygote:
         self.process = subprocess.Popen([sys.executable, __file__, str(theirs.fileno())], pass_fds=[theirs.fileno()],
                                         stdin=subprocess.DEVNULL, cwd=REPO)
         theirs.close()
-        self.sock = ours
-        threading.Thread(target=self._listen, args=(ours,), name="warm-zygote", daemon=True).start()
+        self.attach(ours, self.environ)
         atexit.register(self.stop)
+
+    def attach(self, sock, environ):
+        """Use the zygote at the other end of `sock`, which imported under `environ` (a launcher's own)."""
+        self.sock, self.environ = sock, environ
+        threading.Thread(target=self._listen, args=(sock,), name="warm-zygote", daemon=True).start()
 
     def _listen(self, sock):
         """Sort the zygote's messages: answers to requests, and runs that ended."""
@@ -276,8 +287,12 @@ def serve(fd):
                 pass  # an optional part (torchvision's processors, a model another transformers lacks)
         for module in sorted(path.stem for path in (REPO / "pyramid").glob("*.py")):
             importlib.import_module(f"pyramid.{module}")
+    _serve(socket.socket(fileno=fd), base_path)
+
+
+def _serve(sock, base_path):
+    """Fork one run per request on `sock`, and say when each ends, until the other end closes it."""
     import select
-    sock = socket.socket(fileno=fd)
     watched = {}  # pidfd -> pid of a run
     poller = select.poll()
     poller.register(sock, select.POLLIN)
@@ -346,6 +361,9 @@ def _become_run(request, fds, base_path):
         os.environ.clear()
         os.environ.update(request["env"])
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        _name_as_interpreter()
+        if request["how"] == "-m" and request["what"] in LAUNCHERS and request["env"].get(COLD_RANKS) != "1":
+            _warm_ranks(base_path)
         _fresh_stdio(request["unbuffered"])
         _fresh_state()
         code = _run_main(request, base_path)
@@ -354,6 +372,48 @@ def _become_run(request, fds, base_path):
         traceback.print_exc()
     finally:
         _exit(code)
+
+
+def _name_as_interpreter():
+    """/proc/PID/comm as a new interpreter's (the name of its executable), not the zygote's that a fork inherits."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, os.path.basename(sys.executable).encode()[:15])
+
+
+def _warm_ranks(base_path):
+    """In a launcher (accelerate launch, torchrun): its ranks forked too, from a zygote of its own.
+
+    That zygote is forked from the launcher before it runs anything (so it has every import and no thread), and
+    torch elastic's Popen becomes warm.Popen talking to it. The ranks are then the launcher's zygote's children, not
+    the launcher's: the zygote dies with the launcher (PR_SET_PDEATHSIG), so a rank's own death signal, which the
+    extractor asks for against its parent, still comes when the launcher dies.
+    """
+    import ctypes
+    import signal
+    global _ZYGOTE
+    launcher = os.getpid()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    environ = dict(os.environ)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            # The launcher's stdout and stderr must end when it and its ranks end, not when this zygote does.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            libc.prctl(PR_SET_NAME, ZYGOTE_NAME.encode())  # tests tell it from the ranks by /proc/PID/comm
+            if os.getppid() == launcher:
+                _serve(theirs, base_path)
+        finally:
+            os._exit(0)
+    theirs.close()
+    _ZYGOTE = _Zygote()
+    _ZYGOTE.attach(ours, environ)
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+    subprocess_handler.Popen = Popen
 
 
 def _fresh_stdio(unbuffered):
