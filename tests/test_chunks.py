@@ -9,6 +9,7 @@ import time
 import pytest
 import torch.distributed as dist
 
+import warm
 from conftest import REPO, free_port, write_images
 from pyramid.chunks import CHUNKS_PER_PROCESS, CLAIM_KEY, MAX_CHUNK, ChunkSampler, chunk_range, chunk_size_for
 from pyramid.team import Team
@@ -70,6 +71,15 @@ def test_a_world_without_processes_is_refused():
 BURNERS = 2
 
 
+def pin(pid, core):
+    """Every thread of process `pid` to `core` (taskset -a)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(task), {core})
+        except ProcessLookupError:
+            pass  # a thread that ended
+
+
 def test_a_straggler_does_less_and_every_image_is_written_once(tmp_path, tiny_model):
     """Two real processes on two cores; rank 0 shares its core with BURNERS busy loops, rank 1 has its own.
 
@@ -89,17 +99,20 @@ def test_a_straggler_does_less_and_every_image_is_written_once(tmp_path, tiny_mo
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                        PYTHONUNBUFFERED="1")
-            processes.append(subprocess.Popen(
-                ["taskset", "-c", str(core), sys.executable, str(REPO / "extract_distributed.py"),
+            processes.append(warm.Popen(
+                [sys.executable, str(REPO / "extract_distributed.py"),
                  "--input_dir", str(tmp_path / "in"), "--output_dir", str(tmp_path / "out"),
                  "--model", str(tiny_model), "--batch_size", "2", "--num_workers", "0"],
                 env=env, stderr=subprocess.PIPE, text=True))
+            pin(processes[-1].pid, core)
         # The busy loops start with the encoding, so they slow rank 0's work, not its start-up.
         deadline = time.monotonic() + 300
         while not list((tmp_path / "out").glob("*.pt")) and time.monotonic() < deadline:
             time.sleep(0.05)
         # Rank 0's main thread, which encodes, also yields to the loops (nice 19): it stays the slow one
         # however loaded the machine is.
+        for process, core in zip(processes, (slow_core, free_core)):
+            pin(process.pid, core)  # again: threads started before the first pinning keep their first affinity
         os.setpriority(os.PRIO_PROCESS, processes[0].pid, 19)
         burners = [subprocess.Popen(["taskset", "-c", str(slow_core), sys.executable, "-c", "while True: pass"])
                    for _ in range(BURNERS)]
