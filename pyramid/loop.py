@@ -59,8 +59,8 @@ def run(settings, stages=Stages()):
     extraction = Extraction(settings, stages)
     try:
         with extraction.watchdog, extraction.signals:
-            stop_with_launcher()
             try:
+                stop_with_launcher()
                 extraction.record["status"] = extraction.run()
             except StopNow:
                 if extraction.team.is_main:
@@ -69,10 +69,12 @@ def run(settings, stages=Stages()):
                 extraction.record["status"] = exits.BY_SIGNAL[signal.SIGINT]
             except Exception as error:  # anything unforeseen, in planning or at the end: said and recorded
                 extraction.record["status"] = extraction.fail(error)
+            finally:
+                # Still under the stop signals: the launcher SIGTERMs every process the moment one fails, and
+                # by default that SIGTERM would end this one before its line is in runs.jsonl.
+                extraction.end()
         return extraction.record["status"]
     finally:
-        extraction.lock.release()
-        extraction.record_run()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -336,6 +338,15 @@ class Extraction:
         try:
             self.team.post("notes", f"{self.where}{text}")
         except Exception:
+            pass
+
+    def end(self):
+        """Release the lock and record the run, whatever signals come meanwhile (a second Ctrl-C included)."""
+        try:
+            with self.signals.deferred():
+                self.lock.release()
+                self.record_run()
+        except StopNow:
             pass
 
     def record_run(self):

@@ -4,13 +4,15 @@ non-finite (the real CLI on a real model that overflows on some images only)."""
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli, save_tiny_dinov2, write_images
+import warm
+from conftest import REPO, run_cli, save_tiny_dinov2, write_images
 from faulty_forward import faulty
 from pyramid.batches import non_finite_message
 from pyramid.plan import default_batch_size, default_num_workers, prune_failures
@@ -270,3 +272,28 @@ def test_an_error_is_said_recorded_and_never_reported_done_and_a_rerun_finishes(
     assert extract_in_process(tmp_path / "in", tmp_path / "out", tiny_model, "--batch_size", 2) == 0
     assert summary_line(capsys.readouterr().err).startswith("done: 8 written, 2 skipped (already there), 0 failed")
     assert len(outputs(tmp_path / "out")) == 10
+
+
+SIGNALLED_WHILE_RECORDING = """
+import os, signal, sys
+from pyramid import loop
+record_run = loop.Extraction.record_run
+def signalled(self):
+    os.kill(os.getpid(), signal.SIGTERM)  # as the launcher's, sent the moment another process failed
+    record_run(self)
+loop.Extraction.record_run = signalled
+from pyramid.extract import get_args_parser, main
+sys.exit(main(get_args_parser().parse_args(sys.argv[1:])))
+"""
+
+
+def test_a_sigterm_while_the_run_is_recorded_leaves_its_line(tmp_path, tiny_model):
+    """torchrun SIGTERMs every process as soon as one fails: the main process, recording the run by then, ends
+    after its runs.jsonl line is written, not before (the line of a faulty attempt went missing that way)."""
+    write_images(tmp_path / "in", 2)
+    result = warm.run([sys.executable, "-c", SIGNALLED_WHILE_RECORDING, "--input_dir", tmp_path / "in",
+                       "--output_dir", tmp_path / "out", "--model", tiny_model, "--num_workers", "0"],
+                      cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    runs = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    assert [(run["status"], run["written"]) for run in runs] == [(0, 2)]
