@@ -48,6 +48,8 @@ PRELOAD = (
 # OMP_NUM_THREADS is applied in the fork instead; the rest of the environment is read at run time.
 IMPORT_TIME_PREFIXES = ("PYTHON", "LD_", "HF_", "HUGGINGFACE", "TRANSFORMERS", "MKL_", "KMP_", "GOMP_", "OMP_",
                         "OPENBLAS", "TORCH_HOME", "TOKENIZERS", "XDG_CACHE_HOME", "HOME")
+IMPORT_TIME_NAMES = {"CC", "CXX"}  # torch._inductor reads the compiler when its config module is imported
+RUNTIME_ONLY = {"PYTHONUNBUFFERED", "OMP_NUM_THREADS", "PYTHONFAULTHANDLER"}
 # Launchers whose ranks are forked too (see _warm_ranks), unless the launch's environment sets COLD_RANKS=1 (a test
 # of what happens to ranks whose parent, the launcher itself, dies).
 LAUNCHERS = {"accelerate.commands.launch", "torch.distributed.run"}
@@ -55,8 +57,6 @@ COLD_RANKS = "PYRAMID_TESTS_COLD_RANKS"
 ZYGOTE_NAME = "warm-zygote"
 PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
-IMPORT_TIME_NAMES = {"CC", "CXX"}  # torch._inductor reads the compiler when its config module is imported
-RUNTIME_ONLY = {"PYTHONUNBUFFERED", "OMP_NUM_THREADS", "PYTHONFAULTHANDLER"}
 
 
 def cold():
@@ -485,12 +485,13 @@ def _run_main(request, base_path):
 
 
 def _print_uncaught(error):
-    """The traceback a new interpreter prints: from the run's own first frame, not this module's or runpy's."""
+    """The traceback a new interpreter prints: from the run's own first frame, not this module's or runpy's (`-m`
+    shows two frames of runpy's there, which this leaves out)."""
     import runpy
     import traceback
     frames = error.__traceback__
-    ours = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
-    while frames is not None and os.path.abspath(frames.tb_frame.f_code.co_filename) in ours:
+    ours = {os.path.abspath(__file__), os.path.abspath(runpy.__file__), "<frozen runpy>"}
+    while frames is not None and frames.tb_frame.f_code.co_filename in ours:
         frames = frames.tb_next
     traceback.print_exception(type(error), error, frames)
 
