@@ -8,6 +8,8 @@ The faults come from the environment (each optional), so a launcher passes them 
     FAULT_RAISE_AT=N        RuntimeError at the process's Nth forward pass
     FAULT_STUCK_AT=N        at the Nth pass: block SIGINT and SIGTERM in the calling thread and sleep for an
                             hour, as a kernel that never returns (signals masked, the GIL free)
+    FAULT_SLOW_MS=M         every forward pass M ms longer, as a slower device (a kill then lands mid-run however
+                            fast this machine writes)
     FAULT_RANK=R            only in the process of rank R (default: every process)
     FAULT_FIRST_ATTEMPT=1   only in a launcher's first attempt (TORCHELASTIC_RESTART_COUNT 0 or unset)
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def faulty(forward, oom_above=None, raise_at=None, stuck_at=None):
+def faulty(forward, oom_above=None, raise_at=None, stuck_at=None, slow_ms=None):
     """`forward` (Dinov2Model.forward) with the faults put in; the count is of this process's calls."""
     calls = [0]
 
@@ -38,6 +40,8 @@ def faulty(forward, oom_above=None, raise_at=None, stuck_at=None):
                                          f"{pixel_values.shape[0]}; injected above {oom_above})")
         if calls[0] == raise_at:
             raise RuntimeError(f"injected failure at forward pass {calls[0]}")
+        if slow_ms:
+            time.sleep(slow_ms / 1000)
         if calls[0] == stuck_at:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             time.sleep(3600)
@@ -52,7 +56,8 @@ def faults_from_environment(environ):
         return {}
     if environ.get("FAULT_FIRST_ATTEMPT") == "1" and int(environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0:
         return {}
-    names = {"FAULT_OOM_ABOVE": "oom_above", "FAULT_RAISE_AT": "raise_at", "FAULT_STUCK_AT": "stuck_at"}
+    names = {"FAULT_OOM_ABOVE": "oom_above", "FAULT_RAISE_AT": "raise_at", "FAULT_STUCK_AT": "stuck_at",
+             "FAULT_SLOW_MS": "slow_ms"}
     return {argument: int(environ[name]) for name, argument in names.items() if name in environ}
 
 

@@ -28,6 +28,8 @@ NUM_IMAGES = 40
 # torchrun SIGTERMs the survivors of a dead rank and SIGKILLs them 30 s later; a survivor that
 # exits on the SIGTERM ends the launch well before that.
 LAUNCH_TEARDOWN_SECONDS = 25
+# 20 images a rank at 100 ms a forward pass: a kill after the first files lands mid-run on any machine.
+SLOW_DEVICE = {"FAULT_SLOW_MS": "100"}
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +205,9 @@ def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(tmp_p
 def test_killing_one_rank_ends_the_launch_soon_and_a_rerun_completes(tmp_path, tiny_model, corpus, victim):
     input_dir, reference = corpus
     out = tmp_path / "out"
-    command = extractor_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
-                                "--batch_size", 1, "--num_workers", 0)
-    launcher = start(command, tmp_path / "launch.log")
+    command = faulty_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                             "--batch_size", 1, "--num_workers", 0)
+    launcher = start(command, tmp_path / "launch.log", env=SLOW_DEVICE)
     try:
         assert wait_for_outputs(out, 2, launcher), (tmp_path / "launch.log").read_text()
         ranks = ranks_of(launcher.pid, out)
@@ -414,11 +416,11 @@ def test_another_model_is_refused_unless_overwrite(tmp_path, tiny_model, corpus)
 def test_killing_only_the_launcher_stops_its_ranks_cleanly(tmp_path, tiny_model, corpus):
     input_dir, reference = corpus
     out = tmp_path / "out"
-    command = extractor_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
-                                "--batch_size", 1, "--num_workers", 0)
+    command = faulty_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                             "--batch_size", 1, "--num_workers", 0)
     # The ranks are the launcher's own children here, started cold, as in a real launch: their parent's death is
     # what this test is about.
-    launcher = start(command, tmp_path / "launch.log", env={warm.COLD_RANKS: "1"})
+    launcher = start(command, tmp_path / "launch.log", env={warm.COLD_RANKS: "1", **SLOW_DEVICE})
     ranks = []
     try:
         assert wait_for_outputs(out, 2, launcher), (tmp_path / "launch.log").read_text()
