@@ -28,7 +28,8 @@ NUM_IMAGES = 40
 # torchrun SIGTERMs the survivors of a dead rank and SIGKILLs them 30 s later; a survivor that
 # exits on the SIGTERM ends the launch well before that.
 LAUNCH_TEARDOWN_SECONDS = 25
-# 20 images a rank at 100 ms a forward pass: a kill after the first files lands mid-run on any machine.
+# At 100 ms a forward pass (batches of 1 or 2), the 40 images take seconds: a kill after the first files lands
+# mid-run on any machine, however fast it writes them otherwise (forked warm, runs end in about a second here).
 SLOW_DEVICE = {"FAULT_SLOW_MS": "100"}
 
 
@@ -44,15 +45,15 @@ def corpus(tmp_path_factory, tiny_model):
 
 
 def extractor_command(processes, *args):
-    script = [str(REPO / "extract_distributed.py"), *map(str, args)]
-    if processes == 1:
-        return [sys.executable, *script]
-    return [*accelerate_launch(TWO_CPU_PROCESSES), *script]
+    """The extractor through tests/faulty_forward.py, which changes nothing unless the environment asks for a
+    fault (start() asks for a slower device)."""
+    return faulty_command(processes, *args)
 
 
 def start(command, log_path, env=None):
-    """Start a run in a session of its own: os.killpg then reaches it and its decode workers, as Ctrl-C would."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    """Start a run to be interrupted, on a slower device (a kill after its first files lands mid-run), in a session
+    of its own: os.killpg then reaches it and its decode workers, as Ctrl-C would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **SLOW_DEVICE, **(env or {}))
     with open(log_path, "w") as log:
         return warm.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                           start_new_session=True)
@@ -205,9 +206,9 @@ def test_sigkill_at_random_moments_then_rerun_matches_an_uninterrupted_run(tmp_p
 def test_killing_one_rank_ends_the_launch_soon_and_a_rerun_completes(tmp_path, tiny_model, corpus, victim):
     input_dir, reference = corpus
     out = tmp_path / "out"
-    command = faulty_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
-                             "--batch_size", 1, "--num_workers", 0)
-    launcher = start(command, tmp_path / "launch.log", env=SLOW_DEVICE)
+    command = extractor_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                                "--batch_size", 1, "--num_workers", 0)
+    launcher = start(command, tmp_path / "launch.log")
     try:
         assert wait_for_outputs(out, 2, launcher), (tmp_path / "launch.log").read_text()
         ranks = ranks_of(launcher.pid, out)
@@ -416,11 +417,11 @@ def test_another_model_is_refused_unless_overwrite(tmp_path, tiny_model, corpus)
 def test_killing_only_the_launcher_stops_its_ranks_cleanly(tmp_path, tiny_model, corpus):
     input_dir, reference = corpus
     out = tmp_path / "out"
-    command = faulty_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
-                             "--batch_size", 1, "--num_workers", 0)
+    command = extractor_command(2, "--input_dir", input_dir, "--output_dir", out, "--model", tiny_model,
+                                "--batch_size", 1, "--num_workers", 0)
     # The ranks are the launcher's own children here, started cold, as in a real launch: their parent's death is
     # what this test is about.
-    launcher = start(command, tmp_path / "launch.log", env={warm.COLD_RANKS: "1", **SLOW_DEVICE})
+    launcher = start(command, tmp_path / "launch.log", env={warm.COLD_RANKS: "1"})
     ranks = []
     try:
         assert wait_for_outputs(out, 2, launcher), (tmp_path / "launch.log").read_text()
