@@ -37,9 +37,12 @@ def test_a_forked_run_sees_and_says_what_a_new_interpreter_does(tmp_path, how, e
     env = dict(os.environ, PROBE="value", **ending)
     cold, forked = both([sys.executable, *program, "an argument", "-x"], cwd=tmp_path, env=env, input="on stdin")
     # A traceback under -m starts with two frames of runpy's own in a new interpreter; the fork leaves them out.
-    cold_stderr = "".join(line for line in cold.stderr.splitlines(keepends=True)
-                          if not line.startswith('  File "<frozen runpy>"'))
-    assert (forked.returncode, forked.stdout, forked.stderr) == (cold.returncode, cold.stdout, cold_stderr)
+    def without_runpy(stderr):
+        lines = stderr.splitlines(keepends=True)
+        return "".join(line for line in lines if not line.startswith('  File "<frozen runpy>"'))
+
+    assert (forked.returncode, forked.stdout, without_runpy(forked.stderr)) \
+        == (cold.returncode, cold.stdout, without_runpy(cold.stderr))
     assert cold.returncode == (1 if ending.get("PROBE_RAISE") else int(ending.get("PROBE_EXIT", 0)))
     said = json.loads(cold.stdout)
     assert said["argv"][1:] == ["an argument", "-x"] and said["stdin"] == "on stdin" and said["env"] == "value"
