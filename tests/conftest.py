@@ -88,3 +88,13 @@ def accelerate_launch(config):
     files in parallel (pytest-xdist), and two launches on accelerate's default port 29500 would meet."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
             "--main_process_port", str(free_port())]
+
+
+# The files that take longest start first, so that xdist's workers fill in around them: test_slurm.py waits minutes
+# on a cluster's scheduler, and in name order it started when most of the suite was done (.ci/run's longest path).
+LONGEST_FIRST = ("test_slurm.py", "test_faults.py", "test_cli.py", "test_chunks.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
